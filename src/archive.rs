@@ -1,0 +1,229 @@
+//! The repository as the commands see it: a store plus the repository format and the codec. Opens
+//! the configured backend, keeps `walship.json` consistent, and stores or fetches coded objects
+//! with the no-overwrite and verify-before-use rules.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::codec::{self, CodecError, Encoded, Header, Identities};
+use crate::config::{Config, RepoLocation};
+use crate::repo::{self, RepoMeta};
+use crate::storage::fs::{sync_dir, FsStore};
+use crate::storage::retry::{RetryPolicy, Retrying};
+use crate::storage::s3::S3Store;
+use crate::storage::{DynStore, ObjectKey, PutOutcome, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("{key}: {source}")]
+    Codec { key: String, source: CodecError },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    ForeignRepo(String),
+    #[error("{what} {path}: {err}")]
+    Local {
+        what: &'static str,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+}
+
+impl ArchiveError {
+    pub fn local(what: &'static str, path: &Path, err: std::io::Error) -> Self {
+        ArchiveError::Local {
+            what,
+            path: path.to_path_buf(),
+            err,
+        }
+    }
+}
+
+/// What storing an object did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Stored {
+    Created {
+        version_id: Option<String>,
+        stored_bytes: u64,
+    },
+    /// The same content (same sha256 and size) was already archived under the key.
+    AlreadyThere,
+}
+
+#[derive(Clone)]
+pub struct Archive {
+    store: DynStore,
+}
+
+impl Archive {
+    pub fn new(store: DynStore) -> Self {
+        Self { store }
+    }
+
+    /// Open the configured backend, wrapped in the retry policy for transient failures.
+    pub async fn open(cfg: &Config, attempts: u32) -> Result<Self, ArchiveError> {
+        let policy = RetryPolicy {
+            attempts,
+            first_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+        };
+        let store: DynStore = match (&cfg.repo, &cfg.s3) {
+            (RepoLocation::Dir(dir), _) => Arc::new(Retrying::new(FsStore::new(dir), policy)),
+            (RepoLocation::S3 { .. }, Some(s3)) => {
+                Arc::new(Retrying::new(S3Store::connect(s3).await?, policy))
+            }
+            (RepoLocation::S3 { .. }, None) => {
+                unreachable!("config resolves S3 settings for s3:// URLs")
+            }
+        };
+        Ok(Self { store })
+    }
+
+    pub fn store(&self) -> &DynStore {
+        &self.store
+    }
+
+    pub async fn read_meta(&self) -> Result<Option<RepoMeta>, ArchiveError> {
+        match self.store.get(&repo::meta_key()).await {
+            Ok(b) => RepoMeta::from_json(&b).map(Some).map_err(|e| {
+                ArchiveError::ForeignRepo(format!(
+                    "{}/walship.json is unreadable: {e}",
+                    self.store.describe()
+                ))
+            }),
+            Err(StorageError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Write `walship.json` if the repository has none, else return the one that is there.
+    pub async fn ensure_meta(&self, wanted: &RepoMeta) -> Result<RepoMeta, ArchiveError> {
+        if let Some(m) = self.read_meta().await? {
+            return Ok(m);
+        }
+        match self
+            .store
+            .put_if_absent(&repo::meta_key(), Bytes::from(wanted.to_json()))
+            .await?
+        {
+            PutOutcome::Created { .. } => Ok(wanted.clone()),
+            // Another host initialised it between our read and write: use theirs.
+            PutOutcome::AlreadyExists => self.read_meta().await?.ok_or_else(|| {
+                ArchiveError::ForeignRepo("walship.json vanished while being created".into())
+            }),
+        }
+    }
+
+    /// The header of an archived object, read with one small ranged GET.
+    pub async fn header(&self, key: &ObjectKey) -> Result<Header, ArchiveError> {
+        let b = self.store.get_prefix(key, codec::HEADER_LEN as u64).await?;
+        Header::parse(&b).map_err(|source| ArchiveError::Codec {
+            key: key.to_string(),
+            source,
+        })
+    }
+
+    /// Store an encoded object under `key` unless it is there. The same content there already is
+    /// success (`AlreadyThere`); other content is a `Conflict`, and nothing is overwritten.
+    pub async fn put(&self, key: &ObjectKey, enc: Encoded) -> Result<Stored, ArchiveError> {
+        let stored_bytes = enc.bytes.len() as u64;
+        let ours = enc.header;
+        match self
+            .store
+            .put_if_absent(key, Bytes::from(enc.bytes))
+            .await?
+        {
+            PutOutcome::Created { version_id } => Ok(Stored::Created {
+                version_id,
+                stored_bytes,
+            }),
+            PutOutcome::AlreadyExists => {
+                let theirs = self.header(key).await?;
+                if theirs == ours {
+                    Ok(Stored::AlreadyThere)
+                } else {
+                    Err(ArchiveError::Conflict(format!(
+                        "{} already holds {key} with different content (archived sha256 {}, {} bytes; local sha256 {}, {} bytes); \
+                         refusing to overwrite. Another cluster may be archiving into this repository, or this file was changed after archiving",
+                        self.store.describe(),
+                        theirs.sha256_hex(),
+                        theirs.plain_size,
+                        ours.sha256_hex(),
+                        ours.plain_size
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Download `key`, verify and decode it into a new file at `dest` atomically: a temp file in
+    /// the same directory, fsynced, renamed over `dest`, directory fsynced. On any error nothing
+    /// appears at `dest`.
+    pub async fn fetch_to(
+        &self,
+        key: &ObjectKey,
+        ids: &Arc<Identities>,
+        dest: &Path,
+    ) -> Result<Header, ArchiveError> {
+        let object = self.store.get(key).await?;
+        let ids = ids.clone();
+        let dest = dest.to_path_buf();
+        let key_s = key.to_string();
+        tokio::task::spawn_blocking(move || decode_to_file(&object, &ids, &dest, &key_s))
+            .await
+            .expect("decode task does not panic")
+    }
+}
+
+/// Write-then-rename, so `dest` is either absent (on error) or complete and verified.
+pub fn decode_to_file(
+    object: &[u8],
+    ids: &Identities,
+    dest: &Path,
+    key: &str,
+) -> Result<Header, ArchiveError> {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.walship-tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f =
+            File::create(&tmp).map_err(|e| ArchiveError::local("cannot create", &tmp, e))?;
+        let header = {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+            let h = codec::decode(object, ids, &mut w).map_err(|source| match source {
+                CodecError::Io(err) => ArchiveError::local("cannot write", &tmp, err),
+                source => ArchiveError::Codec {
+                    key: key.to_string(),
+                    source,
+                },
+            })?;
+            w.flush()
+                .map_err(|e| ArchiveError::local("cannot write", &tmp, e))?;
+            h
+        };
+        f.sync_all()
+            .map_err(|e| ArchiveError::local("cannot fsync", &tmp, e))?;
+        drop(f);
+        std::fs::rename(&tmp, dest)
+            .map_err(|e| ArchiveError::local("cannot rename into place", dest, e))?;
+        sync_dir(&dir).map_err(|e| ArchiveError::local("cannot fsync directory", &dir, e))?;
+        Ok(header)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}

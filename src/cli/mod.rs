@@ -1,0 +1,126 @@
+//! Command-line definitions (clap) and one small file per subcommand. No business logic here: each
+//! subcommand resolves what it needs and calls into `wal`, `archive` or `codec`.
+
+pub mod check;
+pub mod keygen;
+pub mod wal;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Overrides;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "walship",
+    version,
+    about = "Ship PostgreSQL WAL to object storage: verified, compressed (zstd), encrypted (age)."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Settings every command accepts. Each flag can also come from its WALSHIP_* variable.
+#[derive(Debug, Clone, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML) [default: /etc/walship/walship.toml if it exists]
+    #[arg(long, env = "WALSHIP_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Repository: s3://bucket/prefix or file:///absolute/path
+    #[arg(long, env = "WALSHIP_REPO", global = true)]
+    pub repo: Option<String>,
+    /// age public key(s) to encrypt to (age1…); comma separated. Public, so allowed on the command line.
+    #[arg(
+        long = "recipient",
+        env = "WALSHIP_RECIPIENTS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub recipients: Vec<String>,
+    /// File with age public keys, one a line
+    #[arg(long, env = "WALSHIP_RECIPIENTS_FILE", global = true)]
+    pub recipients_file: Option<PathBuf>,
+    /// age identity file (secret key) for decrypting; the key itself may instead be in WALSHIP_IDENTITY
+    #[arg(long, env = "WALSHIP_IDENTITY_FILE", global = true)]
+    pub identity_file: Option<PathBuf>,
+    /// zstd level, 1..=19 [default: 3]
+    #[arg(long, env = "WALSHIP_COMPRESSION_LEVEL", global = true)]
+    pub compression_level: Option<i32>,
+    /// S3 endpoint URL for S3-compatible servers, e.g. http://127.0.0.1:9000
+    #[arg(long, env = "WALSHIP_S3_ENDPOINT", global = true)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region [default: us-east-1]
+    #[arg(long, env = "WALSHIP_S3_REGION", global = true)]
+    pub s3_region: Option<String>,
+    /// Path-style addressing (needed by most S3-compatible servers) [default: false]
+    #[arg(long, env = "WALSHIP_S3_PATH_STYLE", global = true)]
+    pub s3_path_style: Option<bool>,
+    /// PEM file with extra CA certificates to trust for the S3 endpoint
+    #[arg(long, env = "WALSHIP_S3_CA_BUNDLE", global = true)]
+    pub s3_ca_bundle: Option<PathBuf>,
+    /// wal-push: how many other .ready segments to upload ahead [default: 16]
+    #[arg(long, env = "WALSHIP_LOOKAHEAD", global = true)]
+    pub lookahead: Option<usize>,
+    /// wal-push: uploads in flight at once [default: 3]
+    #[arg(long, env = "WALSHIP_UPLOAD_CONCURRENCY", global = true)]
+    pub upload_concurrency: Option<usize>,
+    /// wal-fetch: segments to keep prefetched ahead of recovery, 0 = off [default: 8]
+    #[arg(long, env = "WALSHIP_PREFETCH", global = true)]
+    pub prefetch: Option<usize>,
+    /// Directory for look-ahead records and the prefetch spool [default: <pg_wal>/.walship]
+    #[arg(long, env = "WALSHIP_STATE_DIR", global = true)]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl GlobalArgs {
+    pub fn overrides(&self, identity_env: Option<String>) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            repo: self.repo.clone(),
+            recipients: self.recipients.clone(),
+            recipients_file: self.recipients_file.clone(),
+            identity_file: self.identity_file.clone(),
+            identity_env,
+            compression_level: self.compression_level,
+            s3_endpoint: self.s3_endpoint.clone(),
+            s3_region: self.s3_region.clone(),
+            s3_path_style: self.s3_path_style,
+            s3_ca_bundle: self.s3_ca_bundle.clone(),
+            lookahead: self.lookahead,
+            upload_concurrency: self.upload_concurrency,
+            prefetch: self.prefetch,
+            state_dir: self.state_dir.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create an age identity file (mode 0600) and print its public key (the recipient)
+    Keygen(keygen::KeygenArgs),
+    /// Check repository access, versioning, and that the keys work
+    Check,
+    /// archive_command: archive the WAL file at PATH (%p)
+    WalPush {
+        /// The file PostgreSQL archives: %p
+        path: PathBuf,
+    },
+    /// restore_command: fetch archived WAL file NAME (%f) to PATH (%p)
+    WalFetch {
+        /// The archived file's name: %f
+        name: String,
+        /// Where to place it: %p
+        path: PathBuf,
+    },
+    /// The background prefetcher wal-fetch starts (internal)
+    #[command(hide = true)]
+    WalPrefetch {
+        /// The state directory whose spool to fill
+        #[arg(long = "spool-state-dir")]
+        spool_state_dir: PathBuf,
+    },
+}

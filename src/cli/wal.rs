@@ -1,0 +1,122 @@
+//! `wal-push`, `wal-fetch` and the hidden `wal-prefetch`: wiring config into the `wal` module.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+
+use crate::archive::Archive;
+use crate::cli::GlobalArgs;
+use crate::config::Config;
+use crate::wal::fetch::{self, FetchContext, FetchOutcome};
+use crate::wal::push::{self, PushContext, PushOutcome};
+use crate::wal::spool::{self, Spool};
+use crate::wal::WalError;
+
+pub async fn push(cfg: &Config, path: &Path) -> Result<(), WalError> {
+    let ctx = PushContext {
+        archive: Archive::open(cfg, 3).await?,
+        recipients: cfg.recipients()?,
+        compression_level: cfg.compression_level,
+        settings: cfg.wal.clone(),
+        repo_id: cfg.repo_url.clone(),
+    };
+    let report = push::push(Arc::new(ctx), path).await?;
+    for w in &report.warnings {
+        eprintln!("walship: warning: {w}");
+    }
+    let how = match report.outcome {
+        PushOutcome::Uploaded { stored_bytes } => format!("uploaded ({stored_bytes} bytes stored)"),
+        PushOutcome::AlreadyUploadedAhead => "uploaded earlier by look-ahead".into(),
+        PushOutcome::AlreadyArchived => "already archived".into(),
+    };
+    tracing::info!(
+        "{}: {how}; {} more uploaded ahead",
+        report.name,
+        report.ahead_uploaded.len()
+    );
+    Ok(())
+}
+
+async fn fetch_context(cfg: &Config) -> Result<FetchContext, WalError> {
+    Ok(FetchContext {
+        archive: Archive::open(cfg, cfg.wal.fetch_attempts).await?,
+        identities: Arc::new(cfg.identities()?),
+        settings: cfg.wal.clone(),
+        repo_id: cfg.repo_url.clone(),
+    })
+}
+
+pub async fn fetch(
+    cfg: &Config,
+    global: &GlobalArgs,
+    name: &str,
+    dest: &Path,
+) -> Result<(), WalError> {
+    let ctx = fetch_context(cfg).await?;
+    let report = fetch::fetch(&ctx, name, dest).await?;
+    tracing::info!(
+        "{name}: {}",
+        if report.outcome == FetchOutcome::FromSpool {
+            "served from the prefetch spool"
+        } else {
+            "downloaded"
+        }
+    );
+    if let Some(spool) = report.start_prefetcher {
+        if let Err(e) = start_prefetcher(global, cfg, &spool) {
+            tracing::warn!("cannot start the prefetcher (recovery goes on without it): {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Start `walship wal-prefetch` detached, in its own process group, with the settings of this call.
+/// The environment (AWS_*, WALSHIP_*) is inherited; secrets never go on its command line.
+fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let state_dir = spool
+        .dir()
+        .parent()
+        .expect("spool lives in a state dir")
+        .to_path_buf();
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("wal-prefetch")
+        .arg("--spool-state-dir")
+        .arg(&state_dir)
+        .arg("--repo")
+        .arg(&cfg.repo_url);
+    if let Some(c) = &cfg.config_file {
+        cmd.arg("--config").arg(c);
+    }
+    if let Some(i) = &global.identity_file {
+        cmd.arg("--identity-file").arg(i);
+    }
+    if let Some(s3) = &cfg.s3 {
+        if let Some(ep) = &s3.endpoint {
+            cmd.arg("--s3-endpoint").arg(ep);
+        }
+        cmd.arg("--s3-region")
+            .arg(&s3.region)
+            .arg("--s3-path-style")
+            .arg(s3.path_style.to_string());
+        if let Some(ca) = &s3.ca_bundle {
+            cmd.arg("--s3-ca-bundle").arg(ca);
+        }
+    }
+    cmd.arg("--prefetch").arg(cfg.wal.prefetch.to_string());
+    let log = std::fs::File::create(state_dir.join("prefetch.log"))?;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn()?;
+    Ok(())
+}
+
+pub async fn prefetch(cfg: &Config, state_dir: &Path) -> Result<(), WalError> {
+    let ctx = Arc::new(fetch_context(cfg).await?);
+    spool::run_prefetcher(ctx, Spool::new(state_dir))
+        .await
+        .map_err(|e| WalError::local("prefetcher failed in", state_dir, e))
+}

@@ -1,0 +1,414 @@
+//! The object codec: plaintext -> sha256 -> zstd -> age (X25519), and the verified reverse.
+//!
+//! Owns the bytes of one stored object; knows nothing of storage, WAL or PostgreSQL.
+//!
+//! ```text
+//! offset  size  field
+//!      0     4  magic "WSHP"
+//!      4     1  format version (1)
+//!      5     1  flags: bit 0 zstd, bit 1 age; both always set in version 1
+//!      6     2  reserved, zero
+//!      8     8  plaintext size, little endian
+//!     16    32  plaintext sha256
+//!     48     …  age(zstd(plaintext))
+//! ```
+//!
+//! The header is in the clear so that a duplicate push is decided by reading 48 bytes, without the
+//! identity. It is not trusted on the way back: decoding recomputes size and sha256 of what comes
+//! out of age and zstd and fails if they differ, and age's AEAD fails on any flipped or missing byte.
+//! Decoding writes into a caller's sink that must not be treated as valid until `decode` returns Ok.
+
+use std::io::{self, Read, Write};
+use std::str::FromStr;
+
+use age::secrecy::ExposeSecret;
+use sha2::{Digest, Sha256};
+
+pub const MAGIC: &[u8; 4] = b"WSHP";
+pub const FORMAT_VERSION: u8 = 1;
+pub const HEADER_LEN: usize = 48;
+const FLAG_ZSTD: u8 = 1;
+const FLAG_AGE: u8 = 2;
+const CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("not a walship object (bad magic or header); the object may be corrupt or written by another tool")]
+    BadHeader,
+    #[error(
+        "walship object format version {0} is newer than this walship understands; upgrade walship"
+    )]
+    UnsupportedVersion(u8),
+    #[error("cannot decrypt: {0}; check that the identity file matches a recipient the repository was written for")]
+    Decrypt(String),
+    #[error("object is corrupt: {0}")]
+    Corrupt(String),
+    #[error("invalid age recipient '{0}': expected an age1… public key")]
+    BadRecipient(String),
+    #[error("no age identity (AGE-SECRET-KEY-1…) found in {0}")]
+    NoIdentity(String),
+    #[error("encrypting failed: {0}")]
+    Encrypt(String),
+    #[error("I/O error while coding: {0}")]
+    Io(#[from] io::Error),
+}
+
+/// The fixed-size header in front of every object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub plain_size: u64,
+    pub plain_sha256: [u8; 32],
+}
+
+impl Header {
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..4].copy_from_slice(MAGIC);
+        b[4] = FORMAT_VERSION;
+        b[5] = FLAG_ZSTD | FLAG_AGE;
+        b[8..16].copy_from_slice(&self.plain_size.to_le_bytes());
+        b[16..48].copy_from_slice(&self.plain_sha256);
+        b
+    }
+
+    pub fn parse(b: &[u8]) -> Result<Self, CodecError> {
+        if b.len() < HEADER_LEN || &b[..4] != MAGIC {
+            return Err(CodecError::BadHeader);
+        }
+        if b[4] != FORMAT_VERSION {
+            return Err(CodecError::UnsupportedVersion(b[4]));
+        }
+        if b[5] != FLAG_ZSTD | FLAG_AGE || b[6] != 0 || b[7] != 0 {
+            return Err(CodecError::BadHeader);
+        }
+        let plain_size = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        let plain_sha256 = b[16..48].try_into().expect("32 bytes");
+        Ok(Self {
+            plain_size,
+            plain_sha256,
+        })
+    }
+
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.plain_sha256)
+    }
+}
+
+/// Public keys objects are encrypted to. Pushing needs only these.
+#[derive(Clone)]
+pub struct Recipients(Vec<age::x25519::Recipient>);
+
+impl Recipients {
+    pub fn parse<'a>(list: impl IntoIterator<Item = &'a str>) -> Result<Self, CodecError> {
+        let mut out = Vec::new();
+        for r in list {
+            let r = r.trim();
+            if r.is_empty() || r.starts_with('#') {
+                continue;
+            }
+            out.push(
+                age::x25519::Recipient::from_str(r)
+                    .map_err(|_| CodecError::BadRecipient(r.to_string()))?,
+            );
+        }
+        Ok(Self(out))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Short stable fingerprints, recorded in the repository so a push with other keys is refused.
+    pub fn fingerprints(&self) -> Vec<String> {
+        let mut fps: Vec<String> = self.0.iter().map(|r| fingerprint(&r.to_string())).collect();
+        fps.sort();
+        fps.dedup();
+        fps
+    }
+}
+
+pub fn fingerprint(recipient: &str) -> String {
+    hex::encode(&Sha256::digest(recipient.as_bytes())[..8])
+}
+
+/// Secret keys that open objects. Only restoring hosts hold them.
+pub struct Identities(Vec<age::x25519::Identity>);
+
+impl Identities {
+    /// Parse an age identity file (the format `age-keygen` and `walship keygen` write).
+    pub fn parse(text: &str, origin: &str) -> Result<Self, CodecError> {
+        let ids: Vec<_> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.starts_with("AGE-SECRET-KEY-1"))
+            .filter_map(|l| age::x25519::Identity::from_str(l).ok())
+            .collect();
+        if ids.is_empty() {
+            return Err(CodecError::NoIdentity(origin.to_string()));
+        }
+        Ok(Self(ids))
+    }
+
+    pub fn recipients(&self) -> Recipients {
+        Recipients(self.0.iter().map(|i| i.to_public()).collect())
+    }
+}
+
+/// A new identity and the text of its identity file.
+pub fn generate_identity() -> (String, String) {
+    let id = age::x25519::Identity::generate();
+    let public = id.to_public().to_string();
+    let text = format!(
+        "# created by walship keygen\n# public key: {public}\n{}\n",
+        id.to_string().expose_secret()
+    );
+    (text, public)
+}
+
+/// What `encode` produced.
+pub struct Encoded {
+    pub header: Header,
+    /// The whole object: header followed by the age payload.
+    pub bytes: Vec<u8>,
+}
+
+/// Encode everything `input` yields. Memory: the encoded object plus fixed buffers.
+pub fn encode(
+    mut input: impl Read,
+    recipients: &Recipients,
+    level: i32,
+) -> Result<Encoded, CodecError> {
+    if recipients.is_empty() {
+        return Err(CodecError::Encrypt("no recipients configured".into()));
+    }
+    let mut out = Vec::with_capacity(1 << 20);
+    out.extend_from_slice(&[0u8; HEADER_LEN]);
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.0.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| CodecError::Encrypt(e.to_string()))?;
+    let age_writer = encryptor.wrap_output(&mut out)?;
+    let mut zstd_writer = zstd::stream::Encoder::new(age_writer, level)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.into()),
+        };
+        hasher.update(&buf[..n]);
+        zstd_writer.write_all(&buf[..n])?;
+        size += n as u64;
+    }
+    zstd_writer.finish()?.finish()?;
+    let header = Header {
+        plain_size: size,
+        plain_sha256: hasher.finalize().into(),
+    };
+    out[..HEADER_LEN].copy_from_slice(&header.to_bytes());
+    Ok(Encoded { header, bytes: out })
+}
+
+/// sha256 and size of a plaintext, the way `encode` computes them.
+pub fn digest(mut input: impl Read) -> io::Result<Header> {
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match input.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok(Header {
+        plain_size: size,
+        plain_sha256: hasher.finalize().into(),
+    })
+}
+
+/// Decode a whole object into `sink`, verifying AEAD, size and sha256. On error the sink holds
+/// garbage and must be discarded.
+pub fn decode(
+    object: &[u8],
+    identities: &Identities,
+    mut sink: impl Write,
+) -> Result<Header, CodecError> {
+    let header = Header::parse(object)?;
+    let decryptor = age::Decryptor::new(&object[HEADER_LEN..])
+        .map_err(|e| CodecError::Decrypt(e.to_string()))?;
+    let age_reader = decryptor
+        .decrypt(identities.0.iter().map(|i| i as &dyn age::Identity))
+        .map_err(|e| CodecError::Decrypt(e.to_string()))?;
+    let mut zstd_reader = zstd::stream::Decoder::new(age_reader)?;
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        let n = match zstd_reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // age reports a failed AEAD tag or a truncated stream as InvalidData.
+            Err(e) => return Err(CodecError::Corrupt(e.to_string())),
+        };
+        size += n as u64;
+        if size > header.plain_size {
+            return Err(CodecError::Corrupt(format!(
+                "more than the recorded {} bytes",
+                header.plain_size
+            )));
+        }
+        hasher.update(&buf[..n]);
+        sink.write_all(&buf[..n])?;
+    }
+    let sha: [u8; 32] = hasher.finalize().into();
+    if size != header.plain_size {
+        return Err(CodecError::Corrupt(format!(
+            "{size} bytes decoded, {} recorded",
+            header.plain_size
+        )));
+    }
+    if sha != header.plain_sha256 {
+        return Err(CodecError::Corrupt(
+            "sha256 of the decoded content does not match the recorded one".into(),
+        ));
+    }
+    Ok(header)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (Identities, Recipients) {
+        let (text, _) = generate_identity();
+        let ids = Identities::parse(&text, "test").unwrap();
+        let rec = ids.recipients();
+        (ids, rec)
+    }
+
+    fn pseudo_random(n: usize) -> Vec<u8> {
+        // xorshift: compressible enough to be realistic, no dependency.
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if i % 3 == 0 {
+                    0
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    fn round_trip(data: &[u8]) {
+        let (ids, rec) = keys();
+        let enc = encode(data, &rec, 3).unwrap();
+        assert_eq!(enc.header.plain_size, data.len() as u64);
+        assert_eq!(enc.header, digest(data).unwrap());
+        let mut out = Vec::new();
+        let h = decode(&enc.bytes, &ids, &mut out).unwrap();
+        assert_eq!(h, enc.header);
+        assert_eq!(out, data);
+    }
+
+    #[test]
+    fn round_trips_empty_one_byte_and_a_segment() {
+        round_trip(b"");
+        round_trip(b"x");
+        round_trip(&pseudo_random(16 * 1024 * 1024));
+    }
+
+    #[test]
+    fn wrong_key_is_a_decrypt_error() {
+        let (_, rec) = keys();
+        let (other, _) = keys();
+        let enc = encode(&b"hello"[..], &rec, 3).unwrap();
+        let err = decode(&enc.bytes, &other, Vec::new()).unwrap_err();
+        assert!(matches!(err, CodecError::Decrypt(_)), "{err}");
+    }
+
+    #[test]
+    fn truncation_and_flipped_bits_are_detected() {
+        let (ids, rec) = keys();
+        let data = pseudo_random(300_000);
+        let enc = encode(&data[..], &rec, 3).unwrap();
+        for cut in [
+            HEADER_LEN - 1,
+            HEADER_LEN + 10,
+            enc.bytes.len() / 2,
+            enc.bytes.len() - 1,
+        ] {
+            assert!(
+                decode(&enc.bytes[..cut], &ids, Vec::new()).is_err(),
+                "truncated at {cut}"
+            );
+        }
+        for pos in [HEADER_LEN + 200, enc.bytes.len() / 2, enc.bytes.len() - 5] {
+            let mut bad = enc.bytes.clone();
+            bad[pos] ^= 0x01;
+            assert!(decode(&bad, &ids, Vec::new()).is_err(), "flip at {pos}");
+        }
+        // A header that lies about the content is caught by the recomputed sha256.
+        let mut bad = enc.bytes.clone();
+        bad[20] ^= 0xFF;
+        let err = decode(&bad, &ids, Vec::new()).unwrap_err();
+        assert!(matches!(err, CodecError::Corrupt(_)), "{err}");
+        let mut bad = enc.bytes.clone();
+        bad[0] = b'X';
+        assert!(matches!(
+            decode(&bad, &ids, Vec::new()),
+            Err(CodecError::BadHeader)
+        ));
+    }
+
+    #[test]
+    fn header_round_trip_and_version_gate() {
+        let h = Header {
+            plain_size: 16 << 20,
+            plain_sha256: [7; 32],
+        };
+        assert_eq!(Header::parse(&h.to_bytes()).unwrap(), h);
+        let mut b = h.to_bytes();
+        b[4] = 9;
+        assert!(matches!(
+            Header::parse(&b),
+            Err(CodecError::UnsupportedVersion(9))
+        ));
+    }
+
+    #[test]
+    fn fixture_from_format_version_1_still_decodes() {
+        let ids = Identities::parse(include_str!("../tests/fixtures/v1-identity.txt"), "fixture")
+            .unwrap();
+        let object = include_bytes!("../tests/fixtures/v1-object.bin");
+        let mut out = Vec::new();
+        decode(object, &ids, &mut out).unwrap();
+        assert_eq!(out, b"walship format version 1 fixture\n");
+    }
+
+    #[test]
+    fn recipients_parse_and_fingerprint() {
+        let (ids, rec) = keys();
+        let text = rec.0[0].to_string();
+        let parsed = Recipients::parse(["# comment", "", &text]).unwrap();
+        assert_eq!(parsed.fingerprints(), ids.recipients().fingerprints());
+        assert!(matches!(
+            Recipients::parse(["age1nope"]),
+            Err(CodecError::BadRecipient(_))
+        ));
+        assert!(matches!(
+            Identities::parse("nothing", "f"),
+            Err(CodecError::NoIdentity(_))
+        ));
+    }
+}

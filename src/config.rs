@@ -1,0 +1,434 @@
+//! Configuration: defaults < TOML file < `WALSHIP_*` environment < flags, resolved once into a
+//! validated `Config` that is passed down. Nothing else in walship reads the environment (the AWS
+//! SDK's credential chain aside).
+//!
+//! Secrets are never taken from argv: the age identity comes from a file (`identity_file`) or the
+//! `WALSHIP_IDENTITY` variable; S3 keys from the standard AWS variables/profile chain or from
+//! `s3.secret_access_key_file`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::codec::{CodecError, Identities, Recipients};
+use crate::storage::s3::S3Settings;
+
+/// Where `walship` looks for a config file when neither `--config` nor `WALSHIP_CONFIG` names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/walship/walship.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {0}: {1}")]
+    Read(PathBuf, std::io::Error),
+    #[error("config file {0} is invalid: {1}")]
+    Parse(PathBuf, String),
+    #[error("no repository configured: set WALSHIP_REPO, --repo or `repo = ...` in the config file (s3://bucket/prefix or file:///path)")]
+    NoRepo,
+    #[error(
+        "repository URL '{0}' is not understood: use s3://bucket/prefix or file:///absolute/path"
+    )]
+    BadRepo(String),
+    #[error("no encryption recipients configured: set `recipients`/`recipients_file` in the config or WALSHIP_RECIPIENTS (create a key with `walship keygen`)")]
+    NoRecipients,
+    #[error("no identity configured to decrypt the archive: set `identity_file` in the config, WALSHIP_IDENTITY_FILE or WALSHIP_IDENTITY")]
+    NoIdentity,
+    #[error("cannot read {what} {path}: {err}")]
+    ReadSecret {
+        what: &'static str,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("{0}")]
+    Key(#[from] CodecError),
+    #[error("invalid setting {0}: {1}")]
+    Invalid(&'static str, String),
+}
+
+/// The config file, every field optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub repo: Option<String>,
+    pub recipients: Option<Vec<String>>,
+    pub recipients_file: Option<PathBuf>,
+    pub identity_file: Option<PathBuf>,
+    pub compression_level: Option<i32>,
+    #[serde(default)]
+    pub s3: FileS3,
+    #[serde(default)]
+    pub wal: FileWal,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileS3 {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub path_style: Option<bool>,
+    pub ca_bundle: Option<PathBuf>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key_file: Option<PathBuf>,
+    pub max_attempts: Option<u32>,
+    pub connect_timeout_secs: Option<u64>,
+    pub operation_timeout_secs: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileWal {
+    pub lookahead: Option<usize>,
+    pub upload_concurrency: Option<usize>,
+    pub prefetch: Option<usize>,
+    pub download_concurrency: Option<usize>,
+    pub state_dir: Option<PathBuf>,
+    pub fetch_attempts: Option<u32>,
+    pub prefetch_idle_secs: Option<u64>,
+}
+
+/// Values from flags or the environment (clap merges the two); `None` falls back to the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub repo: Option<String>,
+    pub recipients: Vec<String>,
+    pub recipients_file: Option<PathBuf>,
+    pub identity_file: Option<PathBuf>,
+    /// The identity itself, only ever from the WALSHIP_IDENTITY variable.
+    pub identity_env: Option<String>,
+    pub compression_level: Option<i32>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_path_style: Option<bool>,
+    pub s3_ca_bundle: Option<PathBuf>,
+    pub lookahead: Option<usize>,
+    pub upload_concurrency: Option<usize>,
+    pub prefetch: Option<usize>,
+    pub state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RepoLocation {
+    S3 { bucket: String, prefix: String },
+    Dir(PathBuf),
+}
+
+impl RepoLocation {
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::BadRepo(url.to_string());
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
+                });
+            if !bucket_ok {
+                return Err(bad());
+            }
+            let prefix = prefix.trim_matches('/');
+            if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
+                return Err(bad());
+            }
+            let prefix = if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            };
+            Ok(RepoLocation::S3 {
+                bucket: bucket.to_string(),
+                prefix,
+            })
+        } else if let Some(path) = url.strip_prefix("file://") {
+            if !path.starts_with('/') {
+                return Err(bad());
+            }
+            Ok(RepoLocation::Dir(PathBuf::from(path)))
+        } else {
+            Err(bad())
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct WalSettings {
+    /// How many other `.ready` segments one wal-push call uploads ahead.
+    pub lookahead: usize,
+    /// Uploads in flight at once within one wal-push call.
+    pub upload_concurrency: usize,
+    /// How many segments the prefetch spool keeps ahead of recovery; 0 turns prefetch off.
+    pub prefetch: usize,
+    pub download_concurrency: usize,
+    /// Where look-ahead records and the prefetch spool live; default `<pg_wal>/.walship`.
+    pub state_dir: Option<PathBuf>,
+    /// Tries per object in wal-fetch before giving up on a transient failure.
+    pub fetch_attempts: u32,
+    pub prefetch_idle: Duration,
+}
+
+/// Everything a command needs, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub repo_url: String,
+    pub repo: RepoLocation,
+    pub s3: Option<S3Settings>,
+    /// Public keys (age1…) as given; parsed on demand.
+    pub recipients: Vec<String>,
+    pub identity_file: Option<PathBuf>,
+    pub identity_env: Option<String>,
+    pub compression_level: i32,
+    pub wal: WalSettings,
+    /// The config file that was read, if any: passed on to processes walship starts.
+    pub config_file: Option<PathBuf>,
+}
+
+fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text =
+        std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+}
+
+impl Config {
+    /// Resolve flags/env over the config file over defaults.
+    pub fn resolve(o: Overrides) -> Result<Self, ConfigError> {
+        let (file, config_file) = match &o.config {
+            Some(p) => (read_file_config(p)?, Some(p.clone())),
+            None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
+                read_file_config(Path::new(DEFAULT_CONFIG_PATH))?,
+                Some(PathBuf::from(DEFAULT_CONFIG_PATH)),
+            ),
+            None => (FileConfig::default(), None),
+        };
+        let repo_url = o.repo.or(file.repo).ok_or(ConfigError::NoRepo)?;
+        let repo = RepoLocation::parse(&repo_url)?;
+
+        let mut recipients = o.recipients.clone();
+        if recipients.is_empty() {
+            recipients = file.recipients.unwrap_or_default();
+        }
+        if let Some(path) = o.recipients_file.or(file.recipients_file) {
+            let text = std::fs::read_to_string(&path).map_err(|err| ConfigError::ReadSecret {
+                what: "recipients file",
+                path: path.clone(),
+                err,
+            })?;
+            recipients.extend(text.lines().map(str::to_string));
+        }
+        let recipients: Vec<String> = recipients
+            .iter()
+            .flat_map(|r| r.split([',', ' ']))
+            .map(str::trim)
+            .filter(|r| !r.is_empty() && !r.starts_with('#'))
+            .map(str::to_string)
+            .collect();
+        Recipients::parse(recipients.iter().map(String::as_str))?;
+
+        let compression_level = o.compression_level.or(file.compression_level).unwrap_or(3);
+        if !(1..=19).contains(&compression_level) {
+            return Err(ConfigError::Invalid(
+                "compression_level",
+                format!("{compression_level} is not in 1..=19"),
+            ));
+        }
+
+        let s3 = match &repo {
+            RepoLocation::Dir(_) => None,
+            RepoLocation::S3 { bucket, prefix } => {
+                let fs3 = file.s3;
+                let static_credentials = match (&fs3.access_key_id, &fs3.secret_access_key_file) {
+                    (Some(id), Some(path)) => {
+                        let secret = std::fs::read_to_string(path).map_err(|err| {
+                            ConfigError::ReadSecret {
+                                what: "s3.secret_access_key_file",
+                                path: path.clone(),
+                                err,
+                            }
+                        })?;
+                        Some((id.clone(), secret.trim().to_string()))
+                    }
+                    (None, None) => None,
+                    _ => {
+                        return Err(ConfigError::Invalid(
+                            "s3.access_key_id",
+                            "set both access_key_id and secret_access_key_file, or neither".into(),
+                        ))
+                    }
+                };
+                let endpoint = o.s3_endpoint.or(fs3.endpoint);
+                if let Some(ep) = &endpoint {
+                    if !(ep.starts_with("http://") || ep.starts_with("https://")) {
+                        return Err(ConfigError::Invalid(
+                            "s3.endpoint",
+                            format!("'{ep}' must start with http:// or https://"),
+                        ));
+                    }
+                }
+                Some(S3Settings {
+                    bucket: bucket.clone(),
+                    prefix: prefix.clone(),
+                    region: o
+                        .s3_region
+                        .or(fs3.region)
+                        .unwrap_or_else(|| "us-east-1".into()),
+                    endpoint,
+                    path_style: o.s3_path_style.or(fs3.path_style).unwrap_or(false),
+                    ca_bundle: o.s3_ca_bundle.or(fs3.ca_bundle),
+                    static_credentials,
+                    max_attempts: fs3.max_attempts.unwrap_or(3),
+                    connect_timeout: Duration::from_secs(fs3.connect_timeout_secs.unwrap_or(5)),
+                    operation_timeout: Duration::from_secs(
+                        fs3.operation_timeout_secs.unwrap_or(120),
+                    ),
+                })
+            }
+        };
+
+        let w = file.wal;
+        let wal = WalSettings {
+            lookahead: o.lookahead.or(w.lookahead).unwrap_or(16),
+            upload_concurrency: o
+                .upload_concurrency
+                .or(w.upload_concurrency)
+                .unwrap_or(3)
+                .max(1),
+            prefetch: o.prefetch.or(w.prefetch).unwrap_or(8),
+            download_concurrency: w.download_concurrency.unwrap_or(3).max(1),
+            state_dir: o.state_dir.or(w.state_dir),
+            fetch_attempts: w.fetch_attempts.unwrap_or(5).max(1),
+            prefetch_idle: Duration::from_secs(w.prefetch_idle_secs.unwrap_or(60)),
+        };
+
+        Ok(Self {
+            repo_url,
+            repo,
+            s3,
+            recipients,
+            identity_file: o.identity_file.or(file.identity_file),
+            identity_env: o.identity_env,
+            compression_level,
+            wal,
+            config_file,
+        })
+    }
+
+    /// The public keys pushes encrypt to.
+    pub fn recipients(&self) -> Result<Recipients, ConfigError> {
+        let r = Recipients::parse(self.recipients.iter().map(String::as_str))?;
+        if r.is_empty() {
+            return Err(ConfigError::NoRecipients);
+        }
+        Ok(r)
+    }
+
+    /// The secret keys fetches decrypt with.
+    pub fn identities(&self) -> Result<Identities, ConfigError> {
+        if let Some(text) = &self.identity_env {
+            return Ok(Identities::parse(text, "WALSHIP_IDENTITY")?);
+        }
+        let path = self.identity_file.as_ref().ok_or(ConfigError::NoIdentity)?;
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::ReadSecret {
+            what: "identity file",
+            path: path.clone(),
+            err,
+        })?;
+        Ok(Identities::parse(&text, &path.display().to_string())?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_urls() {
+        assert_eq!(
+            RepoLocation::parse("s3://my-bucket/pg/main/").unwrap(),
+            RepoLocation::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "pg/main/".into()
+            }
+        );
+        assert_eq!(
+            RepoLocation::parse("s3://my-bucket").unwrap(),
+            RepoLocation::S3 {
+                bucket: "my-bucket".into(),
+                prefix: String::new()
+            }
+        );
+        assert_eq!(
+            RepoLocation::parse("file:///var/lib/walship").unwrap(),
+            RepoLocation::Dir("/var/lib/walship".into())
+        );
+        for bad in [
+            "s3://B/x",
+            "s3://ab",
+            "file://relative",
+            "http://x",
+            "s3://bucket/../x",
+            "/tmp/x",
+        ] {
+            assert!(RepoLocation::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_override_file_and_file_overrides_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"s3://file-bucket/p\"\ncompression_level = 5\n[s3]\nregion = \"eu-west-1\"\npath_style = true\n[wal]\nlookahead = 4\n",
+        )
+        .unwrap();
+        let o = Overrides {
+            config: Some(cfg.clone()),
+            lookahead: Some(9),
+            ..Default::default()
+        };
+        let c = Config::resolve(o).unwrap();
+        assert_eq!(c.compression_level, 5);
+        assert_eq!(c.wal.lookahead, 9);
+        let s3 = c.s3.unwrap();
+        assert_eq!(
+            (
+                s3.bucket.as_str(),
+                s3.prefix.as_str(),
+                s3.region.as_str(),
+                s3.path_style
+            ),
+            ("file-bucket", "p/", "eu-west-1", true)
+        );
+        let o = Overrides {
+            config: Some(cfg),
+            repo: Some("file:///x".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            Config::resolve(o).unwrap().repo,
+            RepoLocation::Dir("/x".into())
+        );
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(&cfg, "repo = \"file:///x\"\nlookahed = 3\n").unwrap();
+        let err = Config::resolve(Overrides {
+            config: Some(cfg),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("lookahed"), "{err}");
+        let err = Config::resolve(Overrides {
+            repo: Some("file:///x".into()),
+            compression_level: Some(40),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("compression_level"), "{err}");
+        assert!(matches!(
+            Config::resolve(Overrides::default()),
+            Err(ConfigError::NoRepo)
+        ));
+    }
+}

@@ -1,0 +1,136 @@
+//! The `walship` binary: parse arguments, set up logging, run the command, and map its error to the
+//! documented exit code (see `walship::exit` and the README). Errors print as one line on stderr.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use walship::cli::{self, Cli, Command};
+use walship::config::Config;
+use walship::exit;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            };
+            let _ = e.print();
+            return ExitCode::from(code as u8);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("WALSHIP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .without_time()
+        .init();
+    let standby = std::path::Path::new("standby.signal").exists();
+    let code = run(cli, standby);
+    ExitCode::from(code as u8)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(8)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+fn fail(command: &str, err: &dyn std::fmt::Display, code: i32) -> i32 {
+    eprintln!("walship {command}: error: {err}");
+    code
+}
+
+fn run(cli: Cli, standby: bool) -> i32 {
+    // The identity may come from the environment (never argv); read here, passed down explicitly.
+    let identity_env = std::env::var("WALSHIP_IDENTITY")
+        .ok()
+        .filter(|s| !s.trim().is_empty());
+    if let Command::Keygen(args) = &cli.command {
+        return match cli::keygen::run(args) {
+            Ok(public) => {
+                eprintln!(
+                    "walship: wrote identity to {} (keep it secret; it decrypts the archive)",
+                    args.output.display()
+                );
+                println!("{public}");
+                exit::OK
+            }
+            Err(e) => fail(
+                "keygen",
+                &format!("cannot create {}: {e}", args.output.display()),
+                exit::LOCAL_IO,
+            ),
+        };
+    }
+    let cfg = match Config::resolve(cli.global.overrides(identity_env)) {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if matches!(cli.command, Command::WalFetch { .. }) {
+                exit::for_wal_fetch(exit::USAGE, standby)
+            } else {
+                exit::USAGE
+            };
+            return fail("config", &e, code);
+        }
+    };
+    let rt = runtime();
+    match &cli.command {
+        Command::Keygen(_) => unreachable!("handled above"),
+        Command::Check => {
+            let lines = rt.block_on(cli::check::run(&cfg));
+            let mut ok = true;
+            for l in &lines {
+                println!(
+                    "{:<12} {:<4} {}",
+                    l.what,
+                    if l.ok { "ok" } else { "FAIL" },
+                    l.text
+                );
+                ok &= l.ok;
+            }
+            if ok {
+                exit::OK
+            } else {
+                eprintln!("walship check: error: some checks failed; see the FAIL lines above");
+                exit::ACCESS
+            }
+        }
+        Command::WalPush { path } => match rt.block_on(cli::wal::push(&cfg, path)) {
+            Ok(()) => exit::OK,
+            Err(e) => fail("wal-push", &e, exit::for_wal(&e)),
+        },
+        Command::WalFetch { name, path } => {
+            match rt.block_on(cli::wal::fetch(&cfg, &cli.global, name, path)) {
+                Ok(()) => exit::OK,
+                Err(walship::wal::WalError::NotInArchive(what)) => {
+                    tracing::info!("{what} is not in the archive");
+                    exit::NOT_IN_ARCHIVE
+                }
+                Err(e) => {
+                    let code = exit::for_wal_fetch(exit::for_wal(&e), standby);
+                    let hint = if code >= exit::FATAL_FOR_RECOVERY {
+                        " (exiting with a code that stops recovery rather than ending it early; fix the cause and start PostgreSQL again)"
+                    } else {
+                        ""
+                    };
+                    fail("wal-fetch", &format!("{name}: {e}{hint}"), code)
+                }
+            }
+        }
+        Command::WalPrefetch { spool_state_dir } => {
+            match rt.block_on(cli::wal::prefetch(&cfg, spool_state_dir)) {
+                Ok(()) => exit::OK,
+                Err(e) => fail("wal-prefetch", &e, exit::for_wal(&e)),
+            }
+        }
+    }
+}

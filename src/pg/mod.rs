@@ -1,0 +1,3 @@
+//! The PostgreSQL side: on-disk structures walship reads. Knows nothing of storage.
+
+pub mod walpage;

@@ -1,0 +1,135 @@
+//! Object storage: the `Store` trait, its contract, and the backends (S3, local directory) plus
+//! wrappers (retry). Knows nothing of WAL, PostgreSQL or the object format.
+//!
+//! # Contract every backend keeps (checked by `conformance` against each backend)
+//! - `put_if_absent` is atomic: readers see either no object or the whole object, never a part.
+//!   It never replaces an existing object; when one exists it returns `PutOutcome::AlreadyExists`.
+//!   It returns only once the object is durable (S3: the PUT was acknowledged; directory: file and
+//!   directory fsynced).
+//! - `get`/`get_prefix` of a missing key fail with `StorageError::NotFound`, and only then: a missing
+//!   bucket is `NoBucket`, bad credentials `Denied`, anything that may succeed on retry `Transient`.
+//! - `list` returns every object under a prefix, sorted by key.
+
+pub mod fs;
+pub mod retry;
+pub mod s3;
+
+#[doc(hidden)]
+pub mod conformance;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::fmt;
+
+/// A key inside the repository: relative, `/`-separated, no empty, `.` or `..` components.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectKey(String);
+
+impl ObjectKey {
+    pub fn new(key: impl Into<String>) -> Result<Self, StorageError> {
+        let key = key.into();
+        let ok = !key.is_empty()
+            && key
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != ".." && !c.starts_with(".tmp"))
+            && !key.contains('\\')
+            && !key.contains('\0');
+        if ok {
+            Ok(Self(key))
+        } else {
+            Err(StorageError::InvalidKey(key))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// The object was stored. `version_id` is set by versioned buckets.
+    Created { version_id: Option<String> },
+    /// An object already exists under the key; nothing was written.
+    AlreadyExists,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: ObjectKey,
+    pub size: u64,
+}
+
+/// What `Store::probe` learned about the storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreInfo {
+    /// `Some(true)` when object versioning is enabled, `None` when the backend has no such notion.
+    pub versioning: Option<bool>,
+    pub object_lock: Option<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("object {0} does not exist")]
+    NotFound(String),
+    #[error("{0}")]
+    NoBucket(String),
+    #[error("access denied: {0}; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the config's s3 section) and the bucket policy")]
+    Denied(String),
+    #[error("storage unavailable: {0}")]
+    Transient(String),
+    #[error("invalid object key '{0}'")]
+    InvalidKey(String),
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    #[error("storage error: {0}")]
+    Other(String),
+}
+
+impl StorageError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StorageError::Transient(_))
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Store `body` under `key` unless an object is there already. See the module contract.
+    async fn put_if_absent(&self, key: &ObjectKey, body: Bytes)
+        -> Result<PutOutcome, StorageError>;
+    /// The whole object.
+    async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError>;
+    /// The first `len` bytes of the object (fewer if it is shorter).
+    async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError>;
+    /// Every object whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+    /// Remove an object (missing is not an error). Retention and tests only.
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError>;
+    /// Check that the storage is reachable and usable, and what it offers.
+    async fn probe(&self) -> Result<StoreInfo, StorageError>;
+    /// Where this store points, for messages.
+    fn describe(&self) -> String;
+}
+
+pub type DynStore = std::sync::Arc<dyn Store>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn object_keys_are_relative_and_clean() {
+        assert!(ObjectKey::new("wal/0000000100000000/000000010000000000000001").is_ok());
+        for bad in [
+            "", "/abs", "a//b", "a/../b", "./a", "a/", "a\\b", "a/.tmp-x",
+        ] {
+            assert!(ObjectKey::new(bad).is_err(), "{bad}");
+        }
+    }
+}

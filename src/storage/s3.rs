@@ -1,0 +1,345 @@
+//! The S3 backend, and the only module that imports aws-sdk-s3 / aws-config.
+//!
+//! Settings come in resolved (`S3Settings`); nothing here reads the environment except the AWS SDK's
+//! own credential chain, used only when the config gives no keys.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_config::BehaviorVersion;
+use aws_sdk_s3::config::{
+    Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::BucketVersioningStatus;
+use aws_smithy_types::retry::RetryConfig;
+use aws_smithy_types::timeout::TimeoutConfig;
+use base64::Engine;
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+
+use super::{ObjectInfo, ObjectKey, PutOutcome, StorageError, Store, StoreInfo};
+
+/// Everything needed to talk to one bucket, already validated.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Key prefix inside the bucket, empty or ending in `/`.
+    pub prefix: String,
+    pub region: String,
+    pub endpoint: Option<String>,
+    pub path_style: bool,
+    pub ca_bundle: Option<PathBuf>,
+    /// Static keys from the config; `None` uses the standard AWS credential chain.
+    pub static_credentials: Option<(String, String)>,
+    pub max_attempts: u32,
+    pub connect_timeout: Duration,
+    pub operation_timeout: Duration,
+}
+
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3Store {
+    pub async fn connect(s: &S3Settings) -> Result<Self, StorageError> {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(s.region.clone()))
+            .retry_config(RetryConfig::standard().with_max_attempts(s.max_attempts.max(1)))
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(s.connect_timeout)
+                    .operation_attempt_timeout(s.operation_timeout)
+                    .build(),
+            );
+        if let Some((id, secret)) = &s.static_credentials {
+            // Given keys: no credential-chain probing (IMDS, profiles) on a hot path.
+            loader = loader.credentials_provider(Credentials::new(
+                id,
+                secret,
+                None,
+                None,
+                "walship-config",
+            ));
+        }
+        if let Some(ca) = &s.ca_bundle {
+            use aws_smithy_http_client::tls;
+            let pem = std::fs::read(ca).map_err(|e| {
+                StorageError::Other(format!("cannot read CA bundle {}: {e}", ca.display()))
+            })?;
+            let ctx = tls::TlsContext::builder()
+                .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem))
+                .build()
+                .map_err(|e| StorageError::Other(format!("bad CA bundle {}: {e}", ca.display())))?;
+            let http = aws_smithy_http_client::Builder::new()
+                .tls_provider(tls::Provider::Rustls(
+                    tls::rustls_provider::CryptoMode::AwsLc,
+                ))
+                .tls_context(ctx)
+                .build_https();
+            loader = loader.http_client(http);
+        }
+        let shared = loader.load().await;
+        let mut conf = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(s.path_style)
+            // S3-compatible servers reject the SDK's default streaming checksums; we send our own
+            // x-amz-checksum-sha256 on every put instead.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if let Some(ep) = &s.endpoint {
+            conf = conf.endpoint_url(ep);
+        }
+        Ok(Self {
+            client: aws_sdk_s3::Client::from_conf(conf.build()),
+            bucket: s.bucket.clone(),
+            prefix: s.prefix.clone(),
+        })
+    }
+
+    fn full(&self, key: &ObjectKey) -> String {
+        format!("{}{}", self.prefix, key.as_str())
+    }
+
+    fn map<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+        &self,
+        key: &str,
+        err: SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>,
+    ) -> StorageError {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let code = err.code().unwrap_or("").to_string();
+        let msg = err.message().unwrap_or("").to_string();
+        let what = format!("s3://{}/{key}", self.bucket);
+        match (&err, code.as_str(), status) {
+            (_, "NoSuchBucket", _) => StorageError::NoBucket(format!(
+                "bucket '{}' does not exist; create it (see minio-test/ or terraform/) or fix the repository URL",
+                self.bucket
+            )),
+            (_, "NoSuchKey" | "NotFound", _) | (_, _, Some(404)) => StorageError::NotFound(what),
+            (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken", _)
+            | (_, _, Some(401 | 403)) => StorageError::Denied(format!("{what}: {code} {msg}").trim().to_string()),
+            (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_), _, _) => StorageError::Transient(format!(
+                "cannot reach the S3 endpoint for {what}: {}",
+                describe_chain(&err)
+            )),
+            (_, _, Some(s)) if s >= 500 || s == 408 || s == 429 => {
+                StorageError::Transient(format!("{what}: HTTP {s} {code} {msg}"))
+            }
+            (_, "BadDigest" | "XAmzContentSHA256Mismatch" | "RequestTimeout", _) => {
+                StorageError::Transient(format!("{what}: {code} (corrupted in transfer) {msg}"))
+            }
+            (SdkError::ResponseError(_), _, _) => StorageError::Transient(format!("{what}: {}", describe_chain(&err))),
+            _ => StorageError::Other(format!("{what}: {}", describe_chain(&err))),
+        }
+    }
+}
+
+/// The innermost causes of an SDK error, which hold the useful part ("connection refused").
+fn describe_chain(err: &dyn std::error::Error) -> String {
+    let mut parts = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}
+
+#[async_trait]
+impl Store for S3Store {
+    async fn put_if_absent(
+        &self,
+        key: &ObjectKey,
+        body: Bytes,
+    ) -> Result<PutOutcome, StorageError> {
+        let full = self.full(key);
+        let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&body));
+        let res = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .if_none_match("*")
+            .checksum_sha256(checksum)
+            .content_type("application/octet-stream")
+            .body(ByteStream::from(body))
+            .send()
+            .await;
+        match res {
+            Ok(out) => Ok(PutOutcome::Created {
+                version_id: out.version_id().map(str::to_string),
+            }),
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(412) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            // 409 ConditionalRequestConflict: a concurrent conditional put is in flight; retrying
+            // resolves it into Created or AlreadyExists.
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(409) => {
+                Err(StorageError::Transient(format!(
+                    "s3://{}/{full}: concurrent put in progress",
+                    self.bucket
+                )))
+            }
+            Err(e) => Err(self.map(&full, e)),
+        }
+    }
+
+    async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
+        let full = self.full(key);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+            .map_err(|e| self.map(&full, e))?;
+        let data = out.body.collect().await.map_err(|e| {
+            StorageError::Transient(format!(
+                "s3://{}/{full}: download interrupted: {}",
+                self.bucket,
+                describe_chain(&e)
+            ))
+        })?;
+        Ok(data.into_bytes())
+    }
+
+    async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+        let full = self.full(key);
+        if len == 0 {
+            return Ok(Bytes::new());
+        }
+        let res = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .range(format!("bytes=0-{}", len - 1))
+            .send()
+            .await;
+        let out = match res {
+            Ok(out) => out,
+            // An empty object cannot satisfy any range.
+            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
+                return Ok(Bytes::new())
+            }
+            Err(e) => return Err(self.map(&full, e)),
+        };
+        let data = out.body.collect().await.map_err(|e| {
+            StorageError::Transient(format!(
+                "s3://{}/{full}: download interrupted: {}",
+                self.bucket,
+                describe_chain(&e)
+            ))
+        })?;
+        let mut b = data.into_bytes();
+        b.truncate(len.min(usize::MAX as u64) as usize);
+        Ok(b)
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.map(&full_prefix, e))?;
+            for obj in page.contents() {
+                let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                if let Ok(key) = ObjectKey::new(k) {
+                    out.push(ObjectInfo {
+                        key,
+                        size: obj.size().unwrap_or(0).max(0) as u64,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        let full = self.full(key);
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) => match self.map(&full, e) {
+                StorageError::NotFound(_) => Ok(()),
+                other => Err(other),
+            },
+        }
+    }
+
+    async fn probe(&self) -> Result<StoreInfo, StorageError> {
+        let bucket = self.bucket.clone();
+        if let Err(e) = self.client.head_bucket().bucket(&bucket).send().await {
+            // HEAD has no body, so a missing bucket is a bare 404.
+            return Err(match self.map("", e) {
+                StorageError::NotFound(_) => StorageError::NoBucket(format!(
+                    "bucket '{bucket}' does not exist; create it (see minio-test/ or terraform/) or fix the repository URL"
+                )),
+                other => other,
+            });
+        }
+        let versioning = match self
+            .client
+            .get_bucket_versioning()
+            .bucket(&bucket)
+            .send()
+            .await
+        {
+            Ok(v) => Some(v.status() == Some(&BucketVersioningStatus::Enabled)),
+            Err(e) => return Err(self.map("?versioning", e)),
+        };
+        let object_lock = match self
+            .client
+            .get_object_lock_configuration()
+            .bucket(&bucket)
+            .send()
+            .await
+        {
+            Ok(c) => Some(
+                c.object_lock_configuration()
+                    .and_then(|c| c.object_lock_enabled())
+                    .is_some(),
+            ),
+            Err(_) => Some(false),
+        };
+        // Listing proves read permission on the prefix, which wal-fetch needs.
+        self.client
+            .list_objects_v2()
+            .bucket(&bucket)
+            .prefix(&self.prefix)
+            .max_keys(1)
+            .send()
+            .await
+            .map_err(|e| self.map(&self.prefix, e))?;
+        Ok(StoreInfo {
+            versioning,
+            object_lock,
+        })
+    }
+
+    fn describe(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}

@@ -1,0 +1,439 @@
+//! `wal-push`: archive one file PostgreSQL hands us (%p), and upload other `.ready` files ahead so
+//! that PostgreSQL's next calls return at once.
+//!
+//! Safety rules: exit 0 only once the object is durable; never overwrite an archived name with other
+//! content; refuse WAL from another cluster. A look-ahead upload leaves a record in
+//! `<state>/pushed/<name>` holding the file's identity (size, inode, mtime, ctime) and sha256; a later
+//! call for that name trusts the record only if the file still has that identity, else pushes again.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
+
+use super::name::{WalFileKind, WalFileName};
+use super::{parent_dir, state_dir, WalError};
+use crate::archive::{Archive, Stored};
+use crate::codec::{self, Recipients};
+use crate::config::WalSettings;
+use crate::pg::walpage::{LongPageHeader, LONG_HEADER_LEN};
+use crate::repo::{self, RepoMeta, REPO_FORMAT};
+
+/// What a push needs, resolved by the caller.
+pub struct PushContext {
+    pub archive: Archive,
+    pub recipients: Recipients,
+    pub compression_level: i32,
+    pub settings: WalSettings,
+    /// Identifies the repository in look-ahead records (its URL).
+    pub repo_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PushOutcome {
+    Uploaded {
+        stored_bytes: u64,
+    },
+    /// An earlier call uploaded it ahead; its record still matches the file.
+    AlreadyUploadedAhead,
+    /// The same content was archived before (a retry after a crash, or a re-run).
+    AlreadyArchived,
+}
+
+#[derive(Debug)]
+pub struct PushReport {
+    pub name: String,
+    pub outcome: PushOutcome,
+    pub ahead_uploaded: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+struct AheadRecord {
+    repo: String,
+    size: u64,
+    ino: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    sha256: String,
+}
+
+fn file_identity(path: &Path) -> std::io::Result<(u64, u64, i128, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+    Ok((
+        m.len(),
+        m.ino(),
+        ns(m.mtime(), m.mtime_nsec()),
+        ns(m.ctime(), m.ctime_nsec()),
+    ))
+}
+
+/// Check and consume a look-ahead record. True when the file was uploaded ahead and is unchanged.
+fn take_ahead_record(record: &Path, file: &Path, repo_id: &str) -> bool {
+    let Ok(text) = std::fs::read(record) else {
+        return false;
+    };
+    let _ = std::fs::remove_file(record);
+    let Ok(rec) = serde_json::from_slice::<AheadRecord>(&text) else {
+        return false;
+    };
+    let Ok((size, ino, mtime_ns, ctime_ns)) = file_identity(file) else {
+        return false;
+    };
+    rec.repo == repo_id
+        && rec.size == size
+        && rec.ino == ino
+        && rec.mtime_ns == mtime_ns
+        && rec.ctime_ns == ctime_ns
+}
+
+fn write_ahead_record(
+    dir: &Path,
+    name: &str,
+    file: &Path,
+    repo_id: &str,
+    sha256: String,
+) -> std::io::Result<()> {
+    let (size, ino, mtime_ns, ctime_ns) = file_identity(file)?;
+    let rec = AheadRecord {
+        repo: repo_id.to_string(),
+        size,
+        ino,
+        mtime_ns,
+        ctime_ns,
+        sha256,
+    };
+    std::fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".tmp.{name}"));
+    std::fs::write(&tmp, serde_json::to_vec(&rec).expect("serialisable"))?;
+    // No fsync: a record lost in a crash only costs a second (idempotent) upload.
+    std::fs::rename(&tmp, dir.join(name))
+}
+
+/// Read the first page of a segment and check it belongs to this repository's cluster and to the
+/// position its name says.
+fn check_segment(
+    path: &Path,
+    name: &WalFileName,
+    meta: Option<&RepoMeta>,
+) -> Result<LongPageHeader, WalError> {
+    use std::io::Read;
+    let mut buf = [0u8; LONG_HEADER_LEN];
+    let mut f = std::fs::File::open(path).map_err(|e| WalError::local("cannot open", path, e))?;
+    f.read_exact(&mut buf)
+        .map_err(|e| WalError::local("cannot read WAL page header of", path, e))?;
+    let h = LongPageHeader::parse(&buf)
+        .map_err(|e| WalError::Invalid(format!("{}: {e}", path.display())))?;
+    let seg = name.segment().expect("segments have a position");
+    let expect_addr = seg.segno(u64::from(h.segment_size)) * u64::from(h.segment_size);
+    if h.page_addr != expect_addr {
+        return Err(WalError::Invalid(format!(
+            "{}: the WAL page header says the file starts at {}, but its name says {}; refusing to archive a misnamed segment",
+            path.display(),
+            super::name::format_lsn(h.page_addr),
+            super::name::format_lsn(expect_addr)
+        )));
+    }
+    if let Some(meta) = meta {
+        if meta.system_identifier != h.system_identifier.to_string() {
+            return Err(WalError::ForeignCluster(format!(
+                "{} belongs to database system {}, but the repository holds WAL of system {}; \
+                 every cluster needs its own repository (a different prefix or directory)",
+                name, h.system_identifier, meta.system_identifier
+            )));
+        }
+        if meta.wal_segment_size != u64::from(h.segment_size) || meta.wal_page_magic != h.magic {
+            return Err(WalError::ForeignCluster(format!(
+                "{name}: WAL format (magic {:#06x}, segment size {}) differs from the repository's (magic {:#06x}, segment size {}); \
+                 use a new repository after a major upgrade",
+                h.magic, h.segment_size, meta.wal_page_magic, meta.wal_segment_size
+            )));
+        }
+    }
+    Ok(h)
+}
+
+fn meta_for(h: &LongPageHeader, recipients: &Recipients) -> RepoMeta {
+    RepoMeta {
+        format: REPO_FORMAT,
+        system_identifier: h.system_identifier.to_string(),
+        wal_page_magic: h.magic,
+        pg_major: h.pg_major(),
+        wal_segment_size: u64::from(h.segment_size),
+        wal_block_size: h.block_size,
+        codec: "zstd+age-x25519".into(),
+        recipient_fingerprints: recipients.fingerprints(),
+        created_at: crate::time::now_rfc3339(),
+        created_by: format!("walship {}", env!("CARGO_PKG_VERSION")),
+    }
+}
+
+/// Push one file: checks, encode on a blocking thread, conditional put.
+async fn push_one(
+    ctx: &PushContext,
+    path: &Path,
+    name: &WalFileName,
+) -> Result<(PushOutcome, String), WalError> {
+    let is_wal = matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial);
+    if is_wal {
+        // First push ever into this repository: create walship.json from this segment's header.
+        let h = check_segment(path, name, None)?;
+        let meta = ctx
+            .archive
+            .ensure_meta(&meta_for(&h, &ctx.recipients))
+            .await?;
+        check_segment(path, name, Some(&meta))?;
+        let ours = ctx.recipients.fingerprints();
+        if !meta.recipient_fingerprints.is_empty() && meta.recipient_fingerprints != ours {
+            return Err(WalError::ForeignCluster(format!(
+                "the configured recipients (fingerprints {}) differ from the repository's ({}); the restoring identity could not decrypt this segment. \
+                 Use the repository's recipients, or a new repository for new keys",
+                ours.join(","),
+                meta.recipient_fingerprints.join(",")
+            )));
+        }
+    }
+    let file = std::fs::File::open(path).map_err(|e| WalError::local("cannot open", path, e))?;
+    let recipients = ctx.recipients.clone();
+    let level = ctx.compression_level;
+    let p = path.to_path_buf();
+    let enc = tokio::task::spawn_blocking(move || {
+        codec::encode(
+            std::io::BufReader::with_capacity(1 << 20, file),
+            &recipients,
+            level,
+        )
+    })
+    .await
+    .expect("encode task does not panic")
+    .map_err(|source| WalError::Encode { path: p, source })?;
+    let sha = enc.header.sha256_hex();
+    let key = repo::wal_key(name);
+    let outcome = match ctx.archive.put(&key, enc).await? {
+        Stored::Created { stored_bytes, .. } => PushOutcome::Uploaded { stored_bytes },
+        Stored::AlreadyThere => PushOutcome::AlreadyArchived,
+    };
+    Ok((outcome, sha))
+}
+
+/// `.ready` files other than `skip`, oldest first, history files first (as PostgreSQL orders them).
+fn ready_files(archive_status: &Path, skip: &str, limit: usize) -> Vec<WalFileName> {
+    let Ok(entries) = std::fs::read_dir(archive_status) else {
+        return Vec::new();
+    };
+    let mut names: Vec<WalFileName> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".ready"))
+                .map(str::to_string)
+        })
+        .filter(|n| n != skip)
+        .filter_map(|n| WalFileName::parse(&n).ok())
+        .collect();
+    names.sort_by_key(|n| (n.kind() != WalFileKind::History, n.as_str().to_string()));
+    names.truncate(limit);
+    names
+}
+
+/// Remove records whose file is gone (PostgreSQL archived and recycled it meanwhile).
+fn prune_records(dir: &Path, pg_wal: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with(".tmp") || !pg_wal.join(&*n).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalError> {
+    let fname = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| WalError::Invalid(format!("{} has no file name", path.display())))?;
+    let name = WalFileName::parse(fname)?;
+    let pg_wal = parent_dir(path);
+    let records = state_dir(ctx.settings.state_dir.as_deref(), &pg_wal).join("pushed");
+    let mut report = PushReport {
+        name: name.to_string(),
+        outcome: PushOutcome::AlreadyUploadedAhead,
+        ahead_uploaded: vec![],
+        warnings: vec![],
+    };
+
+    if take_ahead_record(&records.join(fname), path, &ctx.repo_id) {
+        return Ok(report);
+    }
+    if !path.is_file() {
+        return Err(WalError::local(
+            "cannot archive",
+            path,
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        ));
+    }
+
+    // Look-ahead: other .ready files, uploaded alongside ours with bounded concurrency.
+    let ahead: Vec<WalFileName> = if ctx.settings.lookahead > 0 {
+        prune_records(&records, &pg_wal);
+        ready_files(
+            &pg_wal.join("archive_status"),
+            fname,
+            ctx.settings.lookahead,
+        )
+        .into_iter()
+        .filter(|n| !records.join(n.as_str()).exists())
+        .collect()
+    } else {
+        Vec::new()
+    };
+    let sem = Arc::new(Semaphore::new(ctx.settings.upload_concurrency));
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in ahead {
+        let (ctx, sem, records, file) = (
+            ctx.clone(),
+            sem.clone(),
+            records.clone(),
+            pg_wal.join(n.as_str()),
+        );
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("semaphore open");
+            let res = push_one(&ctx, &file, &n).await;
+            if let Ok((_, sha)) = &res {
+                if let Err(e) =
+                    write_ahead_record(&records, n.as_str(), &file, &ctx.repo_id, sha.clone())
+                {
+                    return (
+                        n,
+                        Err(WalError::local(
+                            "cannot write look-ahead record in",
+                            &records,
+                            e,
+                        )),
+                    );
+                }
+            }
+            (n, res.map(|(o, _)| o))
+        });
+    }
+    let own = {
+        let _permit = sem.clone().acquire_owned().await.expect("semaphore open");
+        push_one(&ctx, path, &name).await
+    };
+    while let Some(joined) = tasks.join_next().await {
+        let (n, res) = joined.expect("push task does not panic");
+        match res {
+            Ok(_) => report.ahead_uploaded.push(n.to_string()),
+            // PostgreSQL will call us for it anyway; the error then surfaces with its own call.
+            Err(e) => tracing::debug!("look-ahead upload of {n} failed: {e}"),
+        }
+    }
+    let (outcome, _) = own?;
+    if outcome == PushOutcome::AlreadyArchived {
+        report.warnings.push(format!(
+            "{name} was already archived with the same content (sha256 and size match); nothing to do"
+        ));
+    }
+    report.outcome = outcome;
+    report.ahead_uploaded.sort();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg::walpage::synthetic_header;
+    use std::path::PathBuf;
+
+    fn seg(dir: &Path, name: &str, sysid: u64) -> PathBuf {
+        let n = WalFileName::parse(name).unwrap();
+        let id = n.segment().unwrap();
+        let seg_size = 1u32 << 24;
+        let mut body = synthetic_header(
+            sysid,
+            id.timeline,
+            id.segno(u64::from(seg_size)) * u64::from(seg_size),
+            seg_size,
+        );
+        body.resize(4096, 7);
+        let p = dir.join(name);
+        std::fs::write(&p, body).unwrap();
+        p
+    }
+
+    #[test]
+    fn misnamed_segment_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = seg(dir.path(), "000000010000000000000003", 42);
+        let wrong = dir.path().join("000000010000000000000004");
+        std::fs::rename(&p, &wrong).unwrap();
+        let n = WalFileName::parse("000000010000000000000004").unwrap();
+        let err = check_segment(&wrong, &n, None).unwrap_err();
+        assert!(err.to_string().contains("misnamed"), "{err}");
+    }
+
+    #[test]
+    fn ahead_record_is_trusted_only_for_the_same_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = seg(dir.path(), "000000010000000000000003", 42);
+        let rec = dir.path().join("rec");
+        write_ahead_record(&rec, "000000010000000000000003", &p, "repo-a", "x".into()).unwrap();
+        assert!(
+            !take_ahead_record(&rec.join("000000010000000000000003"), &p, "repo-b"),
+            "other repository"
+        );
+        write_ahead_record(&rec, "000000010000000000000003", &p, "repo-a", "x".into()).unwrap();
+        assert!(take_ahead_record(
+            &rec.join("000000010000000000000003"),
+            &p,
+            "repo-a"
+        ));
+        assert!(
+            !rec.join("000000010000000000000003").exists(),
+            "a record is used once"
+        );
+        write_ahead_record(&rec, "000000010000000000000003", &p, "repo-a", "x".into()).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        seg(dir.path(), "000000010000000000000003", 43); // replaced by another file
+        assert!(!take_ahead_record(
+            &rec.join("000000010000000000000003"),
+            &p,
+            "repo-a"
+        ));
+    }
+
+    #[test]
+    fn ready_files_put_history_first_and_skip_the_current_one() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [
+            "000000010000000000000005",
+            "000000010000000000000004",
+            "00000002.history",
+            "000000010000000000000003",
+            "junk",
+        ] {
+            std::fs::write(dir.path().join(format!("{n}.ready")), b"").unwrap();
+        }
+        std::fs::write(dir.path().join("000000010000000000000002.done"), b"").unwrap();
+        let got: Vec<String> = ready_files(dir.path(), "000000010000000000000003", 10)
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        assert_eq!(
+            got,
+            [
+                "00000002.history",
+                "000000010000000000000004",
+                "000000010000000000000005"
+            ]
+        );
+        assert_eq!(ready_files(dir.path(), "", 1).len(), 1);
+    }
+}

@@ -1,0 +1,279 @@
+//! The prefetch spool: a directory of segments already downloaded, verified, decrypted and
+//! decompressed, so that `wal-fetch` for them is a rename.
+//!
+//! Layout of `<state>/spool/`: complete segments under their own names (only ever created by an
+//! atomic rename after verification), `.repo` (the repository they came from: a spool from another
+//! repository is never served), `.want` (the last segment recovery asked for, written by
+//! `wal-fetch`), `.lock` (held by the one running prefetcher), `.<name>.walship-tmp.*` (downloads in
+//! progress, ignored and cleaned). Files whose names start with `.` are never served.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Semaphore;
+
+use super::fetch::FetchContext;
+use super::name::{WalFileKind, WalFileName};
+use crate::archive::ArchiveError;
+use crate::repo;
+use crate::storage::StorageError;
+
+pub struct Spool {
+    dir: PathBuf,
+}
+
+impl Spool {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join("spool"),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn repo_matches(&self, repo_id: &str) -> bool {
+        fs::read_to_string(self.dir.join(".repo"))
+            .map(|r| r == repo_id)
+            .unwrap_or(false)
+    }
+
+    /// Move a spooled segment to `dest`. `Ok(false)` when it is not spooled (or not usable).
+    pub fn take(&self, name: &str, dest: &Path, repo_id: &str) -> io::Result<bool> {
+        let src = self.dir.join(name);
+        if !src.exists() || !self.repo_matches(repo_id) {
+            return Ok(false);
+        }
+        match fs::rename(&src, dest) {
+            Ok(()) => {
+                crate::storage::fs::sync_dir(&super::parent_dir(dest))?;
+                Ok(true)
+            }
+            // Spool on another filesystem (a configured state_dir): fetch directly instead.
+            Err(e) if e.raw_os_error() == Some(18) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Tell the prefetcher where recovery is. Creates the spool for this repository if needed.
+    pub fn set_want(&self, name: &str, repo_id: &str) -> io::Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        if !self.repo_matches(repo_id) {
+            self.clear()?;
+            fs::write(self.dir.join(".repo"), repo_id)?;
+        }
+        let tmp = self.dir.join(".want.tmp");
+        fs::write(&tmp, name)?;
+        fs::rename(tmp, self.dir.join(".want"))
+    }
+
+    fn want(&self) -> Option<WalFileName> {
+        let s = fs::read_to_string(self.dir.join(".want")).ok()?;
+        WalFileName::parse(s.trim())
+            .ok()
+            .filter(|n| n.kind() == WalFileKind::Segment)
+    }
+
+    /// Whether a prefetcher holds the lock now.
+    pub fn prefetcher_running(&self) -> bool {
+        let Ok(f) = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join(".lock"))
+        else {
+            return false;
+        };
+        match f.try_lock() {
+            Ok(()) => false, // dropped at once, releasing it
+            Err(_) => true,
+        }
+    }
+
+    /// Remove every spooled segment and temp file (not the lock or the repository marker).
+    pub fn clear(&self) -> io::Result<()> {
+        let entries = match fs::read_dir(&self.dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for e in entries.flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n != ".lock" && n != ".repo" {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// Segment names currently spooled.
+    fn entries(&self) -> Vec<String> {
+        fs::read_dir(&self.dir)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// The background prefetcher: keeps the `depth` segments after `.want` in the spool until recovery
+/// has not asked for anything for `idle`, then empties the spool and exits. Only one runs per spool.
+pub async fn run_prefetcher(ctx: Arc<FetchContext>, spool: Spool) -> io::Result<()> {
+    fs::create_dir_all(spool.dir())?;
+    let lock = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(spool.dir().join(".lock"))?;
+    if lock.try_lock().is_err() {
+        return Ok(()); // another prefetcher is running
+    }
+    let seg_size = match ctx.archive.read_meta().await {
+        Ok(Some(m)) => m.wal_segment_size,
+        _ => super::name::DEFAULT_SEGMENT_SIZE,
+    };
+    let depth = ctx.settings.prefetch as u64;
+    let sem = Arc::new(Semaphore::new(ctx.settings.download_concurrency));
+    let mut last_want: Option<WalFileName> = None;
+    let mut last_change = Instant::now();
+    // Where the archive ended last time we looked, and when: don't ask again at once.
+    let mut end_seen: Option<(String, Instant)> = None;
+    let mut tasks: tokio::task::JoinSet<(String, Result<(), ArchiveError>)> =
+        tokio::task::JoinSet::new();
+    let mut in_flight: std::collections::HashSet<String> = Default::default();
+    loop {
+        let want = spool.want();
+        if want != last_want {
+            last_want = want.clone();
+            last_change = Instant::now();
+        }
+        if last_change.elapsed() > ctx.settings.prefetch_idle {
+            break;
+        }
+        while let Some(done) = tasks.try_join_next() {
+            let (name, res) = done.expect("prefetch task does not panic");
+            in_flight.remove(&name);
+            match res {
+                Ok(()) => {}
+                Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
+                    end_seen = Some((name, Instant::now()))
+                }
+                Err(e) => tracing::warn!(
+                    "prefetch of {name} failed (wal-fetch will retry it directly): {e}"
+                ),
+            }
+        }
+        if let Some(id) = want.as_ref().and_then(|w| w.segment()) {
+            let window: Vec<String> = (1..=depth)
+                .map(|i| id.advance(i, seg_size).file_name().to_string())
+                .collect();
+            for stale in spool.entries().into_iter().filter(|e| !window.contains(e)) {
+                let _ = fs::remove_file(spool.dir().join(stale));
+            }
+            for name in &window {
+                if in_flight.contains(name) || spool.dir().join(name).exists() {
+                    continue;
+                }
+                if let Some((end, at)) = &end_seen {
+                    if name >= end && at.elapsed() < Duration::from_secs(2) {
+                        break;
+                    }
+                }
+                let permit = match sem.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                };
+                in_flight.insert(name.clone());
+                let (ctx, dir, name) = (ctx.clone(), spool.dir().to_path_buf(), name.clone());
+                tasks.spawn(async move {
+                    let _permit = permit;
+                    let key = repo::wal_key(
+                        &WalFileName::parse(&name).expect("generated names are valid"),
+                    );
+                    let res = ctx
+                        .archive
+                        .fetch_to(&key, &ctx.identities, &dir.join(&name))
+                        .await
+                        .map(|_| ());
+                    (name, res)
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tasks.shutdown().await;
+    spool.clear()?;
+    drop(lock);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serves_only_complete_entries_of_the_same_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        let dest = dir.path().join("RECOVERYXLOG");
+        spool
+            .set_want("000000010000000000000001", "repo-a")
+            .unwrap();
+        fs::write(spool.dir().join("000000010000000000000002"), b"seg").unwrap();
+        fs::write(
+            spool.dir().join(".000000010000000000000003.walship-tmp.1"),
+            b"half",
+        )
+        .unwrap();
+        assert!(
+            !spool
+                .take("000000010000000000000002", &dest, "repo-b")
+                .unwrap(),
+            "other repository"
+        );
+        assert!(
+            !spool
+                .take("000000010000000000000003", &dest, "repo-a")
+                .unwrap(),
+            "in progress"
+        );
+        assert!(spool
+            .take("000000010000000000000002", &dest, "repo-a")
+            .unwrap());
+        assert_eq!(fs::read(&dest).unwrap(), b"seg");
+        assert!(
+            !spool.dir().join("000000010000000000000002").exists(),
+            "moved, not copied"
+        );
+        // Switching repository empties the spool.
+        fs::write(spool.dir().join("000000010000000000000004"), b"seg").unwrap();
+        spool
+            .set_want("000000010000000000000003", "repo-b")
+            .unwrap();
+        assert!(spool.entries().is_empty());
+    }
+
+    #[test]
+    fn lock_tells_whether_a_prefetcher_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        fs::create_dir_all(spool.dir()).unwrap();
+        assert!(!spool.prefetcher_running());
+        let f = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(spool.dir().join(".lock"))
+            .unwrap();
+        f.lock().unwrap();
+        assert!(spool.prefetcher_running());
+    }
+}
