@@ -62,6 +62,7 @@ pub fn for_wal(e: &WalError) -> i32 {
         WalError::ForeignCluster(_) => CONFLICT,
         WalError::NotInArchive(_) => NOT_IN_ARCHIVE,
         WalError::Invalid(_) => CONFLICT,
+        WalError::NoRepository(_) => ACCESS,
         WalError::Local { .. } => LOCAL_IO,
         WalError::Encode { source, .. } => codec_code(source),
     }

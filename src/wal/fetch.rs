@@ -54,7 +54,7 @@ pub async fn fetch(ctx: &FetchContext, name: &str, dest: &Path) -> Result<FetchR
         Ok(_) => Ok(after(ctx, &name, spool, FetchOutcome::Downloaded)),
         Err(ArchiveError::Storage(StorageError::NotFound(_))) => match ctx.archive.read_meta().await? {
             Some(_) => Err(WalError::NotInArchive(format!("{name} (repository {})", ctx.archive.store().describe()))),
-            None => Err(WalError::Invalid(format!(
+            None => Err(WalError::NoRepository(format!(
                 "{} has no walship.json: this is not a walship repository (wrong bucket, prefix or directory?), so walship cannot tell whether {name} is archived",
                 ctx.archive.store().describe()
             ))),

@@ -26,6 +26,8 @@ pub enum WalError {
     NotInArchive(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}")]
+    NoRepository(String),
     #[error("{what} {path}: {err}")]
     Local {
         what: &'static str,

@@ -1,0 +1,459 @@
+//! Fixtures for integration tests: a real S3 server (minio-test/s3-server), throwaway PostgreSQL
+//! clusters run as the unprivileged `postgres` user, and helpers to run the walship binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub const WALSHIP: &str = env!("CARGO_BIN_EXE_walship");
+
+/// A directory under the system temp dir that the `postgres` user can use too.
+pub fn shared_tempdir(tag: &str) -> tempfile::TempDir {
+    let d = tempfile::Builder::new()
+        .prefix(&format!("walship-{tag}-"))
+        .tempdir()
+        .expect("tempdir");
+    chown_postgres(d.path());
+    d
+}
+
+pub fn chown_postgres(p: &Path) {
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(p),
+    );
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------- S3 server
+
+/// A real S3 server on loopback, started by minio-test/s3-server, stopped (killed) on drop.
+pub struct S3Server {
+    pub dir: tempfile::TempDir,
+    pub env: BTreeMap<String, String>,
+}
+
+fn s3_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("minio-test/s3-server")
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("walship-s3-")
+            .tempdir()
+            .expect("tempdir");
+        let mut s = Self {
+            dir,
+            env: BTreeMap::new(),
+        };
+        s.up();
+        s
+    }
+
+    /// Start (again, after `kill`): same ports and data.
+    pub fn up(&mut self) {
+        let out = Command::new(s3_script())
+            .arg("start")
+            .arg(self.dir.path())
+            .output()
+            .expect("run minio-test/s3-server");
+        assert!(
+            out.status.success(),
+            "the S3 test server did not start (integration tests need it; see minio-test/README.md): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.env = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("export ")
+                    .unwrap_or(l.trim())
+                    .split_once('=')
+            })
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    v.trim_matches(|c| c == '"' || c == '\'').to_string(),
+                )
+            })
+            .collect();
+        assert!(
+            self.env.contains_key("WALSHIP_S3_ENDPOINT"),
+            "s3-server printed no endpoint: {:?}",
+            self.env
+        );
+    }
+
+    /// Kill the server at once: the network goes away.
+    pub fn kill(&self) {
+        let _ = Command::new(s3_script())
+            .arg("kill")
+            .arg(self.dir.path())
+            .output();
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.env["WALSHIP_S3_BUCKET"]
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.env["WALSHIP_S3_ENDPOINT"]
+    }
+
+    /// Write a walship config file for `s3://bucket/prefix` with the server's keys.
+    pub fn config(&self, dir: &Path, prefix: &str, keys: &Keys) -> PathBuf {
+        let secret = dir.join("s3-secret");
+        std::fs::write(&secret, &self.env["AWS_SECRET_ACCESS_KEY"]).unwrap();
+        let path = dir.join("walship.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "repo = \"s3://{}/{prefix}\"\nrecipients = [\"{}\"]\nidentity_file = \"{}\"\n\
+                 [s3]\nendpoint = \"{}\"\nregion = \"us-east-1\"\npath_style = true\naccess_key_id = \"{}\"\n\
+                 secret_access_key_file = \"{}\"\nmax_attempts = 2\nconnect_timeout_secs = 2\n\
+                 [wal]\nfetch_attempts = 2\n",
+                self.bucket(),
+                keys.recipient,
+                keys.identity.display(),
+                self.endpoint(),
+                self.env["AWS_ACCESS_KEY_ID"],
+                secret.display()
+            ),
+        )
+        .unwrap();
+        chown_postgres(dir);
+        path
+    }
+
+    /// A store talking to this server directly, for tests that tamper with the bucket.
+    pub async fn store(&self, prefix: &str) -> walship::storage::s3::S3Store {
+        walship::storage::s3::S3Store::connect(&walship::storage::s3::S3Settings {
+            bucket: self.bucket().to_string(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            region: "us-east-1".into(),
+            endpoint: Some(self.endpoint().to_string()),
+            path_style: true,
+            ca_bundle: None,
+            static_credentials: Some((
+                self.env["AWS_ACCESS_KEY_ID"].clone(),
+                self.env["AWS_SECRET_ACCESS_KEY"].clone(),
+            )),
+            max_attempts: 2,
+            connect_timeout: Duration::from_secs(2),
+            operation_timeout: Duration::from_secs(30),
+        })
+        .await
+        .expect("connect to test S3 server")
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = Command::new(s3_script())
+            .arg("stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+// ---------------------------------------------------------------- keys
+
+pub struct Keys {
+    pub identity: PathBuf,
+    pub recipient: String,
+}
+
+pub fn keygen(dir: &Path) -> Keys {
+    let identity = dir.join("identity.txt");
+    let out = run_ok(
+        Command::new(WALSHIP)
+            .arg("keygen")
+            .arg("--output")
+            .arg(&identity),
+    );
+    chown_postgres(&identity);
+    Keys {
+        identity,
+        recipient: String::from_utf8(out.stdout).unwrap().trim().to_string(),
+    }
+}
+
+/// Run walship with a config file; returns the output, whatever the exit code.
+pub fn walship(config: &Path, args: &[&str], cwd: &Path) -> Output {
+    Command::new(WALSHIP)
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("WALSHIP_REPO")
+        .output()
+        .expect("run walship")
+}
+
+// ---------------------------------------------------------------- PostgreSQL
+
+pub fn pg_bin(tool: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("PG_BINDIR") {
+        return Path::new(&dir).join(tool);
+    }
+    let out = Command::new("pg_config").arg("--bindir").output();
+    if let Ok(out) = out {
+        let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !dir.is_empty() && Path::new(&dir).join(tool).exists() {
+            return Path::new(&dir).join(tool);
+        }
+    }
+    for v in ["15", "16", "17"] {
+        let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{tool}"));
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("PostgreSQL's {tool} not found: install postgresql-15 or set PG_BINDIR");
+}
+
+/// Run a PostgreSQL tool as the `postgres` user.
+pub fn as_postgres(tool: &str) -> Command {
+    let mut c = Command::new("runuser");
+    c.args(["-u", "postgres", "--"]).arg(pg_bin(tool));
+    c
+}
+
+static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+
+fn free_port() -> u16 {
+    // Ports handed out by the kernel, then released: good enough on a test machine.
+    let _ = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A throwaway cluster in a temp dir, stopped on drop.
+pub struct Cluster {
+    pub data: PathBuf,
+    pub port: u16,
+    pub sock: PathBuf,
+}
+
+impl Cluster {
+    /// initdb a new cluster under `base` (owned by postgres).
+    pub fn init(base: &Path, name: &str) -> Self {
+        let data = base.join(name);
+        let sock = base.join(format!("{name}-sock"));
+        std::fs::create_dir_all(&sock).unwrap();
+        chown_postgres(&sock);
+        run_ok(
+            as_postgres("initdb")
+                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .arg(&data),
+        );
+        Self {
+            data,
+            port: free_port(),
+            sock,
+        }
+    }
+
+    /// A cluster on an existing data directory (a restored backup).
+    pub fn at(base: &Path, data: PathBuf, name: &str) -> Self {
+        let sock = base.join(format!("{name}-sock"));
+        std::fs::create_dir_all(&sock).unwrap();
+        chown_postgres(&sock);
+        Self {
+            data,
+            port: free_port(),
+            sock,
+        }
+    }
+
+    pub fn append_conf(&self, text: &str) {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.data.join("postgresql.conf"))
+            .unwrap();
+        writeln!(f, "\n{text}").unwrap();
+    }
+
+    pub fn start(&self) {
+        self.append_conf(&format!(
+            "port = {}\nunix_socket_directories = '{}'\nlisten_addresses = ''\nfsync = off\n",
+            self.port,
+            self.sock.display()
+        ));
+        let log = self.data.parent().unwrap().join(format!(
+            "{}.log",
+            self.data.file_name().unwrap().to_string_lossy()
+        ));
+        run_ok(
+            as_postgres("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-w", "-t", "120", "start"]),
+        );
+    }
+
+    /// Start without waiting (recovery may take a while or stop on purpose).
+    pub fn start_nowait(&self) {
+        self.append_conf(&format!(
+            "port = {}\nunix_socket_directories = '{}'\nlisten_addresses = ''\nfsync = off\n",
+            self.port,
+            self.sock.display()
+        ));
+        let log = self.log_path();
+        run_ok(
+            as_postgres("pg_ctl")
+                .arg("-D")
+                .arg(&self.data)
+                .arg("-l")
+                .arg(&log)
+                .args(["-W", "start"]),
+        );
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.data.parent().unwrap().join(format!(
+            "{}.log",
+            self.data.file_name().unwrap().to_string_lossy()
+        ))
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn stop(&self) {
+        let _ = as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"])
+            .output();
+    }
+
+    pub fn psql(&self, sql: &str) -> String {
+        let out = run_ok(
+            as_postgres("psql")
+                .args([
+                    "-X",
+                    "-q",
+                    "-t",
+                    "-A",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-U",
+                    "postgres",
+                    "-h",
+                ])
+                .arg(&self.sock)
+                .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql]),
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    pub fn try_psql(&self, sql: &str) -> Option<String> {
+        let out = as_postgres("psql")
+            .args(["-X", "-q", "-t", "-A", "-U", "postgres", "-h"])
+            .arg(&self.sock)
+            .args(["-p", &self.port.to_string(), "-d", "postgres", "-c", sql])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn pgbench(&self, args: &[&str]) {
+        run_ok(
+            as_postgres("pgbench")
+                .args(["-U", "postgres", "-h"])
+                .arg(&self.sock)
+                .args(["-p", &self.port.to_string()])
+                .args(args)
+                .arg("postgres"),
+        );
+    }
+
+    pub fn basebackup(&self, dest: &Path) {
+        run_ok(
+            as_postgres("pg_basebackup")
+                .args(["-U", "postgres", "-h"])
+                .arg(&self.sock)
+                .args([
+                    "-p",
+                    &self.port.to_string(),
+                    "-X",
+                    "none",
+                    "-c",
+                    "fast",
+                    "--no-sync",
+                    "-D",
+                ])
+                .arg(dest),
+        );
+    }
+
+    /// The name of the current WAL segment (after a switch, the last one to be archived is the one before).
+    pub fn switch_wal(&self) -> String {
+        self.psql("select pg_walfile_name(pg_switch_wal())")
+    }
+
+    pub fn wait_archived(&self, segment: &str) {
+        wait_until(
+            &format!("{segment} to be archived"),
+            Duration::from_secs(120),
+            || {
+                let last =
+                    self.psql("select coalesce(last_archived_wal, '') from pg_stat_archiver");
+                !last.is_empty() && last.as_str() >= segment
+            },
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = as_postgres("pg_ctl")
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .output();
+    }
+}

@@ -1,0 +1,82 @@
+//! The storage contract, run against the real S3 server from minio-test/ and a local directory.
+//! There is no skip: if the S3 server cannot start, this test fails.
+
+mod common;
+
+use walship::storage::fs::FsStore;
+use walship::storage::{conformance, ObjectKey, StorageError, Store};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_and_directory_backends_keep_the_contract() {
+    let server = common::S3Server::start();
+    let s3 = server.store("conformance").await;
+    conformance::run(&s3).await;
+
+    let info = s3.probe().await.unwrap();
+    assert_eq!(
+        info.versioning,
+        Some(true),
+        "minio-test creates the bucket with versioning on"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    conformance::run(&FsStore::new(dir.path())).await;
+
+    // A missing bucket and bad credentials are told apart from a missing object.
+    let key = ObjectKey::new("wal/x").unwrap();
+    let missing = walship::storage::s3::S3Store::connect(&walship::storage::s3::S3Settings {
+        bucket: "no-such-bucket".into(),
+        prefix: String::new(),
+        region: "us-east-1".into(),
+        endpoint: Some(server.endpoint().into()),
+        path_style: true,
+        ca_bundle: None,
+        static_credentials: Some((
+            server.env["AWS_ACCESS_KEY_ID"].clone(),
+            server.env["AWS_SECRET_ACCESS_KEY"].clone(),
+        )),
+        max_attempts: 1,
+        connect_timeout: std::time::Duration::from_secs(2),
+        operation_timeout: std::time::Duration::from_secs(10),
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(missing.get(&key).await, Err(StorageError::NoBucket(_))),
+        "missing bucket on get"
+    );
+    assert!(
+        matches!(missing.probe().await, Err(StorageError::NoBucket(_))),
+        "missing bucket on probe"
+    );
+
+    let denied = walship::storage::s3::S3Store::connect(&walship::storage::s3::S3Settings {
+        bucket: server.bucket().into(),
+        prefix: String::new(),
+        region: "us-east-1".into(),
+        endpoint: Some(server.endpoint().into()),
+        path_style: true,
+        ca_bundle: None,
+        static_credentials: Some((
+            server.env["AWS_ACCESS_KEY_ID"].clone(),
+            "wrong-secret".into(),
+        )),
+        max_attempts: 1,
+        connect_timeout: std::time::Duration::from_secs(2),
+        operation_timeout: std::time::Duration::from_secs(10),
+    })
+    .await
+    .unwrap();
+    assert!(
+        matches!(denied.get(&key).await, Err(StorageError::Denied(_))),
+        "wrong secret on get"
+    );
+
+    // The server gone: transient, not "not found".
+    server.kill();
+    let err = s3.get(&key).await.unwrap_err();
+    assert!(
+        err.is_transient(),
+        "server down must be transient, got {err:?}"
+    );
+}

@@ -1,0 +1,317 @@
+//! End to end with real parts: PostgreSQL 15 archives through `walship wal-push` into the S3 test
+//! server, a base backup is restored with `walship wal-fetch` as restore_command, and the data must
+//! match. Then the failure modes: corrupt objects, a server outage, foreign clusters, overwrites.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::{walship, Cluster, S3Server};
+use walship::storage::{ObjectKey, Store};
+
+fn archiving_conf(cfg: &Path) -> String {
+    format!(
+        "wal_level = replica\narchive_mode = on\narchive_command = '{} --config {} wal-push %p'\n\
+         max_wal_size = '4GB'\nwal_keep_size = '2GB'\ncheckpoint_timeout = '30min'\n",
+        common::WALSHIP,
+        cfg.display()
+    )
+}
+
+fn restore_conf(cfg: &Path) -> String {
+    format!(
+        "restore_command = '{} --config {} wal-fetch %f %p'\n",
+        common::WALSHIP,
+        cfg.display()
+    )
+}
+
+/// Segment names archived under the repository prefix, sorted.
+async fn archived_segments(store: &dyn Store) -> Vec<String> {
+    store
+        .list("wal/")
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|o| o.key.as_str().rsplit('/').next().map(str::to_string))
+        .filter(|n| n.len() == 24)
+        .collect()
+}
+
+fn segment_count(c: &Cluster) -> u64 {
+    c.psql("select (pg_current_wal_lsn() - '0/0'::pg_lsn) / (16*1024*1024)")
+        .parse::<f64>()
+        .unwrap() as u64
+}
+
+fn fingerprint(c: &Cluster) -> String {
+    c.psql(
+        "select (select count(*) || ':' || sum(abalance) from pgbench_accounts) || '/' || \
+                (select count(*) || ':' || coalesce(sum(delta), 0) from pgbench_history) || '/' || \
+                (select md5(string_agg(note, ',' order by id)) from marks)",
+    )
+}
+
+#[test]
+fn archive_with_wal_push_and_recover_with_wal_fetch() {
+    let server = S3Server::start();
+    let base = common::shared_tempdir("recover");
+    let keys = common::keygen(base.path());
+    let cfg = server.config(base.path(), "recover", &keys);
+
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    primary.psql("create table marks (id serial primary key, note text not null)");
+    primary.psql("insert into marks (note) values ('before base backup')");
+    primary.pgbench(&["-i", "-s", "5", "-q"]);
+
+    let restored = base.path().join("restored");
+    primary.basebackup(&restored);
+
+    // Real load until well past 20 segments of WAL after the backup.
+    let start_seg = segment_count(&primary);
+    let mut round = 0;
+    while segment_count(&primary) < start_seg + 22 {
+        primary.pgbench(&["-n", "-c", "2", "-t", "3000"]);
+        primary.psql(&format!(
+            "insert into marks (note) values ('round {round}')"
+        ));
+        round += 1;
+    }
+    primary.psql("insert into marks (note) values ('last before switch')");
+    let expected = fingerprint(&primary);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last);
+    primary.stop();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(server.store("recover"));
+    let archived = rt.block_on(archived_segments(&store));
+    assert!(
+        archived.len() >= 22,
+        "at least 22 segments archived, got {}",
+        archived.len()
+    );
+    assert!(archived.contains(&last), "{last} archived");
+    // No gaps: every segment from the first to the last is there.
+    let first = walship::wal::name::WalFileName::parse(&archived[0])
+        .unwrap()
+        .segment()
+        .unwrap();
+    for (i, name) in archived.iter().enumerate() {
+        assert_eq!(
+            name,
+            first.advance(i as u64, 16 << 20).file_name().as_str(),
+            "archive has a gap"
+        );
+    }
+
+    // Recover from the base backup through wal-fetch to the end of the archive.
+    common::chown_postgres(&restored);
+    let recovered = Cluster::at(base.path(), restored.clone(), "restored");
+    recovered.append_conf(&restore_conf(&cfg));
+    std::fs::write(restored.join("recovery.signal"), b"").unwrap();
+    common::chown_postgres(&restored);
+    recovered.start();
+    common::wait_until("recovery to finish", Duration::from_secs(180), || {
+        recovered.try_psql("select pg_is_in_recovery()").as_deref() == Some("f")
+    });
+    assert_eq!(
+        fingerprint(&recovered),
+        expected,
+        "recovered data equals the primary's"
+    );
+    let log = recovered.log();
+    assert!(
+        log.contains("archive recovery complete"),
+        "recovery ended normally:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("restored log file \"{last}\" from archive")),
+        "the last archived segment was replayed:\n{log}"
+    );
+    // The prefetcher ran beside recovery.
+    assert!(
+        restored.join("pg_wal/.walship/prefetch.log").exists(),
+        "prefetcher started"
+    );
+
+    // The promoted cluster archives its new timeline's history file into the same repository.
+    let hist = ObjectKey::new("wal/history/00000002.history").unwrap();
+    common::wait_until("00000002.history archived", Duration::from_secs(60), || {
+        rt.block_on(store.get(&hist)).is_ok()
+    });
+}
+
+#[test]
+fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outage() {
+    let mut server = S3Server::start();
+    let base = common::shared_tempdir("faults");
+    let keys = common::keygen(base.path());
+    let cfg = server.config(base.path(), "faults", &keys);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let store = rt.block_on(server.store("faults"));
+
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    primary.psql("create table filler as select g, md5(g::text) from generate_series(1, 50000) g");
+    let seg = primary.switch_wal();
+    primary.wait_archived(&seg);
+    let pg_wal = primary.data.join("pg_wal");
+    let scratch = base.path().join("scratch");
+    std::fs::create_dir_all(&scratch).unwrap();
+
+    // The same segment again: exit 0 with a warning.
+    let same = scratch.join(&seg);
+    std::fs::copy(pg_wal.join(&seg), &same).unwrap();
+    let out = walship(&cfg, &["wal-push", same.to_str().unwrap()], base.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already archived with the same content"));
+
+    // Other content under the archived name: refused, archive unchanged.
+    let key = ObjectKey::new(format!("wal/{}/{seg}", &seg[..16])).unwrap();
+    let before = rt.block_on(store.get(&key)).unwrap();
+    let mut bytes = std::fs::read(&same).unwrap();
+    bytes[8 * 1024 * 1024] ^= 0xFF;
+    std::fs::write(&same, &bytes).unwrap();
+    let out = walship(&cfg, &["wal-push", same.to_str().unwrap()], base.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("different content") && err.contains("refusing to overwrite"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert_eq!(
+        rt.block_on(store.get(&key)).unwrap(),
+        before,
+        "archived object untouched"
+    );
+
+    // Another cluster into the same prefix: refused.
+    let other = Cluster::init(base.path(), "other");
+    let foreign = std::fs::read_dir(other.data.join("pg_wal"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().len() == 24)
+        .expect("initdb leaves a segment");
+    let out = walship(&cfg, &["wal-push", foreign.to_str().unwrap()], base.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("every cluster needs its own repository"),
+        "{err}"
+    );
+
+    // wal-fetch: a name never archived is "not in archive" (1)...
+    let dest = scratch.join("RECOVERYXLOG");
+    let out = walship(
+        &cfg,
+        &[
+            "wal-fetch",
+            "0000000100000000000000FF",
+            dest.to_str().unwrap(),
+        ],
+        &scratch,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!dest.exists());
+
+    // ...a corrupt object fails loudly, with a code that stops recovery, and places nothing.
+    rt.block_on(store.delete(&key)).unwrap();
+    let mut bad = before.to_vec();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 0x01;
+    rt.block_on(store.put_if_absent(&key, bad.into())).unwrap();
+    let out = walship(&cfg, &["wal-fetch", &seg, dest.to_str().unwrap()], &scratch);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 4), "{err}");
+    assert!(err.contains("corrupt") || err.contains("decrypt"), "{err}");
+    assert!(!dest.exists(), "nothing placed");
+    let leftovers: Vec<_> = std::fs::read_dir(&scratch)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        leftovers
+            .iter()
+            .all(|n| !n.to_string_lossy().contains("walship-tmp")),
+        "no temp files: {leftovers:?}"
+    );
+    // In standby mode the same failure is an ordinary one (PostgreSQL retries).
+    std::fs::write(scratch.join("standby.signal"), b"").unwrap();
+    let out = walship(&cfg, &["wal-fetch", &seg, dest.to_str().unwrap()], &scratch);
+    assert_eq!(out.status.code(), Some(4));
+    std::fs::remove_file(scratch.join("standby.signal")).unwrap();
+
+    // A wrong prefix is no repository, never "not in archive".
+    let wrong = base.path().join("wrong.toml");
+    std::fs::write(
+        &wrong,
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("/faults\"", "/nothing-here\""),
+    )
+    .unwrap();
+    let out = walship(
+        &wrong,
+        &["wal-fetch", &seg, dest.to_str().unwrap()],
+        &scratch,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(128 + 6),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Outage: the server dies, archiving fails and PostgreSQL retries; once it is back, no gap.
+    server.kill();
+    primary.psql("insert into filler select g, md5(g::text) from generate_series(1, 20000) g");
+    let during = primary.switch_wal();
+    common::wait_until("a failed archive attempt", Duration::from_secs(60), || {
+        primary.psql("select failed_count from pg_stat_archiver") != "0"
+    });
+    primary.psql("insert into filler select g, md5(g::text) from generate_series(1, 20000) g");
+    let after = primary.switch_wal();
+    server.up();
+    primary.wait_archived(&after);
+    let archived = rt.block_on(archived_segments(&store));
+    for name in [&during, &after] {
+        assert!(
+            archived.contains(name),
+            "{name} archived after the outage: {archived:?}"
+        );
+    }
+    let first = walship::wal::name::WalFileName::parse(&archived[0])
+        .unwrap()
+        .segment()
+        .unwrap();
+    for (i, name) in archived.iter().enumerate() {
+        assert_eq!(
+            name,
+            first.advance(i as u64, 16 << 20).file_name().as_str(),
+            "gap after outage"
+        );
+    }
+    let err_log = primary.log();
+    assert!(
+        err_log.contains("walship wal-push: error:"),
+        "the failure is in the PostgreSQL log"
+    );
+}
