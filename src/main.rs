@@ -27,6 +27,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // PostgreSQL's log is a file: no colour codes unless a person is watching a terminal.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .without_time()
         .init();
@@ -126,8 +128,15 @@ fn run(cli: Cli, standby: bool) -> i32 {
                 }
             }
         }
-        Command::WalPrefetch { spool_state_dir } => {
-            match rt.block_on(cli::wal::prefetch(&cfg, spool_state_dir)) {
+        Command::WalPrefetch {
+            spool_state_dir,
+            postmaster_pid_file,
+        } => {
+            match rt.block_on(cli::wal::prefetch(
+                &cfg,
+                spool_state_dir,
+                postmaster_pid_file,
+            )) {
                 Ok(()) => exit::OK,
                 Err(e) => fail("wal-prefetch", &e, exit::for_wal(&e)),
             }

@@ -122,5 +122,8 @@ pub enum Command {
         /// The state directory whose spool to fill
         #[arg(long = "spool-state-dir")]
         spool_state_dir: PathBuf,
+        /// postmaster.pid of the server in recovery: the prefetcher stops when that server stops
+        #[arg(long = "postmaster-pid-file")]
+        postmaster_pid_file: PathBuf,
     },
 }

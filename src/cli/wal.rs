@@ -8,17 +8,23 @@ use crate::archive::Archive;
 use crate::cli::GlobalArgs;
 use crate::config::Config;
 use crate::wal::fetch::{self, FetchContext, FetchOutcome};
+use crate::wal::name::WalFileName;
 use crate::wal::push::{self, PushContext, PushOutcome};
 use crate::wal::spool::{self, Spool};
 use crate::wal::WalError;
 
 pub async fn push(cfg: &Config, path: &Path) -> Result<(), WalError> {
+    if push::uploaded_ahead(&cfg.wal, &cfg.repo_url, path) {
+        tracing::info!("{}: uploaded earlier by look-ahead", path.display());
+        return Ok(());
+    }
     let ctx = PushContext {
         archive: Archive::open(cfg, 3).await?,
         recipients: cfg.recipients()?,
         compression_level: cfg.compression_level,
         settings: cfg.wal.clone(),
         repo_id: cfg.repo_url.clone(),
+        meta: Default::default(),
     };
     let report = push::push(Arc::new(ctx), path).await?;
     for w in &report.warnings {
@@ -52,8 +58,11 @@ pub async fn fetch(
     name: &str,
     dest: &Path,
 ) -> Result<(), WalError> {
-    let ctx = fetch_context(cfg).await?;
-    let report = fetch::fetch(&ctx, name, dest).await?;
+    let name = WalFileName::parse(name)?;
+    let report = match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest)? {
+        Some(report) => report,
+        None => fetch::fetch(&fetch_context(cfg).await?, &name, dest).await?,
+    };
     tracing::info!(
         "{name}: {}",
         if report.outcome == FetchOutcome::FromSpool {
@@ -72,8 +81,17 @@ pub async fn fetch(
 
 /// Start `walship wal-prefetch` detached, in its own process group, with the settings of this call.
 /// The environment (AWS_*, WALSHIP_*) is inherited; secrets never go on its command line.
+///
+/// PostgreSQL runs restore_command in the data directory; the prefetcher is tied to the postmaster
+/// named in its `postmaster.pid` and stops as soon as that server stops, so no prefetcher is left
+/// writing under `pg_wal` when pg_rewind or a base backup copy of a stopped cluster runs.
 fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io::Result<()> {
     use std::os::unix::process::CommandExt;
+    let pid_file = std::env::current_dir()?.join("postmaster.pid");
+    if !pid_file.is_file() {
+        tracing::debug!("no postmaster.pid in the working directory: not starting a prefetcher");
+        return Ok(());
+    }
     let state_dir = spool
         .dir()
         .parent()
@@ -84,6 +102,8 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
     cmd.arg("wal-prefetch")
         .arg("--spool-state-dir")
         .arg(&state_dir)
+        .arg("--postmaster-pid-file")
+        .arg(&pid_file)
         .arg("--repo")
         .arg(&cfg.repo_url);
     if let Some(c) = &cfg.config_file {
@@ -114,9 +134,11 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
     Ok(())
 }
 
-pub async fn prefetch(cfg: &Config, state_dir: &Path) -> Result<(), WalError> {
+pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result<(), WalError> {
     let ctx = Arc::new(fetch_context(cfg).await?);
-    spool::run_prefetcher(ctx, Spool::new(state_dir))
+    let server = spool::ServerWatch::new(pid_file)
+        .map_err(|e| WalError::local("cannot read", pid_file, e))?;
+    spool::run_prefetcher(ctx, Spool::new(state_dir), server)
         .await
         .map_err(|e| WalError::local("prefetcher failed in", state_dir, e))
 }

@@ -2,7 +2,13 @@
 //!
 //! "Not in the archive" (`WalError::NotInArchive`) is returned only when the store answered that the
 //! object does not exist *and* the repository itself is there (its `walship.json` is readable), so
-//! a wrong bucket, prefix or credentials can never look like the end of the archive.
+//! a wrong bucket, prefix or credentials can never look like the end of the archive. A miss is never
+//! cached: every call that would answer "not in archive" has asked the store.
+//!
+//! The prefetcher is started only for calls from recovery proper, which PostgreSQL makes with
+//! %p = `pg_wal/RECOVERYXLOG`. pg_rewind's `--restore-target-wal` calls restore straight into
+//! `pg_wal/<name>` and walks the data directory meanwhile: a prefetcher adding and removing spool
+//! files under it would make the rewind fail (the failure WAL-G users hit with `pg_wal/.wal-g`).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -15,6 +21,9 @@ use crate::codec::Identities;
 use crate::config::WalSettings;
 use crate::repo;
 use crate::storage::StorageError;
+
+/// The file name PostgreSQL's recovery restores segments to.
+pub const RECOVERY_TARGET_NAME: &str = "RECOVERYXLOG";
 
 pub struct FetchContext {
     pub archive: Archive,
@@ -31,27 +40,56 @@ pub enum FetchOutcome {
 
 pub struct FetchReport {
     pub outcome: FetchOutcome,
-    /// Whether the caller should make sure a prefetcher is running for this spool.
+    /// Set when the caller should make sure a prefetcher is running for this spool.
     pub start_prefetcher: Option<Spool>,
 }
 
-pub async fn fetch(ctx: &FetchContext, name: &str, dest: &Path) -> Result<FetchReport, WalError> {
-    let name = WalFileName::parse(name)?;
-    let spool = Spool::new(&state_dir(
-        ctx.settings.state_dir.as_deref(),
-        &parent_dir(dest),
-    ));
-    let prefetching = ctx.settings.prefetch > 0 && name.kind() == WalFileKind::Segment;
+fn spool_for(settings: &WalSettings, dest: &Path) -> Spool {
+    Spool::new(&state_dir(settings.state_dir.as_deref(), &parent_dir(dest)))
+}
 
-    if prefetching
-        && spool
-            .take(name.as_str(), dest, &ctx.repo_id)
-            .map_err(|e| WalError::local("cannot take from spool", spool.dir(), e))?
-    {
-        return Ok(after(ctx, &name, spool, FetchOutcome::FromSpool));
+/// The fast path, taken before any storage client is set up: move a prefetched segment into place.
+/// `Ok(None)` when it is not spooled.
+pub fn take_spooled(
+    settings: &WalSettings,
+    repo_id: &str,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<Option<FetchReport>, WalError> {
+    if settings.prefetch == 0 || name.kind() != WalFileKind::Segment {
+        return Ok(None);
     }
-    match ctx.archive.fetch_to(&repo::wal_key(&name), &ctx.identities, dest).await {
-        Ok(_) => Ok(after(ctx, &name, spool, FetchOutcome::Downloaded)),
+    let spool = spool_for(settings, dest);
+    let taken = spool
+        .take(name.as_str(), dest, repo_id)
+        .map_err(|e| WalError::local("cannot take from spool", spool.dir(), e))?;
+    Ok(taken.then(|| {
+        after(
+            settings,
+            repo_id,
+            name,
+            dest,
+            spool,
+            FetchOutcome::FromSpool,
+        )
+    }))
+}
+
+/// Download, verify and place `name` at `dest`.
+pub async fn fetch(
+    ctx: &FetchContext,
+    name: &WalFileName,
+    dest: &Path,
+) -> Result<FetchReport, WalError> {
+    match ctx.archive.fetch_to(&repo::wal_key(name), &ctx.identities, dest).await {
+        Ok(_) => Ok(after(
+            &ctx.settings,
+            &ctx.repo_id,
+            name,
+            dest,
+            spool_for(&ctx.settings, dest),
+            FetchOutcome::Downloaded,
+        )),
         Err(ArchiveError::Storage(StorageError::NotFound(_))) => match ctx.archive.read_meta().await? {
             Some(_) => Err(WalError::NotInArchive(format!("{name} (repository {})", ctx.archive.store().describe()))),
             None => Err(WalError::NoRepository(format!(
@@ -63,31 +101,48 @@ pub async fn fetch(ctx: &FetchContext, name: &str, dest: &Path) -> Result<FetchR
     }
 }
 
+/// Whether a call restoring to `dest` comes from recovery proper (not pg_rewind, not a person).
+pub fn from_recovery(dest: &Path) -> bool {
+    dest.file_name().and_then(|n| n.to_str()) == Some(RECOVERY_TARGET_NAME)
+}
+
 fn after(
-    ctx: &FetchContext,
+    settings: &WalSettings,
+    repo_id: &str,
     name: &WalFileName,
+    dest: &Path,
     spool: Spool,
     outcome: FetchOutcome,
 ) -> FetchReport {
-    if ctx.settings.prefetch == 0 || name.kind() != WalFileKind::Segment {
-        return FetchReport {
-            outcome,
-            start_prefetcher: None,
-        };
+    let done = FetchReport {
+        outcome,
+        start_prefetcher: None,
+    };
+    if settings.prefetch == 0 || name.kind() != WalFileKind::Segment || !from_recovery(dest) {
+        return done;
     }
-    if let Err(e) = spool.set_want(name.as_str(), &ctx.repo_id) {
+    if let Err(e) = spool.set_want(name.as_str(), repo_id) {
         tracing::warn!(
             "prefetch disabled for this call: cannot write to {}: {e}",
             spool.dir().display()
         );
-        return FetchReport {
-            outcome,
-            start_prefetcher: None,
-        };
+        return done;
     }
-    let start = (!spool.prefetcher_running()).then_some(spool);
     FetchReport {
-        outcome,
-        start_prefetcher: start,
+        start_prefetcher: (!spool.prefetcher_running()).then_some(spool),
+        ..done
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_recovery_proper_starts_a_prefetcher() {
+        assert!(from_recovery(Path::new("pg_wal/RECOVERYXLOG")));
+        // pg_rewind --restore-target-wal restores straight to the segment's own name.
+        assert!(!from_recovery(Path::new("pg_wal/000000010000000000000003")));
+        assert!(!from_recovery(Path::new("pg_wal/RECOVERYHISTORY")));
     }
 }

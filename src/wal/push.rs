@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
+use tokio::sync::{OnceCell, Semaphore};
 
 use super::name::{WalFileKind, WalFileName};
 use super::{parent_dir, state_dir, WalError};
@@ -28,6 +28,8 @@ pub struct PushContext {
     pub settings: WalSettings,
     /// Identifies the repository in look-ahead records (its URL).
     pub repo_id: String,
+    /// `walship.json`, read (or created) once per call however many segments the call pushes.
+    pub meta: OnceCell<RepoMeta>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,10 +184,13 @@ async fn push_one(
         // First push ever into this repository: create walship.json from this segment's header.
         let h = check_segment(path, name, None)?;
         let meta = ctx
-            .archive
-            .ensure_meta(&meta_for(&h, &ctx.recipients))
+            .meta
+            .get_or_try_init(|| async {
+                let wanted = meta_for(&h, &ctx.recipients);
+                ctx.archive.ensure_meta(&wanted).await
+            })
             .await?;
-        check_segment(path, name, Some(&meta))?;
+        check_segment(path, name, Some(meta))?;
         let ours = ctx.recipients.fingerprints();
         if !meta.recipient_fingerprints.is_empty() && meta.recipient_fingerprints != ours {
             return Err(WalError::ForeignCluster(format!(
@@ -254,14 +259,34 @@ fn prune_records(dir: &Path, pg_wal: &Path) {
     }
 }
 
-pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalError> {
+/// The name PostgreSQL gave (%p's file name), validated.
+fn wal_name_of(path: &Path) -> Result<WalFileName, WalError> {
     let fname = path
         .file_name()
         .and_then(|n| n.to_str())
         .ok_or_else(|| WalError::Invalid(format!("{} has no file name", path.display())))?;
-    let name = WalFileName::parse(fname)?;
+    Ok(WalFileName::parse(fname)?)
+}
+
+fn records_dir(settings: &WalSettings, pg_wal: &Path) -> std::path::PathBuf {
+    state_dir(settings.state_dir.as_deref(), pg_wal).join("pushed")
+}
+
+/// The fast path, taken before any storage client is set up: true when an earlier call uploaded
+/// `path` ahead and the file is unchanged since (its record is consumed).
+pub fn uploaded_ahead(settings: &WalSettings, repo_id: &str, path: &Path) -> bool {
+    let Ok(name) = wal_name_of(path) else {
+        return false;
+    };
+    let records = records_dir(settings, &parent_dir(path));
+    take_ahead_record(&records.join(name.as_str()), path, repo_id)
+}
+
+pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalError> {
+    let name = wal_name_of(path)?;
+    let fname = name.as_str();
     let pg_wal = parent_dir(path);
-    let records = state_dir(ctx.settings.state_dir.as_deref(), &pg_wal).join("pushed");
+    let records = records_dir(&ctx.settings, &pg_wal);
     let mut report = PushReport {
         name: name.to_string(),
         outcome: PushOutcome::AlreadyUploadedAhead,

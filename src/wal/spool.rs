@@ -55,6 +55,8 @@ impl Spool {
             }
             // Spool on another filesystem (a configured state_dir): fetch directly instead.
             Err(e) if e.raw_os_error() == Some(18) => Ok(false),
+            // Pruned by the prefetcher since the check above: fetch directly instead.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -124,9 +126,43 @@ impl Spool {
     }
 }
 
+/// The PostgreSQL server a prefetcher works for, known by its `postmaster.pid`.
+pub struct ServerWatch {
+    pid_file: PathBuf,
+    pid: String,
+}
+
+fn first_line(path: &Path) -> io::Result<String> {
+    Ok(fs::read_to_string(path)?
+        .lines()
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_string())
+}
+
+impl ServerWatch {
+    pub fn new(pid_file: &Path) -> io::Result<Self> {
+        Ok(Self {
+            pid_file: pid_file.to_path_buf(),
+            pid: first_line(pid_file)?,
+        })
+    }
+
+    /// The server is gone once its `postmaster.pid` is removed or names another process.
+    pub fn running(&self) -> bool {
+        first_line(&self.pid_file).is_ok_and(|p| p == self.pid)
+    }
+}
+
 /// The background prefetcher: keeps the `depth` segments after `.want` in the spool until recovery
-/// has not asked for anything for `idle`, then empties the spool and exits. Only one runs per spool.
-pub async fn run_prefetcher(ctx: Arc<FetchContext>, spool: Spool) -> io::Result<()> {
+/// has not asked for anything for `idle`, or the server stops, then empties the spool and exits.
+/// Only one runs per spool.
+pub async fn run_prefetcher(
+    ctx: Arc<FetchContext>,
+    spool: Spool,
+    server: ServerWatch,
+) -> io::Result<()> {
     fs::create_dir_all(spool.dir())?;
     let lock = File::options()
         .create(true)
@@ -155,7 +191,7 @@ pub async fn run_prefetcher(ctx: Arc<FetchContext>, spool: Spool) -> io::Result<
             last_want = want.clone();
             last_change = Instant::now();
         }
-        if last_change.elapsed() > ctx.settings.prefetch_idle {
+        if last_change.elapsed() > ctx.settings.prefetch_idle || !server.running() {
             break;
         }
         while let Some(done) = tasks.try_join_next() {
@@ -259,6 +295,19 @@ mod tests {
             .set_want("000000010000000000000003", "repo-b")
             .unwrap();
         assert!(spool.entries().is_empty());
+    }
+
+    #[test]
+    fn server_watch_notices_a_stopped_or_replaced_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("postmaster.pid");
+        fs::write(&pid, "4242\n/data\n").unwrap();
+        let watch = ServerWatch::new(&pid).unwrap();
+        assert!(watch.running());
+        fs::write(&pid, "4343\n/data\n").unwrap();
+        assert!(!watch.running(), "another postmaster");
+        fs::remove_file(&pid).unwrap();
+        assert!(!watch.running(), "server stopped");
     }
 
     #[test]
