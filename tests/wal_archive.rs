@@ -10,9 +10,11 @@ use std::time::Duration;
 use common::{walship, Cluster, S3Server};
 use walship::storage::{ObjectKey, Store};
 
+/// walship's own info lines go to the PostgreSQL log, so tests can see what each call did.
 fn archiving_conf(cfg: &Path) -> String {
     format!(
-        "wal_level = replica\narchive_mode = on\narchive_command = '{} --config {} wal-push %p'\n\
+        "wal_level = replica\narchive_mode = on\n\
+         archive_command = 'WALSHIP_LOG=walship=info {} --config {} wal-push %p'\n\
          max_wal_size = '4GB'\nwal_keep_size = '2GB'\ncheckpoint_timeout = '30min'\n",
         common::WALSHIP,
         cfg.display()
@@ -21,10 +23,25 @@ fn archiving_conf(cfg: &Path) -> String {
 
 fn restore_conf(cfg: &Path) -> String {
     format!(
-        "restore_command = '{} --config {} wal-fetch %f %p'\n",
+        "restore_command = 'WALSHIP_LOG=walship=info {} --config {} wal-fetch %f %p'\n",
         common::WALSHIP,
         cfg.display()
     )
+}
+
+/// Archive recovery of the base backup at `data` with wal-fetch, until it has promoted.
+fn recover(base: &Path, data: &Path, name: &str, cfg: &Path) -> Cluster {
+    let c = Cluster::at(base, data.to_path_buf(), name);
+    c.append_conf(&restore_conf(cfg));
+    std::fs::write(data.join("recovery.signal"), b"").unwrap();
+    common::chown_postgres(data);
+    c.start();
+    common::wait_until(
+        &format!("recovery of {name} to finish"),
+        Duration::from_secs(180),
+        || c.try_psql("select pg_is_in_recovery()").as_deref() == Some("f"),
+    );
+    c
 }
 
 /// Segment names archived under the repository prefix, sorted.
@@ -74,7 +91,12 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
     let start_seg = segment_count(&primary);
     let mut round = 0;
     while segment_count(&primary) < start_seg + 22 {
-        primary.pgbench(&["-n", "-c", "2", "-t", "3000"]);
+        primary.pgbench(&["-n", "-c", "2", "-T", "2"]);
+        // A batch job between the OLTP rounds: a few dozen MB of WAL per statement.
+        primary.psql(&format!(
+            "update pgbench_accounts set filler = md5(random()::text) where aid % 4 = {}",
+            round % 4
+        ));
         primary.psql(&format!(
             "insert into marks (note) values ('round {round}')"
         ));
@@ -108,16 +130,17 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
         );
     }
 
+    // A second copy of the backup, recovered later across the timeline the first copy creates.
+    let again = base.path().join("again");
+    common::run_ok(
+        std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&restored)
+            .arg(&again),
+    );
+
     // Recover from the base backup through wal-fetch to the end of the archive.
-    common::chown_postgres(&restored);
-    let recovered = Cluster::at(base.path(), restored.clone(), "restored");
-    recovered.append_conf(&restore_conf(&cfg));
-    std::fs::write(restored.join("recovery.signal"), b"").unwrap();
-    common::chown_postgres(&restored);
-    recovered.start();
-    common::wait_until("recovery to finish", Duration::from_secs(180), || {
-        recovered.try_psql("select pg_is_in_recovery()").as_deref() == Some("f")
-    });
+    let recovered = recover(base.path(), &restored, "restored", &cfg);
     assert_eq!(
         fingerprint(&recovered),
         expected,
@@ -132,17 +155,45 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
         log.contains(&format!("restored log file \"{last}\" from archive")),
         "the last archived segment was replayed:\n{log}"
     );
-    // The prefetcher ran beside recovery.
+    // The prefetcher ran beside recovery and served segments from its spool.
     assert!(
         restored.join("pg_wal/.walship/prefetch.log").exists(),
         "prefetcher started"
     );
+    let spooled = log.matches("served from the prefetch spool").count();
+    assert!(
+        spooled >= 10,
+        "most segments come from the spool, got {spooled}:\n{log}"
+    );
 
-    // The promoted cluster archives its new timeline's history file into the same repository.
+    // The promoted cluster archives its new timeline's history file into the same repository,
+    // and its WAL: timeline 2 forks off timeline 1.
     let hist = ObjectKey::new("wal/history/00000002.history").unwrap();
     common::wait_until("00000002.history archived", Duration::from_secs(60), || {
         rt.block_on(store.get(&hist)).is_ok()
     });
+    recovered.psql("insert into marks (note) values ('on timeline 2')");
+    recovered.pgbench(&["-n", "-c", "2", "-T", "2"]);
+    recovered.psql("update pgbench_accounts set filler = md5(random()::text) where aid % 4 = 0");
+    let expected2 = fingerprint(&recovered);
+    let last2 = recovered.switch_wal();
+    assert!(last2.starts_with("00000002"), "{last2}");
+    recovered.wait_archived(&last2);
+    recovered.stop();
+
+    // The second copy follows the archive across the switch to timeline 2 (the default target
+    // timeline is 'latest'); the spool must drop timeline 1 segments past the fork.
+    let follower = recover(base.path(), &again, "again", &cfg);
+    assert_eq!(
+        fingerprint(&follower),
+        expected2,
+        "recovered through timeline 2"
+    );
+    let log2 = follower.log();
+    assert!(
+        log2.contains(&format!("restored log file \"{last2}\" from archive")),
+        "the last timeline 2 segment was replayed:\n{log2}"
+    );
 }
 
 #[test]
@@ -313,5 +364,157 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     assert!(
         err_log.contains("walship wal-push: error:"),
         "the failure is in the PostgreSQL log"
+    );
+
+    // kill -9 in the middle of an upload: the server hangs (SIGSTOP), the push is killed, and
+    // afterwards the key holds nothing or the whole object, never a part; a rerun succeeds.
+    let cfg_kill = server.config(&base.path().join("kill"), "faults-kill", &keys);
+    let kill_store = rt.block_on(server.store("faults-kill"));
+    let victim = scratch.join(&after);
+    std::fs::copy(pg_wal.join(&after), &victim).unwrap();
+    server.pause();
+    let mut child =
+        common::walship_cmd(&cfg_kill, &["wal-push", victim.to_str().unwrap()], &scratch)
+            .spawn()
+            .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "push hangs on the paused server"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    server.resume();
+    let kkey = ObjectKey::new(format!("wal/{}/{after}", &after[..16])).unwrap();
+    let check_whole = |what: &str| match rt.block_on(kill_store.get(&kkey)) {
+        Ok(obj) => {
+            let ids = walship::codec::Identities::parse(
+                &std::fs::read_to_string(&keys.identity).unwrap(),
+                "test",
+            )
+            .unwrap();
+            let mut plain = Vec::new();
+            walship::codec::decode(&obj, &ids, &mut plain)
+                .unwrap_or_else(|e| panic!("{what}: a partial or corrupt object is visible: {e}"));
+            assert_eq!(plain, std::fs::read(&victim).unwrap(), "{what}");
+        }
+        Err(walship::storage::StorageError::NotFound(_)) => {}
+        Err(e) => panic!("{what}: {e}"),
+    };
+    check_whole("after kill -9");
+    let out = walship(&cfg_kill, &["wal-push", victim.to_str().unwrap()], &scratch);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "rerun after kill -9: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    check_whole("after the rerun");
+    assert!(
+        rt.block_on(kill_store.get(&kkey)).is_ok(),
+        "archived by the rerun"
+    );
+}
+
+/// Real segments with `.ready` files, as an archiver that fell behind leaves them: one wal-push
+/// uploads the backlog ahead, later calls for those segments return without uploading, and a
+/// changed file is never trusted to its record.
+#[test]
+fn look_ahead_uploads_the_backlog_and_later_calls_find_it_done() {
+    let base = common::shared_tempdir("ahead");
+    let keys = common::keygen(base.path());
+    let repo = base.path().join("archive");
+    let cfg = common::dir_config(base.path(), &repo, &keys);
+
+    let pg = Cluster::init(base.path(), "pg");
+    pg.append_conf("wal_level = replica\narchive_mode = on\narchive_command = 'exit 1'\n");
+    pg.start();
+    pg.psql("create table t as select g from generate_series(1, 10000) g");
+    for _ in 0..5 {
+        pg.psql("insert into t select g from generate_series(1, 10000) g");
+        pg.switch_wal();
+    }
+    pg.stop();
+    let status = pg.data.join("pg_wal/archive_status");
+    let mut ready: Vec<String> = std::fs::read_dir(&status)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix(".ready")
+                .map(str::to_string)
+        })
+        .collect();
+    ready.sort();
+    assert!(ready.len() >= 5, "a backlog of .ready segments: {ready:?}");
+
+    let push = |name: &str| {
+        let out = common::walship_cmd(&cfg, &["wal-push", &format!("pg_wal/{name}")], &pg.data)
+            .env("WALSHIP_LOG", "walship=info")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(0), "wal-push {name}: {err}");
+        err
+    };
+    let first = push(&ready[0]);
+    assert!(
+        first.contains(&format!("{} more uploaded ahead", ready.len() - 1)),
+        "{first}"
+    );
+    for name in &ready {
+        let stored = repo.join(format!("wal/{}/{name}", &name[..16]));
+        assert!(stored.is_file(), "{name} archived by the first call");
+    }
+    let second = push(&ready[1]);
+    assert!(
+        second.contains("uploaded earlier by look-ahead"),
+        "{second}"
+    );
+    assert!(
+        !pg.data
+            .join(format!("pg_wal/.walship/pushed/{}", ready[1]))
+            .exists(),
+        "a record is used once"
+    );
+
+    // A file changed since its look-ahead upload is pushed again, and found identical by header.
+    let third = pg.data.join("pg_wal").join(&ready[2]);
+    let f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&third)
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() + Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    let again = push(&ready[2]);
+    assert!(
+        again.contains("already archived with the same content"),
+        "{again}"
+    );
+
+    // A restore into pg_wal/<name> (pg_rewind --restore-target-wal) gets the file and no prefetcher.
+    let rewind = base.path().join("rewind/pg_wal");
+    std::fs::create_dir_all(&rewind).unwrap();
+    let dest = rewind.join(&ready[3]);
+    let out = walship(
+        &cfg,
+        &["wal-fetch", &ready[3], dest.to_str().unwrap()],
+        base.path(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        std::fs::read(pg.data.join("pg_wal").join(&ready[3])).unwrap()
+    );
+    assert!(
+        !rewind.join(".walship/spool/.want").exists(),
+        "no prefetch for a pg_rewind-style call"
     );
 }

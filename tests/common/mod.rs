@@ -120,6 +120,15 @@ impl S3Server {
             .output();
     }
 
+    /// SIGSTOP the server: connections are accepted by the kernel but never answered.
+    pub fn pause(&self) {
+        run_ok(Command::new(s3_script()).arg("pause").arg(self.dir.path()));
+    }
+
+    pub fn resume(&self) {
+        run_ok(Command::new(s3_script()).arg("resume").arg(self.dir.path()));
+    }
+
     pub fn bucket(&self) -> &str {
         &self.env["WALSHIP_S3_BUCKET"]
     }
@@ -130,6 +139,7 @@ impl S3Server {
 
     /// Write a walship config file for `s3://bucket/prefix` with the server's keys.
     pub fn config(&self, dir: &Path, prefix: &str, keys: &Keys) -> PathBuf {
+        std::fs::create_dir_all(dir).unwrap();
         let secret = dir.join("s3-secret");
         std::fs::write(&secret, &self.env["AWS_SECRET_ACCESS_KEY"]).unwrap();
         let path = dir.join("walship.toml");
@@ -211,16 +221,41 @@ pub fn keygen(dir: &Path) -> Keys {
     }
 }
 
-/// Run walship with a config file; returns the output, whatever the exit code.
-pub fn walship(config: &Path, args: &[&str], cwd: &Path) -> Output {
-    Command::new(WALSHIP)
-        .arg("--config")
+/// The walship command with a config file, run in `cwd`, logging as a user would see it.
+pub fn walship_cmd(config: &Path, args: &[&str], cwd: &Path) -> Command {
+    let mut c = Command::new(WALSHIP);
+    c.arg("--config")
         .arg(config)
         .args(args)
         .current_dir(cwd)
         .env_remove("WALSHIP_REPO")
+        .env_remove("WALSHIP_LOG");
+    c
+}
+
+/// Run walship with a config file; returns the output, whatever the exit code.
+pub fn walship(config: &Path, args: &[&str], cwd: &Path) -> Output {
+    walship_cmd(config, args, cwd)
         .output()
         .expect("run walship")
+}
+
+/// A walship config file for a `file://` repository at `repo`.
+pub fn dir_config(dir: &Path, repo: &Path, keys: &Keys) -> PathBuf {
+    std::fs::create_dir_all(repo).unwrap();
+    let path = dir.join("walship-dir.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "repo = \"file://{}\"\nrecipients = [\"{}\"]\nidentity_file = \"{}\"\n",
+            repo.display(),
+            keys.recipient,
+            keys.identity.display()
+        ),
+    )
+    .unwrap();
+    chown_postgres(dir);
+    path
 }
 
 // ---------------------------------------------------------------- PostgreSQL
