@@ -1,0 +1,294 @@
+#!/usr/bin/env python3
+"""wal-push and wal-fetch called the way PostgreSQL calls them, beside `cp`, in one run.
+
+Makes a backlog of real WAL segments with pgbench on a throwaway PostgreSQL 15 cluster whose
+archive_command fails (so every segment stays in pg_wal with its .ready file, as behind a slow
+archiver), then, serially and one process per segment:
+
+  push  cp        pg_wal/X -> a local directory
+  push  walship   wal-push pg_wal/X, with the .ready files present; X.ready -> X.done after each
+                  successful call, as PostgreSQL's archiver does
+  fetch cp        archived copy -> pg_wal/RECOVERYXLOG, then consumed
+  fetch walship   wal-fetch X pg_wal/RECOVERYXLOG from a data directory with a postmaster.pid,
+                  so the prefetcher runs as it does in recovery; the file is consumed after each
+
+and reports segments/s, MB/s, stored bytes, the time of calls that found their work done, and
+peak RSS. Run it through bench/wal, which installs what it needs and builds walship --release.
+"""
+
+import argparse
+import hashlib
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PGBIN = Path("/usr/lib/postgresql/15/bin")
+ROOT = Path(__file__).resolve().parent.parent
+AS_ROOT = os.geteuid() == 0
+
+
+def as_pg(args):
+    return (["runuser", "-u", "postgres", "--"] if AS_ROOT else []) + [str(a) for a in args]
+
+
+def run(args, **kw):
+    return subprocess.run([str(a) for a in args], check=True, **kw)
+
+
+def timed(args, cwd=None, env=None):
+    """Run one process; return (seconds, peak RSS in KiB, exit code, stderr)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen([str(a) for a in args], cwd=cwd, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    err = p.stderr.read()
+    _, status, rusage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    return time.perf_counter() - t0, rusage.ru_maxrss, p.returncode, err.decode(errors="replace")
+
+
+def make_backlog(work, segments):
+    data = work / "pg"
+    sock = work / "sock"
+    sock.mkdir()
+    if AS_ROOT:
+        run(["chown", "-R", "postgres:postgres", work])
+    run(as_pg([PGBIN / "initdb", "-A", "trust", "-U", "postgres", "--no-sync", "-D", data]),
+        stdout=subprocess.DEVNULL)
+    with open(data / "postgresql.conf", "a") as f:
+        f.write(f"\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\nport = 54399\n"
+                "wal_level = replica\narchive_mode = on\narchive_command = 'exit 1'\n"
+                "max_wal_size = '8GB'\ncheckpoint_timeout = '1h'\nfsync = off\n"
+                "log_min_messages = fatal\n")
+    run(as_pg([PGBIN / "pg_ctl", "-D", data, "-l", work / "pg.log", "-w", "start"]),
+        stdout=subprocess.DEVNULL)
+    pgb = [PGBIN / "pgbench", "-h", sock, "-p", "54399", "-U", "postgres"]
+    try:
+        run(as_pg(pgb + ["-i", "-s", "20", "-q", "postgres"]), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+        while len(ready_names(data)) < segments + 1:
+            run(as_pg(pgb + ["-n", "-c", "2", "-T", "5", "postgres"]), stdout=subprocess.DEVNULL)
+            run(as_pg([PGBIN / "psql", "-X", "-q", "-h", sock, "-p", "54399", "-U", "postgres",
+                       "-c", "select pg_switch_wal()", "postgres"]), stdout=subprocess.DEVNULL)
+    finally:
+        run(as_pg([PGBIN / "pg_ctl", "-D", data, "-m", "fast", "-w", "stop"]),
+            stdout=subprocess.DEVNULL)
+    names = ready_names(data)
+    # pgbench -i's own WAL comes first; the benchmark uses the segments of the real load.
+    return data, names[-segments:]
+
+
+def ready_names(data):
+    st = data / "pg_wal" / "archive_status"
+    return sorted(n[:-6] for n in os.listdir(st) if n.endswith(".ready") and len(n) == 30)
+
+
+def pct(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def row(what, secs, n, nbytes, rss_kib=None, extra=""):
+    segs = n / secs
+    mbs = nbytes / secs / 1e6
+    rss = f"{rss_kib / 1024:.0f} MiB" if rss_kib else "-"
+    return f"| {what} | {n} | {secs:.2f} | {segs:.1f} | {mbs:.0f} | {rss} | {extra} |"
+
+
+def bench_push(label, walship, cfg, data, names, env):
+    wal = data / "pg_wal"
+    times, rss, done_fast = [], 0, []
+    t0 = time.perf_counter()
+    for n in names:
+        secs, kib, code, err = timed([walship, "--config", cfg, "wal-push", f"pg_wal/{n}"],
+                                     cwd=data, env=env)
+        if code != 0:
+            sys.exit(f"{label}: wal-push {n} failed ({code}): {err}")
+        os.rename(wal / "archive_status" / f"{n}.ready", wal / "archive_status" / f"{n}.done")
+        times.append(secs)
+        rss = max(rss, kib)
+        if "uploaded earlier by look-ahead" in err:
+            done_fast.append(secs)
+    total = time.perf_counter() - t0
+    return total, rss, times, done_fast
+
+
+def reset_status(data, names):
+    st = data / "pg_wal" / "archive_status"
+    for n in names:
+        if (st / f"{n}.done").exists():
+            os.rename(st / f"{n}.done", st / f"{n}.ready")
+    shutil.rmtree(data / "pg_wal" / ".walship", ignore_errors=True)
+
+
+def prefetcher_hwm():
+    """Peak RSS (KiB) of running wal-prefetch processes."""
+    best = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"wal-prefetch" not in cmd:
+                continue
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    best = max(best, int(line.split()[1]))
+        except OSError:
+            pass
+    return best
+
+
+def bench_fetch(label, walship, cfg, work, names, env, prefetch):
+    data = work / f"fetch-{label}"
+    wal = data / "pg_wal"
+    wal.mkdir(parents=True)
+    keep = work / f"fetched-{label}"
+    keep.mkdir()
+    # The prefetcher serves the server named in postmaster.pid; this script stands in for it.
+    (data / "postmaster.pid").write_text(f"{os.getpid()}\n{data}\n")
+    env = dict(env, WALSHIP_PREFETCH=str(prefetch))
+    times, rss, spool = [], 0, []
+    t0 = time.perf_counter()
+    for n in names:
+        secs, kib, code, err = timed([walship, "--config", cfg, "wal-fetch", n,
+                                      "pg_wal/RECOVERYXLOG"], cwd=data, env=env)
+        if code != 0:
+            sys.exit(f"{label}: wal-fetch {n} failed ({code}): {err}")
+        os.rename(wal / "RECOVERYXLOG", keep / n)  # recovery consumes it
+        times.append(secs)
+        rss = max(rss, kib)
+        if "served from the prefetch spool" in err:
+            spool.append(secs)
+    total = time.perf_counter() - t0
+    hwm = prefetcher_hwm()
+    (data / "postmaster.pid").unlink()  # the "server" stops: the prefetcher exits
+    return total, rss, hwm, spool, keep
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--walship", required=True, type=Path)
+    ap.add_argument("--segments", type=int, default=64)
+    ap.add_argument("--s3-env", type=Path, help="env file printed by minio-test/s3-server")
+    ap.add_argument("--work", type=Path, help="work directory (default: a new temp dir)")
+    args = ap.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="walship-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    os.chmod(work, 0o755)
+    print(f"# work directory {work}", file=sys.stderr)
+    walship = work / "walship"
+    shutil.copy(args.walship, walship)
+
+    keyfile = work / "identity.txt"
+    recipient = subprocess.run([walship, "keygen", "--output", keyfile], check=True,
+                               capture_output=True, text=True).stdout.strip()
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
+    base_env["WALSHIP_LOG"] = "walship=info"
+
+    repos = {}
+    (work / "archive").mkdir()
+    (work / "file.toml").write_text(
+        f'repo = "file://{work}/archive"\nrecipients = ["{recipient}"]\n'
+        f'identity_file = "{keyfile}"\n')
+    repos["file://"] = (work / "file.toml", base_env)
+    if args.s3_env:
+        s3 = dict(l.replace("export ", "", 1).split("=", 1)
+                  for l in args.s3_env.read_text().splitlines() if "=" in l)
+        (work / "s3-secret").write_text(s3["AWS_SECRET_ACCESS_KEY"])
+        s3_text = (
+            f'repo = "s3://{s3["WALSHIP_S3_BUCKET"]}/bench-{os.getpid()}-PUSHRUN"\n'
+            f'recipients = ["{recipient}"]\nidentity_file = "{keyfile}"\n'
+            f'[s3]\nendpoint = "{s3["WALSHIP_S3_ENDPOINT"]}"\nregion = "us-east-1"\n'
+            f'path_style = true\naccess_key_id = "{s3["AWS_ACCESS_KEY_ID"]}"\n'
+            f'secret_access_key_file = "{work}/s3-secret"\n')
+        (work / "s3.toml").write_text(s3_text)
+        repos["S3 (minio-test)"] = (work / "s3.toml", base_env)
+
+    print(f"# making {args.segments} segments of pgbench WAL", file=sys.stderr)
+    data, names = make_backlog(work, args.segments)
+    if AS_ROOT:
+        run(["chown", "-R", f"{os.getuid()}:{os.getgid()}", data])
+    n = len(names)
+    seg_bytes = sum((data / "pg_wal" / x).stat().st_size for x in names)
+    digests = {x: hashlib.sha256((data / "pg_wal" / x).read_bytes()).hexdigest() for x in names}
+
+    out = []
+    header = ("| what | segments | seconds | segments/s | MB/s | peak RSS | notes |\n"
+              "|---|---:|---:|---:|---:|---:|---|")
+
+    # ---- push
+    dest = work / "cp-archive"
+    dest.mkdir()
+    t0 = time.perf_counter()
+    rss = 0
+    for x in names:
+        _, kib, code, _ = timed(["cp", data / "pg_wal" / x, dest / x])
+        assert code == 0
+        rss = max(rss, kib)
+    cp_push = time.perf_counter() - t0
+    out.append(row("push: `cp` to a local directory", cp_push, n, seg_bytes, rss))
+    for label, (cfg, env) in repos.items():
+        for lookahead in (0, 16):
+            reset_status(data, names)
+            if label == "file://":
+                shutil.rmtree(work / "archive")
+                (work / "archive").mkdir()
+            else:  # a fresh prefix for each run
+                cfg.write_text(s3_text.replace("PUSHRUN", f"lookahead{lookahead}"))
+            e = dict(env, WALSHIP_LOOKAHEAD=str(lookahead))
+            total, rss, times, fast = bench_push(label, walship, cfg, data, names, e)
+            note = f"{total and n / total / (n / cp_push):.2f}x cp"
+            if fast:
+                note += (f"; {len(fast)} calls found their segment uploaded ahead: "
+                         f"median {statistics.median(fast) * 1000:.1f} ms, "
+                         f"p95 {pct(fast, 95) * 1000:.1f} ms")
+            out.append(row(f"push: `wal-push` → {label}, look-ahead {lookahead}",
+                           total, n, seg_bytes, rss, note))
+    stored = sum(p.stat().st_size for p in (work / "archive").rglob("*")
+                 if p.is_file() and len(p.name) == 24)
+    ratio = f"stored {stored / 1e6:.1f} MB of {seg_bytes / 1e6:.1f} MB: {seg_bytes / stored:.1f}:1"
+
+    # ---- fetch
+    keep = work / "cp-fetched"
+    keep.mkdir()
+    t0 = time.perf_counter()
+    rss = 0
+    for x in names:
+        _, kib, code, _ = timed(["cp", dest / x, keep / "RECOVERYXLOG"])
+        assert code == 0
+        os.rename(keep / "RECOVERYXLOG", keep / x)
+        rss = max(rss, kib)
+    cp_fetch = time.perf_counter() - t0
+    out.append(row("fetch: `cp` from a local directory", cp_fetch, n, seg_bytes, rss))
+    for label, (cfg, env) in repos.items():
+        for prefetch in (0, 8):
+            total, rss, hwm, spool, kept = bench_fetch(f"{len(out)}", walship, cfg, work, names,
+                                                       env, prefetch)
+            for x in names:
+                got = hashlib.sha256((kept / x).read_bytes()).hexdigest()
+                assert got == digests[x], f"{x} fetched with other content"
+            note = f"{n / total / (n / cp_fetch):.2f}x cp; content verified"
+            if spool:
+                note += (f"; {len(spool)} served from the spool: median "
+                         f"{statistics.median(spool) * 1000:.1f} ms, "
+                         f"p95 {pct(spool, 95) * 1000:.1f} ms; prefetcher peak RSS "
+                         f"{hwm / 1024:.0f} MiB")
+            out.append(row(f"fetch: `wal-fetch` ← {label}, prefetch {prefetch}",
+                           total, n, seg_bytes, rss, note))
+            time.sleep(1)
+
+    print(header)
+    print("\n".join(out))
+    print(f"\nCompression: {ratio} (zstd level 3, then age).")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
