@@ -164,22 +164,35 @@ impl Archive {
     }
 
     /// Download `key`, verify and decode it into a new file at `dest` atomically: a temp file in
-    /// the same directory, fsynced, renamed over `dest`, directory fsynced. On any error nothing
-    /// appears at `dest`.
+    /// the same directory, renamed over `dest` once complete. With `Durability::Fsync` the file is
+    /// fsynced before the rename and the directory after it. On any error nothing appears at `dest`.
     pub async fn fetch_to(
         &self,
         key: &ObjectKey,
         ids: &Arc<Identities>,
         dest: &Path,
+        durability: Durability,
     ) -> Result<Header, ArchiveError> {
         let object = self.store.get(key).await?;
         let ids = ids.clone();
         let dest = dest.to_path_buf();
         let key_s = key.to_string();
-        tokio::task::spawn_blocking(move || decode_to_file(&object, &ids, &dest, &key_s))
-            .await
-            .expect("decode task does not panic")
+        tokio::task::spawn_blocking(move || {
+            decode_to_file(&object, &ids, &dest, &key_s, durability)
+        })
+        .await
+        .expect("decode task does not panic")
     }
+}
+
+/// Whether a placed file must survive a machine crash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// fsync the file before the rename and the directory after it.
+    Fsync,
+    /// Complete and renamed, but possibly only in the page cache: for callers that discard such
+    /// files after a reboot (the prefetch spool).
+    UntilReboot,
 }
 
 /// Write-then-rename, so `dest` is either absent (on error) or complete and verified.
@@ -188,6 +201,7 @@ pub fn decode_to_file(
     ids: &Identities,
     dest: &Path,
     key: &str,
+    durability: Durability,
 ) -> Result<Header, ArchiveError> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -214,12 +228,17 @@ pub fn decode_to_file(
                 .map_err(|e| ArchiveError::local("cannot write", &tmp, e))?;
             h
         };
-        f.sync_all()
-            .map_err(|e| ArchiveError::local("cannot fsync", &tmp, e))?;
+        let durable = durability == Durability::Fsync;
+        if durable {
+            f.sync_all()
+                .map_err(|e| ArchiveError::local("cannot fsync", &tmp, e))?;
+        }
         drop(f);
         std::fs::rename(&tmp, dest)
             .map_err(|e| ArchiveError::local("cannot rename into place", dest, e))?;
-        sync_dir(&dir).map_err(|e| ArchiveError::local("cannot fsync directory", &dir, e))?;
+        if durable {
+            sync_dir(&dir).map_err(|e| ArchiveError::local("cannot fsync directory", &dir, e))?;
+        }
         Ok(header)
     })();
     if result.is_err() {

@@ -172,7 +172,27 @@ pub struct Encoded {
     pub bytes: Vec<u8>,
 }
 
-/// Encode everything `input` yields. Memory: the encoded object plus fixed buffers.
+/// Plaintext is compressed in independent zstd frames of this size: one-shot compression of a
+/// frame is much faster than zstd's streaming encoder (about 50 against 77 ms for a 16 MiB pgbench
+/// segment at level 1 on the benchmark machine) and memory stays bounded. Concatenated frames are
+/// one valid zstd stream, so decoding is unchanged and format 1 still describes the object.
+const FRAME: usize = 1 << 20;
+
+/// Read until `buf` is full or the input ends; the number of bytes read.
+fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match input.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
+/// Encode everything `input` yields. Memory: the encoded object plus one frame in and out.
 pub fn encode(
     mut input: impl Read,
     recipients: &Recipients,
@@ -186,23 +206,24 @@ pub fn encode(
     let encryptor =
         age::Encryptor::with_recipients(recipients.0.iter().map(|r| r as &dyn age::Recipient))
             .map_err(|e| CodecError::Encrypt(e.to_string()))?;
-    let age_writer = encryptor.wrap_output(&mut out)?;
-    let mut zstd_writer = zstd::stream::Encoder::new(age_writer, level)?;
+    let mut age_writer = encryptor.wrap_output(&mut out)?;
+    let mut compressor = zstd::bulk::Compressor::new(level)?;
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = vec![0u8; FRAME];
     loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.into()),
-        };
-        hasher.update(&buf[..n]);
-        zstd_writer.write_all(&buf[..n])?;
-        size += n as u64;
+        let n = read_full(&mut input, &mut buf)?;
+        // An empty input still gets one (empty) frame: a zstd stream has at least one.
+        if n > 0 || size == 0 {
+            hasher.update(&buf[..n]);
+            age_writer.write_all(&compressor.compress(&buf[..n])?)?;
+            size += n as u64;
+        }
+        if n < FRAME {
+            break;
+        }
     }
-    zstd_writer.finish()?.finish()?;
+    age_writer.finish()?;
     let header = Header {
         plain_size: size,
         plain_sha256: hasher.finalize().into(),
@@ -326,6 +347,9 @@ mod tests {
         round_trip(b"");
         round_trip(b"x");
         round_trip(&pseudo_random(16 * 1024 * 1024));
+        // Around the frame size: exactly one frame, one byte into the second.
+        round_trip(&pseudo_random(FRAME));
+        round_trip(&pseudo_random(FRAME + 1));
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub struct GlobalArgs {
     /// age identity file (secret key) for decrypting; the key itself may instead be in WALSHIP_IDENTITY
     #[arg(long, env = "WALSHIP_IDENTITY_FILE", global = true)]
     pub identity_file: Option<PathBuf>,
-    /// zstd level, 1..=19 [default: 3]
+    /// zstd level, 1..=19 [default: 1]
     #[arg(long, env = "WALSHIP_COMPRESSION_LEVEL", global = true)]
     pub compression_level: Option<i32>,
     /// S3 endpoint URL for S3-compatible servers, e.g. http://127.0.0.1:9000
@@ -68,9 +68,12 @@ pub struct GlobalArgs {
     /// wal-push: uploads in flight at once [default: 3]
     #[arg(long, env = "WALSHIP_UPLOAD_CONCURRENCY", global = true)]
     pub upload_concurrency: Option<usize>,
-    /// wal-fetch: segments to keep prefetched ahead of recovery, 0 = off [default: 8]
+    /// wal-fetch: segments to keep prefetched ahead of recovery, 0 = off [default: 16]
     #[arg(long, env = "WALSHIP_PREFETCH", global = true)]
     pub prefetch: Option<usize>,
+    /// wal-fetch: prefetch downloads in flight at once [default: 4]
+    #[arg(long, env = "WALSHIP_DOWNLOAD_CONCURRENCY", global = true)]
+    pub download_concurrency: Option<usize>,
     /// Directory for look-ahead records and the prefetch spool [default: <pg_wal>/.walship]
     #[arg(long, env = "WALSHIP_STATE_DIR", global = true)]
     pub state_dir: Option<PathBuf>,
@@ -93,6 +96,7 @@ impl GlobalArgs {
             lookahead: self.lookahead,
             upload_concurrency: self.upload_concurrency,
             prefetch: self.prefetch,
+            download_concurrency: self.download_concurrency,
             state_dir: self.state_dir.clone(),
         }
     }

@@ -124,7 +124,10 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
             cmd.arg("--s3-ca-bundle").arg(ca);
         }
     }
-    cmd.arg("--prefetch").arg(cfg.wal.prefetch.to_string());
+    cmd.arg("--prefetch")
+        .arg(cfg.wal.prefetch.to_string())
+        .arg("--download-concurrency")
+        .arg(cfg.wal.download_concurrency.to_string());
     let log = std::fs::File::create(state_dir.join("prefetch.log"))?;
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -135,6 +138,10 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
 }
 
 pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result<(), WalError> {
+    // Prefetching fills idle time: recovery's replay and its wal-fetch calls come first.
+    if let Err(e) = rustix::process::nice(10) {
+        tracing::debug!("cannot lower the prefetcher's priority: {e}");
+    }
     let ctx = Arc::new(fetch_context(cfg).await?);
     let server = spool::ServerWatch::new(pid_file)
         .map_err(|e| WalError::local("cannot read", pid_file, e))?;

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use super::name::{WalFileKind, WalFileName};
 use super::spool::Spool;
 use super::{parent_dir, state_dir, WalError};
-use crate::archive::{Archive, ArchiveError};
+use crate::archive::{Archive, ArchiveError, Durability};
 use crate::codec::Identities;
 use crate::config::WalSettings;
 use crate::repo;
@@ -81,7 +81,16 @@ pub async fn fetch(
     name: &WalFileName,
     dest: &Path,
 ) -> Result<FetchReport, WalError> {
-    match ctx.archive.fetch_to(&repo::wal_key(name), &ctx.identities, dest).await {
+    let placed = ctx
+        .archive
+        .fetch_to(
+            &repo::wal_key(name),
+            &ctx.identities,
+            dest,
+            Durability::Fsync,
+        )
+        .await;
+    match placed {
         Ok(_) => Ok(after(
             &ctx.settings,
             &ctx.repo_id,

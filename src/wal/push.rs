@@ -320,6 +320,8 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
         Vec::new()
     };
     let sem = Arc::new(Semaphore::new(ctx.settings.upload_concurrency));
+    // PostgreSQL waits for its own segment: it takes the first slot, before any look-ahead task.
+    let own_permit = sem.clone().acquire_owned().await.expect("semaphore open");
     let mut tasks = tokio::task::JoinSet::new();
     for n in ahead {
         let (ctx, sem, records, file) = (
@@ -348,10 +350,8 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
             (n, res.map(|(o, _)| o))
         });
     }
-    let own = {
-        let _permit = sem.clone().acquire_owned().await.expect("semaphore open");
-        push_one(&ctx, path, &name).await
-    };
+    let own = push_one(&ctx, path, &name).await;
+    drop(own_permit);
     while let Some(joined) = tasks.join_next().await {
         let (n, res) = joined.expect("push task does not panic");
         match res {
