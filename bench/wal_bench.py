@@ -59,6 +59,23 @@ def timed(args, cwd=None, env=None):
     return secs, rss, p.returncode, p.stderr.decode(errors="replace")
 
 
+def best_cp(names, src, dest_dir, dest, after=lambda x: None):
+    """cp each segment, one process each; the best time of PASSES passes and the peak RSS."""
+    best, rss = float("inf"), 0
+    for _ in range(PASSES):
+        shutil.rmtree(dest_dir, ignore_errors=True)
+        dest_dir.mkdir()
+        os.sync()  # no writeback of an earlier phase in this one
+        t0 = time.perf_counter()
+        for x in names:
+            _, kib, code, _ = timed(["cp", src(x), dest(x)])
+            assert code == 0
+            after(x)
+            rss = max(rss, kib)
+        best = min(best, time.perf_counter() - t0)
+    return best, rss
+
+
 def make_backlog(work, segments):
     data = work / "pg"
     sock = work / "sock"
@@ -254,17 +271,7 @@ def main():
     # Timings on a shared VM swing from pass to pass (cp's with the disk's writeback, since it
     # writes every byte and wal-push a twelfth): every row is the best of PASSES passes.
     dest = work / "cp-archive"
-    cp_push, rss = float("inf"), 0
-    for _ in range(PASSES):
-        shutil.rmtree(dest, ignore_errors=True)
-        dest.mkdir()
-        os.sync()  # no writeback of an earlier phase in this one
-        t0 = time.perf_counter()
-        for x in names:
-            _, kib, code, _ = timed(["cp", data / "pg_wal" / x, dest / x])
-            assert code == 0
-            rss = max(rss, kib)
-        cp_push = min(cp_push, time.perf_counter() - t0)
+    cp_push, rss = best_cp(names, lambda x: data / "pg_wal" / x, dest, lambda x: dest / x)
     out.append(row("push: `cp` to a local directory", cp_push, n, seg_bytes, rss))
     for label, (cfg, env) in repos.items():
         for lookahead in (0, 16):
@@ -294,18 +301,9 @@ def main():
 
     # ---- fetch
     keep = work / "cp-fetched"
-    cp_fetch, rss = float("inf"), 0
-    for _ in range(PASSES):
-        shutil.rmtree(keep, ignore_errors=True)
-        keep.mkdir()
-        os.sync()  # no writeback of an earlier phase in this one
-        t0 = time.perf_counter()
-        for x in names:
-            _, kib, code, _ = timed(["cp", dest / x, keep / "RECOVERYXLOG"])
-            assert code == 0
-            os.rename(keep / "RECOVERYXLOG", keep / x)
-            rss = max(rss, kib)
-        cp_fetch = min(cp_fetch, time.perf_counter() - t0)
+    # As recovery does: into pg_wal/RECOVERYXLOG, then consumed.
+    cp_fetch, rss = best_cp(names, lambda x: dest / x, keep, lambda x: keep / "RECOVERYXLOG",
+                            lambda x: os.rename(keep / "RECOVERYXLOG", keep / x))
     out.append(row("fetch: `cp` from a local directory", cp_fetch, n, seg_bytes, rss))
     for label, (cfg, env) in repos.items():
         for prefetch in (0, 16):
