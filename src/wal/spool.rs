@@ -58,8 +58,8 @@ impl Spool {
         if !src.exists() || !self.valid_for(repo_id) {
             return Ok(false);
         }
-        // The spooled file was fsynced before it was renamed into the spool. The rename into
-        // place needs no directory fsync: after a crash PostgreSQL asks for the segment again.
+        // `valid_for` vouched for the file: complete, and written during this boot (see the module
+        // docs). The rename needs no directory fsync: after a crash PostgreSQL asks again.
         match fs::rename(&src, dest) {
             Ok(()) => Ok(true),
             // Spool on another filesystem (a configured state_dir): fetch directly instead.
