@@ -84,11 +84,18 @@ fn run(cli: Cli, standby: bool) -> i32 {
             return fail("config", &e, code);
         }
     };
-    let rt = runtime();
+    if matches!(cli.command, Command::WalPrefetch { .. }) {
+        // Prefetching fills idle time: recovery's replay and its wal-fetch calls come first.
+        // Linux keeps a nice value per thread, so this must happen before the runtime starts its
+        // threads, which inherit it.
+        if let Err(e) = rustix::process::nice(10) {
+            tracing::debug!("cannot lower the prefetcher's priority: {e}");
+        }
+    }
     match &cli.command {
         Command::Keygen(_) => unreachable!("handled above"),
         Command::Check => {
-            let lines = rt.block_on(cli::check::run(&cfg));
+            let lines = runtime().block_on(cli::check::run(&cfg));
             let mut ok = true;
             for l in &lines {
                 println!(
@@ -106,12 +113,19 @@ fn run(cli: Cli, standby: bool) -> i32 {
                 exit::ACCESS
             }
         }
-        Command::WalPush { path } => match rt.block_on(cli::wal::push(&cfg, path)) {
+        // The fast paths (work already done) answer without starting a runtime's threads.
+        Command::WalPush { path } if cli::wal::pushed_ahead(&cfg, path) => exit::OK,
+        Command::WalPush { path } => match runtime().block_on(cli::wal::push(&cfg, path)) {
             Ok(()) => exit::OK,
             Err(e) => fail("wal-push", &e, exit::for_wal(&e)),
         },
         Command::WalFetch { name, path } => {
-            match rt.block_on(cli::wal::fetch(&cfg, &cli.global, name, path)) {
+            let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path) {
+                Ok(true) => Ok(()),
+                Ok(false) => runtime().block_on(cli::wal::fetch(&cfg, &cli.global, name, path)),
+                Err(e) => Err(e),
+            };
+            match fetched {
                 Ok(()) => exit::OK,
                 Err(walship::wal::WalError::NotInArchive(what)) => {
                     tracing::info!("{what} is not in the archive");
@@ -132,7 +146,7 @@ fn run(cli: Cli, standby: bool) -> i32 {
             spool_state_dir,
             postmaster_pid_file,
         } => {
-            match rt.block_on(cli::wal::prefetch(
+            match runtime().block_on(cli::wal::prefetch(
                 &cfg,
                 spool_state_dir,
                 postmaster_pid_file,

@@ -7,17 +7,24 @@ use std::sync::Arc;
 use crate::archive::Archive;
 use crate::cli::GlobalArgs;
 use crate::config::Config;
-use crate::wal::fetch::{self, FetchContext, FetchOutcome};
+use crate::wal::fetch::{self, FetchContext, FetchOutcome, FetchReport};
 use crate::wal::name::WalFileName;
 use crate::wal::push::{self, PushContext, PushOutcome};
 use crate::wal::spool::{self, Spool};
 use crate::wal::WalError;
 
-pub async fn push(cfg: &Config, path: &Path) -> Result<(), WalError> {
-    if push::uploaded_ahead(&cfg.wal, &cfg.repo_url, path) {
+/// The fast path of `wal-push`, before any async runtime or storage client exists: whether a
+/// look-ahead upload already archived `path` (and recorded it).
+pub fn pushed_ahead(cfg: &Config, path: &Path) -> bool {
+    let done = push::uploaded_ahead(&cfg.wal, &cfg.repo_url, path);
+    if done {
         tracing::info!("{}: uploaded earlier by look-ahead", path.display());
-        return Ok(());
     }
+    done
+}
+
+/// Push `path` (after `pushed_ahead` said no).
+pub async fn push(cfg: &Config, path: &Path) -> Result<(), WalError> {
     let ctx = PushContext {
         archive: Archive::open(cfg, 3).await?,
         recipients: cfg.recipients()?,
@@ -52,6 +59,26 @@ async fn fetch_context(cfg: &Config) -> Result<FetchContext, WalError> {
     })
 }
 
+/// The fast path of `wal-fetch`, before any async runtime or storage client exists: take the
+/// segment from the prefetch spool (waiting while the prefetcher is downloading it). `Ok(false)`
+/// when the caller must download it with `fetch`.
+pub fn fetch_spooled(
+    cfg: &Config,
+    global: &GlobalArgs,
+    name: &str,
+    dest: &Path,
+) -> Result<bool, WalError> {
+    let name = WalFileName::parse(name)?;
+    match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest)? {
+        Some(report) => {
+            finish_fetch(global, cfg, &name, report);
+            Ok(true)
+        }
+        None => Ok(false),
+    }
+}
+
+/// Download, verify and place the segment (after `fetch_spooled` found nothing).
 pub async fn fetch(
     cfg: &Config,
     global: &GlobalArgs,
@@ -59,24 +86,25 @@ pub async fn fetch(
     dest: &Path,
 ) -> Result<(), WalError> {
     let name = WalFileName::parse(name)?;
-    let report = match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest)? {
-        Some(report) => report,
-        None => fetch::fetch(&fetch_context(cfg).await?, &name, dest).await?,
-    };
-    tracing::info!(
-        "{name}: {}",
-        if report.outcome == FetchOutcome::FromSpool {
-            "served from the prefetch spool"
-        } else {
-            "downloaded"
-        }
-    );
+    let report = fetch::fetch(&fetch_context(cfg).await?, &name, dest).await?;
+    finish_fetch(global, cfg, &name, report);
+    Ok(())
+}
+
+fn finish_fetch(global: &GlobalArgs, cfg: &Config, name: &WalFileName, report: FetchReport) {
+    match report.outcome {
+        FetchOutcome::FromSpool => tracing::info!("{name}: served from the prefetch spool"),
+        FetchOutcome::FromSpoolAfterWait(waited) => tracing::info!(
+            "{name}: served from the prefetch spool after waiting {} ms for its download",
+            waited.as_millis()
+        ),
+        FetchOutcome::Downloaded => tracing::info!("{name}: downloaded"),
+    }
     if let Some(spool) = report.start_prefetcher {
         if let Err(e) = start_prefetcher(global, cfg, &spool) {
             tracing::warn!("cannot start the prefetcher (recovery goes on without it): {e}");
         }
     }
-    Ok(())
 }
 
 /// Start `walship wal-prefetch` detached, in its own process group, with the settings of this call.
@@ -138,10 +166,7 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
 }
 
 pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result<(), WalError> {
-    // Prefetching fills idle time: recovery's replay and its wal-fetch calls come first.
-    if let Err(e) = rustix::process::nice(10) {
-        tracing::debug!("cannot lower the prefetcher's priority: {e}");
-    }
+    // main() has lowered this process's priority before starting the runtime's threads.
     let ctx = Arc::new(fetch_context(cfg).await?);
     let server = spool::ServerWatch::new(pid_file)
         .map_err(|e| WalError::local("cannot read", pid_file, e))?;

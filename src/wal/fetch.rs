@@ -12,6 +12,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::name::{WalFileKind, WalFileName};
 use super::spool::Spool;
@@ -25,6 +26,10 @@ use crate::storage::StorageError;
 /// The file name PostgreSQL's recovery restores segments to.
 pub const RECOVERY_TARGET_NAME: &str = "RECOVERYXLOG";
 
+/// How long a call waits for a segment the prefetcher is downloading before it downloads the
+/// segment itself. Downloading it twice would take CPU and bandwidth from the prefetcher.
+const IN_FLIGHT_WAIT: Duration = Duration::from_secs(30);
+
 pub struct FetchContext {
     pub archive: Archive,
     pub identities: Arc<Identities>,
@@ -34,7 +39,10 @@ pub struct FetchContext {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FetchOutcome {
+    /// Found complete in the spool.
     FromSpool,
+    /// Taken from the spool once the prefetcher's download of it ended, after this long.
+    FromSpoolAfterWait(Duration),
     Downloaded,
 }
 
@@ -60,18 +68,15 @@ pub fn take_spooled(
         return Ok(None);
     }
     let spool = spool_for(settings, dest);
-    let taken = spool
-        .take(name.as_str(), dest, repo_id)
+    let waited = spool
+        .take_when_ready(name.as_str(), dest, repo_id, IN_FLIGHT_WAIT)
         .map_err(|e| WalError::local("cannot take from spool", spool.dir(), e))?;
-    Ok(taken.then(|| {
-        after(
-            settings,
-            repo_id,
-            name,
-            dest,
-            spool,
-            FetchOutcome::FromSpool,
-        )
+    Ok(waited.map(|waited| {
+        let outcome = match waited.is_zero() {
+            true => FetchOutcome::FromSpool,
+            false => FetchOutcome::FromSpoolAfterWait(waited),
+        };
+        after(settings, repo_id, name, dest, spool, outcome)
     }))
 }
 

@@ -5,8 +5,9 @@
 //! atomic rename after verification), `.repo` (the repository they came from: a spool from another
 //! repository is never served), `.boot` (the kernel boot id they were written under), `.want`
 //! (the last segment recovery asked for, written by `wal-fetch`), `.lock` (held by the one running
-//! prefetcher), `.<name>.walship-tmp.*` (downloads in progress, ignored and cleaned). Files whose
-//! names start with `.` are never served.
+//! prefetcher), `.<name>.inflight` (the prefetcher is downloading that segment: a `wal-fetch` for it
+//! waits instead of downloading it a second time), `.<name>.walship-tmp.*` (decodes in progress,
+//! ignored and cleaned). Files whose names start with `.` are never served.
 //!
 //! Spooled segments are not fsynced: a segment is renamed into the spool only once complete, so a
 //! killed process cannot leave a torn one, and a machine crash (which could) changes the boot id,
@@ -67,6 +68,47 @@ impl Spool {
             // Pruned by the prefetcher since the check above: fetch directly instead.
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    fn in_flight_marker(&self, name: &str) -> PathBuf {
+        self.dir.join(format!(".{name}.inflight"))
+    }
+
+    /// Take `name`, waiting while the prefetcher is downloading it (at most `limit`). `Ok(None)`
+    /// when it is neither spooled nor in flight, the download failed, the prefetcher went away,
+    /// or the limit passed: the caller downloads it itself. Otherwise how long it waited (zero:
+    /// it was there at the first look).
+    pub fn take_when_ready(
+        &self,
+        name: &str,
+        dest: &Path,
+        repo_id: &str,
+        limit: Duration,
+    ) -> io::Result<Option<Duration>> {
+        if self.take(name, dest, repo_id)? {
+            return Ok(Some(Duration::ZERO));
+        }
+        let marker = self.in_flight_marker(name);
+        let since = Instant::now();
+        while marker.exists() && since.elapsed() < limit && self.prefetcher_running() {
+            std::thread::sleep(Duration::from_millis(2));
+            if self.take(name, dest, repo_id)? {
+                return Ok(Some(since.elapsed()));
+            }
+        }
+        // The segment is renamed into the spool before its marker goes.
+        Ok(self.take(name, dest, repo_id)?.then(|| since.elapsed()))
+    }
+
+    /// Remove what a killed prefetcher may have left: in-flight markers and temp files.
+    fn clear_in_flight(&self) {
+        for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            if n.starts_with('.') && (n.ends_with(".inflight") || n.contains(".walship-tmp.")) {
+                let _ = fs::remove_file(e.path());
+            }
         }
     }
 
@@ -196,6 +238,7 @@ pub async fn run_prefetcher(
     if lock.try_lock().is_err() {
         return Ok(()); // another prefetcher is running
     }
+    spool.clear_in_flight();
     let seg_size = match ctx.archive.read_meta().await {
         Ok(Some(m)) => m.wal_segment_size,
         _ => super::name::DEFAULT_SEGMENT_SIZE,
@@ -206,8 +249,7 @@ pub async fn run_prefetcher(
     let mut last_change = Instant::now();
     // Where the archive ended last time we looked, and when: don't ask again at once.
     let mut end_seen: Option<(String, Instant)> = None;
-    let mut tasks: tokio::task::JoinSet<(String, Result<(), ArchiveError>)> =
-        tokio::task::JoinSet::new();
+    let mut tasks: tokio::task::JoinSet<PrefetchResult> = tokio::task::JoinSet::new();
     let mut in_flight: std::collections::HashSet<String> = Default::default();
     loop {
         let want = spool.want();
@@ -219,17 +261,7 @@ pub async fn run_prefetcher(
             break;
         }
         while let Some(done) = tasks.try_join_next() {
-            let (name, res) = done.expect("prefetch task does not panic");
-            in_flight.remove(&name);
-            match res {
-                Ok(()) => {}
-                Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
-                    end_seen = Some((name, Instant::now()))
-                }
-                Err(e) => tracing::warn!(
-                    "prefetch of {name} failed (wal-fetch will retry it directly): {e}"
-                ),
-            }
+            finished(done, &mut in_flight, &mut end_seen);
         }
         if let Some(id) = want.as_ref().and_then(|w| w.segment()) {
             let window: Vec<String> = (1..=depth)
@@ -252,9 +284,15 @@ pub async fn run_prefetcher(
                     Err(_) => break,
                 };
                 in_flight.insert(name.clone());
+                let marker = spool.in_flight_marker(name);
+                if let Err(e) = File::create(&marker) {
+                    tracing::debug!("cannot create {}: {e}", marker.display());
+                }
                 let (ctx, dir, name) = (ctx.clone(), spool.dir().to_path_buf(), name.clone());
                 tasks.spawn(async move {
                     let _permit = permit;
+                    // Gone once the task ends, whatever the outcome; after the segment's rename.
+                    let _marker = RemoveOnDrop(marker);
                     let key = repo::wal_key(
                         &WalFileName::parse(&name).expect("generated names are valid"),
                     );
@@ -272,12 +310,47 @@ pub async fn run_prefetcher(
                 });
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Look again after a while, or as soon as a download ends and frees its slot.
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
+                finished(done, &mut in_flight, &mut end_seen)
+            }
+        }
     }
     tasks.shutdown().await;
     spool.clear()?;
     drop(lock);
     Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+type PrefetchResult = (String, Result<(), ArchiveError>);
+
+/// Book a finished prefetch: free its name, and remember where the archive ended.
+fn finished(
+    done: Result<PrefetchResult, tokio::task::JoinError>,
+    in_flight: &mut std::collections::HashSet<String>,
+    end_seen: &mut Option<(String, Instant)>,
+) {
+    let (name, res) = done.expect("prefetch task does not panic");
+    in_flight.remove(&name);
+    match res {
+        Ok(()) => {}
+        Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
+            *end_seen = Some((name, Instant::now()))
+        }
+        Err(e) => {
+            tracing::warn!("prefetch of {name} failed (wal-fetch will retry it directly): {e}")
+        }
+    }
 }
 
 #[cfg(test)]
@@ -366,5 +439,64 @@ mod tests {
             .unwrap();
         f.lock().unwrap();
         assert!(spool.prefetcher_running());
+    }
+
+    #[test]
+    fn a_call_waits_for_an_in_flight_download_only_while_it_can_arrive() {
+        const SEG: &str = "000000010000000000000002";
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        let dest = dir.path().join("RECOVERYXLOG");
+        spool.set_want("000000010000000000000001", "r").unwrap();
+        let limit = Duration::from_secs(20);
+        let quick = Duration::from_secs(5);
+
+        let since = Instant::now();
+        assert_eq!(spool.take_when_ready(SEG, &dest, "r", limit).unwrap(), None);
+        assert!(since.elapsed() < quick, "not in flight: no wait");
+
+        // In flight, but no prefetcher holds the lock (it was killed): no wait.
+        File::create(spool.in_flight_marker(SEG)).unwrap();
+        let since = Instant::now();
+        assert_eq!(spool.take_when_ready(SEG, &dest, "r", limit).unwrap(), None);
+        assert!(since.elapsed() < quick);
+
+        let lock = File::create(spool.dir().join(".lock")).unwrap();
+        lock.lock().unwrap();
+        // The download fails: the marker goes, no segment comes; the caller downloads it.
+        let marker = spool.in_flight_marker(SEG);
+        let failing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            fs::remove_file(marker).unwrap();
+        });
+        assert_eq!(spool.take_when_ready(SEG, &dest, "r", limit).unwrap(), None);
+        failing.join().unwrap();
+
+        // The download succeeds: the segment is renamed in, then the marker goes.
+        File::create(spool.in_flight_marker(SEG)).unwrap();
+        let (dir_path, marker) = (spool.dir().to_path_buf(), spool.in_flight_marker(SEG));
+        let landing = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            fs::write(dir_path.join(".tmp"), b"seg").unwrap();
+            fs::rename(dir_path.join(".tmp"), dir_path.join(SEG)).unwrap();
+            fs::remove_file(marker).unwrap();
+        });
+        let waited = spool.take_when_ready(SEG, &dest, "r", limit).unwrap();
+        landing.join().unwrap();
+        assert!(waited.unwrap() >= Duration::from_millis(90), "{waited:?}");
+        assert_eq!(fs::read(&dest).unwrap(), b"seg");
+
+        // Already spooled: taken at the first look.
+        fs::write(spool.dir().join(SEG), b"seg2").unwrap();
+        assert_eq!(
+            spool.take_when_ready(SEG, &dest, "r", limit).unwrap(),
+            Some(Duration::ZERO)
+        );
+        // A stuck download is waited for no longer than the limit.
+        File::create(spool.in_flight_marker(SEG)).unwrap();
+        let since = Instant::now();
+        let short = Duration::from_millis(200);
+        assert_eq!(spool.take_when_ready(SEG, &dest, "r", short).unwrap(), None);
+        assert!(since.elapsed() >= short && since.elapsed() < quick);
     }
 }
