@@ -8,9 +8,16 @@ archiver), then, serially and one process per segment:
   push  cp        pg_wal/X -> a local directory
   push  walship   wal-push pg_wal/X, with the .ready files present; X.ready -> X.done after each
                   successful call, as PostgreSQL's archiver does
-  fetch cp        archived copy -> pg_wal/RECOVERYXLOG, then consumed
+  fetch cp        archived copy -> pg_wal/RECOVERYXLOG, then consumed (deleted, as recovery
+                  does before it restores the next segment)
   fetch walship   wal-fetch X pg_wal/RECOVERYXLOG from a data directory with a postmaster.pid,
                   so the prefetcher runs as it does in recovery; the file is consumed after each
+
+Push timings include a sync before each call, for cp and walship alike: an archive_command must
+not report a segment archived before its copy is durable (walship fsyncs or waits for the store;
+a bare cp does not, so the sync stands in for it). Fetch timings do not: restore_command's output
+need not survive a crash, and PostgreSQL does not sync it. Every fetch configuration first runs
+one untimed pass that keeps each fetched file and compares its sha256 with the original.
 
 and reports segments/s, MB/s, stored bytes, the time of calls that found their work done, and
 peak RSS. Run it through bench/wal, which installs what it needs and builds walship --release.
@@ -44,13 +51,14 @@ RSS_FILE = None
 PASSES = 3  # every row is the best of this many passes, cp's and walship's alike
 
 
-def timed(args, cwd=None, env=None):
+def timed(args, cwd=None, env=None, sync=True):
     """Run one process under GNU time; return (seconds, peak RSS in KiB, exit code, stderr).
 
     Peak RSS comes from GNU time, not from this script's wait4: a child forked from Python carries
     Python's own RSS until exec, and the kernel counts that as the child's peak.
     """
-    os.sync()  # no writeback of an earlier phase in this one
+    if sync:
+        os.sync()  # no writeback of an earlier call in this one
     t0 = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", RSS_FILE] + [str(a) for a in args],
                        cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -59,7 +67,7 @@ def timed(args, cwd=None, env=None):
     return secs, rss, p.returncode, p.stderr.decode(errors="replace")
 
 
-def best_cp(names, src, dest_dir, dest, after=lambda x: None):
+def best_cp(names, src, dest_dir, dest, after=lambda x: None, sync=True):
     """cp each segment, one process each; the best time of PASSES passes and the peak RSS."""
     best, rss = float("inf"), 0
     for _ in range(PASSES):
@@ -68,7 +76,7 @@ def best_cp(names, src, dest_dir, dest, after=lambda x: None):
         os.sync()  # no writeback of an earlier phase in this one
         t0 = time.perf_counter()
         for x in names:
-            _, kib, code, _ = timed(["cp", src(x), dest(x)])
+            _, kib, code, _ = timed(["cp", src(x), dest(x)], sync=sync)
             assert code == 0
             after(x)
             rss = max(rss, kib)
@@ -169,7 +177,11 @@ def prefetcher_hwm():
     return best
 
 
-def bench_fetch(label, walship, cfg, work, names, env, prefetch):
+def bench_fetch(label, walship, cfg, work, names, env, prefetch, digests=None):
+    """One pass of wal-fetch calls. With `digests`, untimed use: keep every fetched file and check
+    it against its sha256; otherwise each file is deleted after its call, as recovery consumes it.
+    Returns (seconds, peak RSS KiB, prefetcher peak RSS KiB, times of calls that found their
+    segment spooled, times of calls that waited for the prefetcher's download of it)."""
     data = work / f"fetch-{label}"
     wal = data / "pg_wal"
     wal.mkdir(parents=True)
@@ -178,23 +190,33 @@ def bench_fetch(label, walship, cfg, work, names, env, prefetch):
     # The prefetcher serves the server named in postmaster.pid; this script stands in for it.
     (data / "postmaster.pid").write_text(f"{os.getpid()}\n{data}\n")
     env = dict(env, WALSHIP_PREFETCH=str(prefetch))
-    times, rss, spool = [], 0, []
+    rss, ready, waited = 0, [], []
     os.sync()  # no writeback of an earlier phase in this one
     t0 = time.perf_counter()
     for n in names:
         secs, kib, code, err = timed([walship, "--config", cfg, "wal-fetch", n,
-                                      "pg_wal/RECOVERYXLOG"], cwd=data, env=env)
+                                      "pg_wal/RECOVERYXLOG"], cwd=data, env=env, sync=False)
         if code != 0:
             sys.exit(f"{label}: wal-fetch {n} failed ({code}): {err}")
-        os.rename(wal / "RECOVERYXLOG", keep / n)  # recovery consumes it
-        times.append(secs)
+        if digests:
+            os.rename(wal / "RECOVERYXLOG", keep / n)
+        else:
+            os.unlink(wal / "RECOVERYXLOG")  # recovery consumes it
         rss = max(rss, kib)
-        if "served from the prefetch spool" in err:
-            spool.append(secs)
+        if "served from the prefetch spool after waiting" in err:
+            waited.append(secs)
+        elif "served from the prefetch spool" in err:
+            ready.append(secs)
     total = time.perf_counter() - t0
     hwm = prefetcher_hwm()
     (data / "postmaster.pid").unlink()  # the "server" stops: the prefetcher exits
-    return total, rss, hwm, spool, keep
+    if digests:
+        for x in names:
+            got = hashlib.sha256((keep / x).read_bytes()).hexdigest()
+            assert got == digests[x], f"{x} fetched with other content"
+    shutil.rmtree(keep)
+    shutil.rmtree(data)
+    return total, rss, hwm, ready, waited
 
 
 def main():
@@ -303,27 +325,29 @@ def main():
     keep = work / "cp-fetched"
     # As recovery does: into pg_wal/RECOVERYXLOG, then consumed.
     cp_fetch, rss = best_cp(names, lambda x: dest / x, keep, lambda x: keep / "RECOVERYXLOG",
-                            lambda x: os.rename(keep / "RECOVERYXLOG", keep / x))
+                            lambda x: os.unlink(keep / "RECOVERYXLOG"), sync=False)
     out.append(row("fetch: `cp` from a local directory", cp_fetch, n, seg_bytes, rss))
     for label, (cfg, env) in repos.items():
         for prefetch in (0, 16):
+            bench_fetch(f"{len(out)}-check", walship, cfg, work, names, env, prefetch, digests)
             best = None
             for attempt in range(PASSES):
+                time.sleep(1)
                 result = bench_fetch(f"{len(out)}-{attempt}", walship, cfg, work, names, env,
                                      prefetch)
-                for x in names:
-                    got = hashlib.sha256((result[4] / x).read_bytes()).hexdigest()
-                    assert got == digests[x], f"{x} fetched with other content"
                 if best is None or result[0] < best[0]:
                     best = result
-                time.sleep(1)
-            total, rss, hwm, spool, _ = best
+            total, rss, hwm, ready, waited = best
             note = f"{n / total / (n / cp_fetch):.2f}x cp; content verified"
-            if spool:
-                note += (f"; {len(spool)} served from the spool: median "
-                         f"{statistics.median(spool) * 1000:.1f} ms, "
-                         f"p95 {pct(spool, 95) * 1000:.1f} ms; prefetcher peak RSS "
-                         f"{hwm / 1024:.0f} MiB")
+            if ready:
+                note += (f"; {len(ready)} found their segment spooled: median "
+                         f"{statistics.median(ready) * 1000:.1f} ms, "
+                         f"p95 {pct(ready, 95) * 1000:.1f} ms")
+            if waited:
+                note += (f"; {len(waited)} waited for its download: median "
+                         f"{statistics.median(waited) * 1000:.1f} ms")
+            if hwm:
+                note += f"; prefetcher peak RSS {hwm / 1024:.0f} MiB"
             out.append(row(f"fetch: `wal-fetch` ← {label}, prefetch {prefetch}",
                            total, n, seg_bytes, rss, note))
 
