@@ -2,6 +2,7 @@
 //! README; change them only with the README.
 
 use crate::archive::ArchiveError;
+use crate::backup::BackupError;
 use crate::codec::CodecError;
 use crate::config::ConfigError;
 use crate::storage::StorageError;
@@ -70,6 +71,20 @@ pub fn for_wal(e: &WalError) -> i32 {
 
 /// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) in standby
 /// mode, where PostgreSQL retries, and fatal (>= 128) otherwise.
+pub fn for_backup(e: &BackupError) -> i32 {
+    match e {
+        BackupError::Archive(a) => for_archive(a),
+        BackupError::Config(ConfigError::Key(c)) => codec_code(c),
+        BackupError::Config(_) | BackupError::Invalid(_) => USAGE,
+        BackupError::Pg(_) => UNAVAILABLE,
+        BackupError::Local { .. } => LOCAL_IO,
+        BackupError::ForeignCluster(_) | BackupError::TargetNotEmpty(_) => CONFLICT,
+        BackupError::WalNotArchived(_) => UNAVAILABLE,
+        BackupError::NoSuchBackup(_) | BackupError::NoBackupForTarget(_) => NOT_IN_ARCHIVE,
+        BackupError::BadManifest { .. } => CORRUPT,
+    }
+}
+
 pub fn for_wal_fetch(code: i32, standby: bool) -> i32 {
     match code {
         OK | NOT_IN_ARCHIVE => code,

@@ -2,12 +2,14 @@
 //! these modules; see ARCHITECTURE in the README for the map.
 
 pub mod archive;
+pub mod backup;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod exit;
 pub mod pg;
 pub mod repo;
+pub mod restore;
 pub mod storage;
 pub mod time;
 pub mod wal;

@@ -142,6 +142,51 @@ fn run(cli: Cli, standby: bool) -> i32 {
                 }
             }
         }
+        Command::BackupPush(args) => match runtime().block_on(cli::backup::push(&cfg, args)) {
+            Ok(m) => {
+                println!("{}", m.id);
+                exit::OK
+            }
+            Err(e) => fail("backup-push", &e, exit::for_backup(&e)),
+        },
+        Command::BackupList { json } => match runtime().block_on(cli::backup::list(&cfg, *json)) {
+            Ok(()) => exit::OK,
+            Err(e) => fail("backup-list", &e, exit::for_backup(&e)),
+        },
+        Command::BackupFetch(args) => match runtime().block_on(cli::backup::fetch(&cfg, args)) {
+            Ok(m) => {
+                eprintln!(
+                    "walship: restored backup {} into {}; it needs the archived WAL from {} on to be consistent (or use `walship restore`)",
+                    m.id,
+                    args.dir.display(),
+                    m.start_wal
+                );
+                exit::OK
+            }
+            Err(e) => fail("backup-fetch", &e, exit::for_backup(&e)),
+        },
+        Command::Restore(args) => {
+            match runtime().block_on(cli::backup::restore(&cfg, &cli.global, args)) {
+                Ok(m) => {
+                    eprintln!(
+                        "walship: restored backup {} into {} and wrote the recovery settings to postgresql.auto.conf; start PostgreSQL on it to recover",
+                        m.id,
+                        args.dir.display()
+                    );
+                    exit::OK
+                }
+                Err(e) => fail("restore", &e, exit::for_backup(&e)),
+            }
+        }
+        Command::RestorePoint(args) => {
+            match runtime().block_on(cli::backup::restore_point(&cfg, args)) {
+                Ok(p) => {
+                    println!("{} {}", p.name, p.lsn);
+                    exit::OK
+                }
+                Err(e) => fail("restore-point", &e, exit::for_backup(&e)),
+            }
+        }
         Command::WalPrefetch {
             spool_state_dir,
             postmaster_pid_file,

@@ -1,6 +1,7 @@
 //! Command-line definitions (clap) and one small file per subcommand. No business logic here: each
 //! subcommand resolves what it needs and calls into `wal`, `archive` or `codec`.
 
+pub mod backup;
 pub mod check;
 pub mod keygen;
 pub mod wal;
@@ -120,6 +121,21 @@ pub enum Command {
         /// Where to place it: %p
         path: PathBuf,
     },
+    /// Take a base backup of the running server (primary or standby)
+    BackupPush(backup::PushArgs),
+    /// List the backups and the span the archive can recover
+    BackupList {
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup (an id or LATEST) into DIR, without recovery settings
+    BackupFetch(backup::FetchArgs),
+    /// Restore into DIR from the newest backup that reaches a target, and write the recovery
+    /// settings (restore_command, target, recovery.signal) so starting PostgreSQL recovers
+    Restore(backup::RestoreArgs),
+    /// Create a named restore point and wait until the WAL holding it is archived
+    RestorePoint(backup::RestorePointArgs),
     /// The background prefetcher wal-fetch starts (internal)
     #[command(hide = true)]
     WalPrefetch {

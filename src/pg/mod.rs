@@ -1,3 +1,5 @@
-//! The PostgreSQL side: on-disk structures walship reads. Knows nothing of storage.
+//! The PostgreSQL side: on-disk structures walship reads, and connections to a server. Knows
+//! nothing of storage.
 
+pub mod conn;
 pub mod walpage;

@@ -5,11 +5,15 @@
 //! walship.json                                 repository metadata, written once (plaintext JSON)
 //! wal/<TTTTTTTTXXXXXXXX>/<segment>             WAL segments, .partial and .backup files
 //! wal/history/<TTTTTTTT>.history               timeline history files
+//! backups/<id>/part-<NNNNNN>, backups/<id>/manifest    base backups (see `backup`)
+//! restore-points/<hex(name)>                   named restore points (see `backup`)
 //! ```
 //!
 //! Every object but `walship.json` is in the codec format (see `codec`). `walship.json` is
 //! plaintext on purpose: database hosts hold only public keys and must still check, before every
 //! push, that the repository belongs to their cluster. It names no database file.
+
+pub mod backup;
 
 use serde::{Deserialize, Serialize};
 

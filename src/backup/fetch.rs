@@ -1,0 +1,296 @@
+//! `backup-fetch`: restore a base backup into a directory.
+//!
+//! Until it has finished, the directory holds `walship-restore-incomplete` (saying so) and no
+//! `global/pg_control` (it is written under a temporary name and renamed last), so PostgreSQL
+//! refuses to start on a half-restored directory. Parts are downloaded `concurrency` at a time
+//! (the next ones download while earlier ones are written), each verified whole (AEAD, size,
+//! sha256) before any of its bytes reach a file. Everything is flushed (syncfs) before
+//! `pg_control` and the markers are put in place.
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::Semaphore;
+
+use super::progress::Progress;
+use super::BackupError;
+use crate::archive::{Archive, ArchiveError};
+use crate::codec::{self, Identities};
+use crate::repo::backup::{self as layout, BackupManifest, Piece};
+
+pub const INCOMPLETE_MARKER: &str = "walship-restore-incomplete";
+const PG_CONTROL: &str = "global/pg_control";
+const PG_CONTROL_TMP: &str = "global/pg_control.walship-incomplete";
+
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    /// Empty a non-empty target directory (and tablespace directories) first.
+    pub force: bool,
+    /// Tablespace relocation: an OID or an old location, to a new location.
+    pub tablespace_map: Vec<(String, PathBuf)>,
+    pub concurrency: usize,
+}
+
+/// Where tablespace `oid` goes.
+fn tablespace_location(opts: &FetchOptions, oid: u32, original: &str) -> PathBuf {
+    opts.tablespace_map
+        .iter()
+        .find(|(from, _)| from == &oid.to_string() || from == original)
+        .map(|(_, to)| to.clone())
+        .unwrap_or_else(|| PathBuf::from(original))
+}
+
+fn is_empty_dir(dir: &Path) -> std::io::Result<bool> {
+    match fs::read_dir(dir) {
+        Ok(mut rd) => Ok(rd.next().is_none()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// Make `dir` an empty directory, refusing to touch a non-empty one unless `force`.
+fn prepare_empty(dir: &Path, force: bool, what: &str) -> Result<(), BackupError> {
+    let empty = is_empty_dir(dir).map_err(|e| BackupError::local("cannot read", dir, e))?;
+    if !empty {
+        if !force {
+            return Err(BackupError::TargetNotEmpty(format!(
+                "{what} {} is not empty; restore into an empty directory, or pass --force to \
+                 delete what is there first",
+                dir.display()
+            )));
+        }
+        for e in fs::read_dir(dir).map_err(|e| BackupError::local("cannot read", dir, e))? {
+            let p = e
+                .map_err(|e| BackupError::local("cannot read", dir, e))?
+                .path();
+            let res = match fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => fs::remove_dir_all(&p),
+                _ => fs::remove_file(&p),
+            };
+            res.map_err(|e| BackupError::local("cannot remove", &p, e))?;
+        }
+    }
+    fs::create_dir_all(dir).map_err(|e| BackupError::local("cannot create", dir, e))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+        .map_err(|e| BackupError::local("cannot chmod", dir, e))
+}
+
+/// The rewritten `tablespace_map` for the new locations.
+fn remap_tablespace_map(m: &BackupManifest, opts: &FetchOptions) -> Option<String> {
+    m.tablespace_map.as_ref()?;
+    Some(
+        m.tablespaces
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {}\n",
+                    t.oid,
+                    tablespace_location(opts, t.oid, &t.location).display()
+                )
+            })
+            .collect(),
+    )
+}
+
+pub async fn fetch(
+    archive: &Archive,
+    ids: &Arc<Identities>,
+    m: &BackupManifest,
+    dest: &Path,
+    opts: &FetchOptions,
+) -> Result<(), BackupError> {
+    let pieces = m.pieces().map_err(|why| BackupError::BadManifest {
+        id: m.id.clone(),
+        why,
+    })?;
+    let bad = |why: String| BackupError::BadManifest {
+        id: m.id.clone(),
+        why,
+    };
+    for f in &m.files {
+        if f.path
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(bad(format!("unsafe path {:?}", f.path)));
+        }
+    }
+
+    prepare_empty(dest, opts.force, "target directory")?;
+    let marker = dest.join(INCOMPLETE_MARKER);
+    fs::write(
+        &marker,
+        format!(
+            "walship is restoring backup {} here and has not finished.\n\
+             Do not start PostgreSQL on this directory; run walship backup-fetch again.\n",
+            m.id
+        ),
+    )
+    .map_err(|e| BackupError::local("cannot write", &marker, e))?;
+
+    // Tablespaces: empty target directories, linked from pg_tblspc.
+    let mut links = HashMap::new();
+    let mut locations = Vec::new();
+    for t in &m.tablespaces {
+        let loc = tablespace_location(opts, t.oid, &t.location);
+        prepare_empty(&loc, opts.force, "tablespace directory")?;
+        links.insert(format!("pg_tblspc/{}", t.oid), loc.clone());
+        locations.push(loc);
+    }
+    for d in &m.dirs {
+        let path = dest.join(&d.path);
+        if let Some(loc) = links.get(&d.path) {
+            fs::create_dir_all(dest.join("pg_tblspc"))
+                .map_err(|e| BackupError::local("cannot create", &path, e))?;
+            std::os::unix::fs::symlink(loc, &path)
+                .map_err(|e| BackupError::local("cannot link", &path, e))?;
+            continue;
+        }
+        fs::create_dir_all(&path).map_err(|e| BackupError::local("cannot create", &path, e))?;
+        fs::set_permissions(&path, fs::Permissions::from_mode(d.mode))
+            .map_err(|e| BackupError::local("cannot chmod", &path, e))?;
+    }
+    let paths: Arc<Vec<PathBuf>> = Arc::new(
+        m.files
+            .iter()
+            .map(|f| match f.path.as_str() {
+                PG_CONTROL => dest.join(PG_CONTROL_TMP),
+                p => dest.join(p),
+            })
+            .collect(),
+    );
+    for (f, path) in m.files.iter().zip(paths.iter()) {
+        let file = File::create(path).map_err(|e| BackupError::local("cannot create", path, e))?;
+        file.set_len(f.size)
+            .map_err(|e| BackupError::local("cannot size", path, e))?;
+    }
+
+    let progress = Arc::new(Progress::new("backup-fetch", m.original_size()));
+    let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (part, part_pieces) in m.parts.iter().zip(pieces) {
+        let permit = sem.clone().acquire_owned().await.expect("open");
+        let (archive, ids, paths, progress) = (
+            archive.clone(),
+            ids.clone(),
+            paths.clone(),
+            progress.clone(),
+        );
+        let key = layout::part_key(&m.id, part.index);
+        let (size, sha) = (part.plain_size, part.sha256.clone());
+        tasks.spawn(async move {
+            let _permit = permit;
+            let object = archive
+                .store()
+                .get(&key)
+                .await
+                .map_err(ArchiveError::from)?;
+            tokio::task::spawn_blocking(move || {
+                restore_part(
+                    &object,
+                    &ids,
+                    &key.to_string(),
+                    size,
+                    &sha,
+                    &part_pieces,
+                    &paths,
+                )
+            })
+            .await
+            .expect("restore task does not panic")?;
+            progress.inc(size);
+            Ok::<_, BackupError>(())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            if let Err(e) = done.expect("part task does not panic") {
+                tasks.shutdown().await;
+                return Err(e);
+            }
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        if let Err(e) = done.expect("part task does not panic") {
+            tasks.shutdown().await;
+            return Err(e);
+        }
+    }
+    progress.finish();
+
+    for (f, path) in m.files.iter().zip(paths.iter()) {
+        let file = File::options()
+            .write(true)
+            .open(path)
+            .map_err(|e| BackupError::local("cannot open", path, e))?;
+        let mtime = SystemTime::UNIX_EPOCH + Duration::from_secs(f.mtime.max(0) as u64);
+        let _ = file.set_modified(mtime);
+        file.set_permissions(fs::Permissions::from_mode(f.mode))
+            .map_err(|e| BackupError::local("cannot chmod", path, e))?;
+    }
+    let label = dest.join("backup_label");
+    fs::write(&label, &m.backup_label)
+        .map_err(|e| BackupError::local("cannot write", &label, e))?;
+    if let Some(map) = remap_tablespace_map(m, opts) {
+        let p = dest.join("tablespace_map");
+        fs::write(&p, map).map_err(|e| BackupError::local("cannot write", &p, e))?;
+    }
+    // Everything on disk before pg_control makes the directory startable.
+    for dir in std::iter::once(dest.to_path_buf()).chain(locations) {
+        let d = File::open(&dir).map_err(|e| BackupError::local("cannot open", &dir, e))?;
+        rustix::fs::syncfs(&d).map_err(|e| BackupError::local("cannot flush", &dir, e.into()))?;
+    }
+    if m.files.iter().any(|f| f.path == PG_CONTROL) {
+        let (tmp, fin) = (dest.join(PG_CONTROL_TMP), dest.join(PG_CONTROL));
+        fs::rename(&tmp, &fin).map_err(|e| BackupError::local("cannot rename", &tmp, e))?;
+        sync_dir(&dest.join("global"))?;
+    }
+    fs::remove_file(&marker).map_err(|e| BackupError::local("cannot remove", &marker, e))?;
+    sync_dir(dest)?;
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<(), BackupError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| BackupError::local("cannot fsync", dir, e))
+}
+
+/// Verify one part whole, then write its pieces into their files.
+fn restore_part(
+    object: &[u8],
+    ids: &Identities,
+    key: &str,
+    size: u64,
+    sha256: &str,
+    pieces: &[Piece],
+    paths: &[PathBuf],
+) -> Result<(), BackupError> {
+    let mut plain = Vec::with_capacity(size as usize);
+    let header = codec::decode(object, ids, &mut plain).map_err(|source| ArchiveError::Codec {
+        key: key.to_string(),
+        source,
+    })?;
+    if header.plain_size != size || header.sha256_hex() != sha256 {
+        return Err(ArchiveError::Codec {
+            key: key.to_string(),
+            source: codec::CodecError::Corrupt(
+                "the part is not the one the manifest lists (size or sha256 differ)".into(),
+            ),
+        }
+        .into());
+    }
+    for p in pieces {
+        let path = &paths[p.file];
+        let file = File::options()
+            .write(true)
+            .open(path)
+            .map_err(|e| BackupError::local("cannot open", path, e))?;
+        let bytes = &plain[p.part_offset as usize..(p.part_offset + p.len) as usize];
+        file.write_all_at(bytes, p.file_offset)
+            .map_err(|e| BackupError::local("cannot write", path, e))?;
+    }
+    Ok(())
+}

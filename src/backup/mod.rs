@@ -1,0 +1,145 @@
+//! Base backups: `push` (take one from a running server), `fetch` (restore one into a directory)
+//! and reading their manifests. See `repo::backup` for the objects and the manifest.
+
+pub mod fetch;
+pub mod progress;
+pub mod push;
+pub mod walk;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::archive::{Archive, ArchiveError};
+use crate::codec::{self, Identities};
+use crate::config::ConfigError;
+use crate::pg::conn::PgError;
+use crate::repo::backup::{self as layout, BackupManifest, MANIFEST_FORMAT};
+use crate::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error(transparent)]
+    Archive(#[from] ArchiveError),
+    #[error(transparent)]
+    Pg(#[from] PgError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{what} {}: {err}", path.display())]
+    Local {
+        what: &'static str,
+        path: PathBuf,
+        err: std::io::Error,
+    },
+    #[error("{0}")]
+    ForeignCluster(String),
+    #[error("{0}")]
+    WalNotArchived(String),
+    #[error("no backup {0} in the repository; `walship backup-list` shows the backups there are")]
+    NoSuchBackup(String),
+    #[error("backup {id} is unusable: {why}")]
+    BadManifest { id: String, why: String },
+    #[error("{0}")]
+    TargetNotEmpty(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NoBackupForTarget(String),
+}
+
+impl BackupError {
+    pub fn local(what: &'static str, path: &Path, err: std::io::Error) -> Self {
+        BackupError::Local {
+            what,
+            path: path.to_path_buf(),
+            err,
+        }
+    }
+}
+
+/// Read and decrypt the manifest of backup `id`.
+pub async fn read_manifest(
+    archive: &Archive,
+    ids: &Arc<Identities>,
+    id: &str,
+) -> Result<BackupManifest, BackupError> {
+    if !layout::valid_id(id) {
+        return Err(BackupError::NoSuchBackup(id.to_string()));
+    }
+    let key = layout::manifest_key(id);
+    let object = match archive.store().get(&key).await {
+        Ok(o) => o,
+        Err(StorageError::NotFound(_)) => return Err(BackupError::NoSuchBackup(id.to_string())),
+        Err(e) => return Err(ArchiveError::from(e).into()),
+    };
+    let ids = ids.clone();
+    let key_s = key.to_string();
+    let plain = tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        codec::decode(&object, &ids, &mut out)
+            .map(|_| out)
+            .map_err(|source| ArchiveError::Codec { key: key_s, source })
+    })
+    .await
+    .expect("decode task does not panic")?;
+    let m: BackupManifest =
+        serde_json::from_slice(&plain).map_err(|e| BackupError::BadManifest {
+            id: id.to_string(),
+            why: format!("manifest is not valid JSON: {e}"),
+        })?;
+    if m.format > MANIFEST_FORMAT {
+        return Err(BackupError::BadManifest {
+            id: id.to_string(),
+            why: format!(
+                "manifest format {} is newer than this walship understands; upgrade walship",
+                m.format
+            ),
+        });
+    }
+    Ok(m)
+}
+
+/// Ids of every complete backup (one with a manifest), oldest first.
+pub async fn list_ids(archive: &Archive) -> Result<Vec<String>, BackupError> {
+    let objects = archive
+        .store()
+        .list(layout::BACKUPS_PREFIX)
+        .await
+        .map_err(ArchiveError::from)?;
+    let mut ids: Vec<String> = objects
+        .iter()
+        .filter_map(|o| layout::id_of_manifest_key(o.key.as_str()).map(str::to_string))
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Every complete backup's manifest, oldest first.
+pub async fn list(
+    archive: &Archive,
+    ids: &Arc<Identities>,
+) -> Result<Vec<BackupManifest>, BackupError> {
+    let mut out = Vec::new();
+    for id in list_ids(archive).await? {
+        out.push(read_manifest(archive, ids, &id).await?);
+    }
+    Ok(out)
+}
+
+/// `LATEST` or an id, to a manifest.
+pub async fn resolve(
+    archive: &Archive,
+    ids: &Arc<Identities>,
+    which: &str,
+) -> Result<BackupManifest, BackupError> {
+    if which.eq_ignore_ascii_case("LATEST") {
+        let all = list_ids(archive).await?;
+        let id = all.last().ok_or_else(|| {
+            BackupError::NoSuchBackup(format!(
+                "(LATEST: {} has no backups yet; take one with `walship backup-push`)",
+                archive.store().describe()
+            ))
+        })?;
+        return read_manifest(archive, ids, id).await;
+    }
+    read_manifest(archive, ids, which).await
+}

@@ -1,0 +1,529 @@
+//! `backup-push`, `backup-list`, `backup-fetch`, `restore` and `restore-point`: wiring flags and
+//! config into the `backup` and `restore` modules.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::archive::{Archive, ArchiveError};
+use crate::backup::{self, fetch::FetchOptions, push::PushOptions, BackupError};
+use crate::cli::GlobalArgs;
+use crate::codec;
+use crate::config::Config;
+use crate::pg::conn::{self, PgError, PgSettings};
+use crate::repo::backup::{self as layout, BackupManifest, RestorePoint};
+use crate::restore::{self, RecoveryOptions, Target};
+use crate::storage::StorageError;
+use crate::wal::name::{format_lsn, parse_lsn, SegmentId};
+
+#[derive(Debug, Args)]
+pub struct PgArgs {
+    /// Server host or socket directory (default: PGHOST, else the local socket)
+    #[arg(long, env = "WALSHIP_PG_HOST")]
+    pub pg_host: Option<String>,
+    /// Server port (default: PGPORT, else 5432)
+    #[arg(long, env = "WALSHIP_PG_PORT")]
+    pub pg_port: Option<u16>,
+    /// Role to connect as (default: PGUSER, else the OS user); password from PGPASSWORD or ~/.pgpass
+    #[arg(long, env = "WALSHIP_PG_USER")]
+    pub pg_user: Option<String>,
+    /// Database to connect to (default: PGDATABASE, else the role's name)
+    #[arg(long, env = "WALSHIP_PG_DBNAME")]
+    pub pg_dbname: Option<String>,
+}
+
+impl PgArgs {
+    fn settings(&self) -> PgSettings {
+        PgSettings {
+            host: self.pg_host.clone(),
+            port: self.pg_port,
+            user: self.pg_user.clone(),
+            dbname: self.pg_dbname.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// The data directory, if walship cannot read it at the path the server reports
+    #[arg(long, env = "PGDATA")]
+    pub pgdata: Option<PathBuf>,
+    /// Plaintext bytes per part, in MiB
+    #[arg(long, default_value_t = 16)]
+    pub part_size_mb: usize,
+    /// Parts compressed and encrypted at once (default: the number of cores)
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Parts uploaded at once
+    #[arg(long, default_value_t = 4)]
+    pub uploads: usize,
+    /// Seconds to wait for the backup's last WAL segment to reach the archive
+    #[arg(long, default_value_t = 300)]
+    pub wal_wait_secs: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct FetchArgs {
+    /// Backup id (see backup-list) or LATEST
+    pub backup: String,
+    /// Directory to restore into: must be empty or absent
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub restore: RestoreCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreCommon {
+    /// Delete what the target directory (and tablespace directories) hold first
+    #[arg(long)]
+    pub force: bool,
+    /// Put a tablespace elsewhere: OID=DIR or OLD_LOCATION=DIR (repeatable)
+    #[arg(long = "tablespace-map", value_name = "FROM=DIR")]
+    pub tablespace_map: Vec<String>,
+    /// Parts downloaded at once
+    #[arg(long, default_value_t = 4)]
+    pub downloads: usize,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Directory to restore into: must be empty or absent
+    pub dir: PathBuf,
+    /// Restore this backup rather than the newest one that reaches the target
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// Recover to this time (with a zone, e.g. '2026-11-24 12:44:59+00')
+    #[arg(long, group = "target")]
+    pub target_time: Option<String>,
+    /// Recover to this named restore point
+    #[arg(long, group = "target")]
+    pub target_name: Option<String>,
+    /// Recover to this transaction id
+    #[arg(long, group = "target")]
+    pub target_xid: Option<u64>,
+    /// Recover to this WAL location (e.g. 0/5000060)
+    #[arg(long, group = "target")]
+    pub target_lsn: Option<String>,
+    /// Stop as soon as the backup is consistent
+    #[arg(long, group = "target")]
+    pub target_immediate: bool,
+    /// What to do at the target: promote, pause or shutdown (PostgreSQL's default: pause)
+    #[arg(long, value_parser = ["promote", "pause", "shutdown"])]
+    pub target_action: Option<String>,
+    /// Stop just after the target (the default)
+    #[arg(long, conflicts_with = "target_exclusive")]
+    pub target_inclusive: bool,
+    /// Stop just before the target
+    #[arg(long)]
+    pub target_exclusive: bool,
+    /// Timeline to recover along: current, latest or a number (default: with a target, current,
+    /// the backup's own; without one, latest)
+    #[arg(long)]
+    pub target_timeline: Option<String>,
+    /// Start as a standby (standby.signal) that keeps fetching WAL from the archive
+    #[arg(long)]
+    pub standby: bool,
+    /// off: turn archiving off in the restored cluster (for drills and copies, so their new
+    /// timelines stay out of this repository); preserve: keep the backup's setting
+    #[arg(long, value_parser = ["preserve", "off"], default_value = "preserve")]
+    pub archive_mode: String,
+    #[command(flatten)]
+    pub restore: RestoreCommon,
+}
+
+#[derive(Debug, Args)]
+pub struct RestorePointArgs {
+    /// The restore point's name
+    pub name: String,
+    #[command(flatten)]
+    pub pg: PgArgs,
+    /// Seconds to wait for the WAL holding the point to reach the archive
+    #[arg(long, default_value_t = 300)]
+    pub wal_wait_secs: u64,
+}
+
+fn identities(cfg: &Config) -> Result<Arc<codec::Identities>, BackupError> {
+    Ok(Arc::new(cfg.identities()?))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+}
+
+pub async fn push(cfg: &Config, args: &PushArgs) -> Result<BackupManifest, BackupError> {
+    let recipients = Arc::new(cfg.recipients()?);
+    let archive = Archive::open(cfg, 5).await?;
+    let pg = conn::connect(&args.pg.settings()).await?;
+    if args.part_size_mb == 0 || args.part_size_mb > 1024 {
+        return Err(BackupError::Invalid(
+            "--part-size-mb must be between 1 and 1024".into(),
+        ));
+    }
+    let opts = PushOptions {
+        part_size: args.part_size_mb << 20,
+        threads: args.threads.unwrap_or_else(cores),
+        upload_concurrency: args.uploads,
+        compression_level: cfg.compression_level,
+        pgdata: args.pgdata.clone(),
+        wal_wait: Duration::from_secs(args.wal_wait_secs),
+    };
+    backup::push::push(&archive, recipients, &pg, &opts).await
+}
+
+/// The end of the WAL that follows `m` without a gap on its timeline, as (last segment, LSN).
+async fn archive_end(
+    archive: &Archive,
+    m: &BackupManifest,
+) -> Result<Option<(String, u64)>, BackupError> {
+    let Some(start) = crate::wal::name::WalFileName::parse(&m.start_wal)
+        .ok()
+        .and_then(|n| n.segment())
+    else {
+        return Ok(None);
+    };
+    let objects = archive
+        .store()
+        .list("wal/")
+        .await
+        .map_err(ArchiveError::from)?;
+    let names: std::collections::HashSet<&str> = objects
+        .iter()
+        .filter_map(|o| o.key.as_str().rsplit('/').next())
+        .collect();
+    let mut last = None;
+    let mut seg = start;
+    while names.contains(seg.file_name().as_str()) {
+        last = Some(seg);
+        seg = seg.advance(1, m.wal_segment_size);
+    }
+    Ok(last.map(|s| {
+        let end = (s.segno(m.wal_segment_size) + 1) * m.wal_segment_size;
+        (s.file_name().to_string(), end)
+    }))
+}
+
+fn human(bytes: u64) -> String {
+    indicatif::HumanBytes(bytes).to_string()
+}
+
+pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
+    let archive = Archive::open(cfg, 5).await?;
+    let ids = identities(cfg)?;
+    let backups = backup::list(&archive, &ids).await?;
+    let newest_end = match backups.last() {
+        Some(m) => archive_end(&archive, m).await?,
+        None => None,
+    };
+    if json {
+        let rows: Vec<_> = backups
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": m.id, "start_time": m.start_time, "stop_time": m.stop_time,
+                    "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "timeline": m.timeline,
+                    "original_size": m.original_size(), "stored_size": m.stored_size(),
+                    "pg_version_num": m.pg_version_num, "from_standby": m.from_standby,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "backups": rows,
+            "oldest_recoverable": backups.first().map(|m| serde_json::json!({"time": m.stop_time, "lsn": m.stop_lsn})),
+            "newest_recoverable": newest_end.as_ref().map(|(seg, lsn)| serde_json::json!({"lsn": format_lsn(*lsn), "last_segment": seg})),
+        });
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        return Ok(());
+    }
+    if backups.is_empty() {
+        println!("no backups in {}", archive.store().describe());
+        return Ok(());
+    }
+    println!(
+        "{:<17} {:<21} {:<21} {:<12} {:<12} {:>3} {:>10} {:>10} {:>7}",
+        "id", "start", "stop", "start lsn", "stop lsn", "tli", "size", "stored", "pg"
+    );
+    for m in &backups {
+        println!(
+            "{:<17} {:<21} {:<21} {:<12} {:<12} {:>3} {:>10} {:>10} {:>7}",
+            m.id,
+            m.start_time,
+            m.stop_time,
+            m.start_lsn,
+            m.stop_lsn,
+            m.timeline,
+            human(m.original_size()),
+            human(m.stored_size()),
+            m.pg_version_num
+        );
+    }
+    let oldest = &backups[0];
+    println!(
+        "recoverable from {} (LSN {}, backup {})",
+        oldest.stop_time, oldest.stop_lsn, oldest.id
+    );
+    match newest_end {
+        Some((seg, lsn)) => println!(
+            "recoverable to LSN {} (end of {seg}, the last archived segment without a gap after the newest backup)",
+            format_lsn(lsn)
+        ),
+        None => println!("the newest backup's WAL is not in the archive yet"),
+    }
+    Ok(())
+}
+
+fn fetch_options(r: &RestoreCommon) -> Result<FetchOptions, BackupError> {
+    let tablespace_map = r
+        .tablespace_map
+        .iter()
+        .map(|m| {
+            m.split_once('=')
+                .map(|(a, b)| (a.to_string(), PathBuf::from(b)))
+                .ok_or_else(|| {
+                    BackupError::Invalid(format!("--tablespace-map {m}: expected FROM=DIR"))
+                })
+        })
+        .collect::<Result<_, _>>()?;
+    Ok(FetchOptions {
+        force: r.force,
+        tablespace_map,
+        concurrency: r.downloads,
+    })
+}
+
+pub async fn fetch(cfg: &Config, args: &FetchArgs) -> Result<BackupManifest, BackupError> {
+    let archive = Archive::open(cfg, 5).await?;
+    let ids = identities(cfg)?;
+    let m = backup::resolve(&archive, &ids, &args.backup).await?;
+    backup::fetch::fetch(
+        &archive,
+        &ids,
+        &m,
+        &args.dir,
+        &fetch_options(&args.restore)?,
+    )
+    .await?;
+    Ok(m)
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
+}
+
+/// The restore_command that fetches from this repository with this call's settings. Secrets are
+/// never on it: they come from the files the config names, or from the server's environment.
+pub fn restore_command(global: &GlobalArgs, cfg: &Config) -> String {
+    let exe = std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "walship".into());
+    let mut args = vec![exe];
+    let mut flag = |k: &str, v: String| {
+        args.push(k.to_string());
+        args.push(v);
+    };
+    if let Some(c) = &cfg.config_file {
+        flag("--config", absolute(c).to_string_lossy().into_owned());
+    }
+    flag("--repo", cfg.repo_url.clone());
+    if let Some(i) = global.identity_file.as_ref().or(cfg.identity_file.as_ref()) {
+        flag(
+            "--identity-file",
+            absolute(i).to_string_lossy().into_owned(),
+        );
+    }
+    if let Some(s3) = &cfg.s3 {
+        if let Some(ep) = &s3.endpoint {
+            flag("--s3-endpoint", ep.clone());
+        }
+        flag("--s3-region", s3.region.clone());
+        flag("--s3-path-style", s3.path_style.to_string());
+        if let Some(ca) = &s3.ca_bundle {
+            flag(
+                "--s3-ca-bundle",
+                absolute(ca).to_string_lossy().into_owned(),
+            );
+        }
+    }
+    let mut cmd: Vec<String> = args.iter().map(|a| restore::shell_quote(a)).collect();
+    cmd.extend(["wal-fetch".into(), "\"%f\"".into(), "\"%p\"".into()]);
+    cmd.join(" ")
+}
+
+async fn read_restore_point(
+    archive: &Archive,
+    ids: &Arc<codec::Identities>,
+    name: &str,
+) -> Result<Option<RestorePoint>, BackupError> {
+    let key = layout::restore_point_key(name);
+    let object = match archive.store().get(&key).await {
+        Ok(o) => o,
+        Err(StorageError::NotFound(_)) => return Ok(None),
+        Err(e) => return Err(ArchiveError::from(e).into()),
+    };
+    let mut out = Vec::new();
+    codec::decode(&object, ids, &mut out).map_err(|source| ArchiveError::Codec {
+        key: key.to_string(),
+        source,
+    })?;
+    serde_json::from_slice(&out)
+        .map(Some)
+        .map_err(|e| BackupError::Invalid(format!("restore point record {key} is unreadable: {e}")))
+}
+
+pub async fn restore(
+    cfg: &Config,
+    global: &GlobalArgs,
+    args: &RestoreArgs,
+) -> Result<BackupManifest, BackupError> {
+    let archive = Archive::open(cfg, 5).await?;
+    let ids = identities(cfg)?;
+    let target = if let Some(t) = &args.target_time {
+        let epoch = restore::parse_target_time(t).map_err(BackupError::Invalid)?;
+        Target::Time {
+            text: t.clone(),
+            epoch,
+        }
+    } else if let Some(n) = &args.target_name {
+        let point = read_restore_point(&archive, &ids, n).await?;
+        if point.is_none() {
+            tracing::warn!(
+                "restore point '{n}' was not made with `walship restore-point`; restoring the newest backup, which must have ended before the point"
+            );
+        }
+        Target::Name {
+            name: n.clone(),
+            point,
+        }
+    } else if let Some(x) = args.target_xid {
+        Target::Xid(x)
+    } else if let Some(l) = &args.target_lsn {
+        Target::Lsn(parse_lsn(l).ok_or_else(|| {
+            BackupError::Invalid(format!(
+                "--target-lsn {l}: expected a WAL location like 0/5000060"
+            ))
+        })?)
+    } else if args.target_immediate {
+        Target::Immediate
+    } else {
+        Target::EndOfArchive
+    };
+    let chosen = match &args.backup {
+        Some(which) => backup::resolve(&archive, &ids, which).await?,
+        None => {
+            let all = backup::list(&archive, &ids).await?;
+            restore::choose_backup(&all, &target)?.clone()
+        }
+    };
+    if let Target::Lsn(lsn) = target {
+        if let Some((seg, end)) = archive_end(&archive, &chosen).await? {
+            if lsn > end {
+                return Err(BackupError::NoBackupForTarget(format!(
+                    "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({seg}); \
+                     archive more WAL or choose an earlier target",
+                    format_lsn(lsn),
+                    chosen.id,
+                    format_lsn(end)
+                )));
+            }
+        }
+    }
+    tracing::info!(
+        "restoring backup {} (ended {})",
+        chosen.id,
+        chosen.stop_time
+    );
+    backup::fetch::fetch(
+        &archive,
+        &ids,
+        &chosen,
+        &args.dir,
+        &fetch_options(&args.restore)?,
+    )
+    .await?;
+    let opts = RecoveryOptions {
+        target,
+        action: args.target_action.clone(),
+        inclusive: match (args.target_inclusive, args.target_exclusive) {
+            (_, true) => Some(false),
+            (true, _) => Some(true),
+            _ => None,
+        },
+        timeline: args.target_timeline.clone(),
+        standby: args.standby,
+        archive_off: args.archive_mode == "off",
+    };
+    let settings = restore::recovery_settings(&opts, &restore_command(global, cfg), &chosen.id);
+    restore::write_recovery(&args.dir, &settings, args.standby)?;
+    Ok(chosen)
+}
+
+pub async fn restore_point(
+    cfg: &Config,
+    args: &RestorePointArgs,
+) -> Result<RestorePoint, BackupError> {
+    let recipients = cfg.recipients()?;
+    let archive = Archive::open(cfg, 5).await?;
+    let pg = conn::connect(&args.pg.settings()).await?;
+    let row = pg
+        .query_one(
+            "SELECT pg_create_restore_point($1)::text, \
+                    (SELECT timeline_id FROM pg_control_checkpoint()), \
+                    extract(epoch FROM clock_timestamp())::float8, \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')",
+            &[&args.name],
+        )
+        .await
+        .map_err(PgError::query("pg_create_restore_point"))?;
+    let lsn_text: String = row.get(0);
+    let timeline = row.get::<_, i32>(1) as u32;
+    let epoch: f64 = row.get(2);
+    let seg_size = row.get::<_, i64>(3) as u64;
+    let lsn =
+        parse_lsn(&lsn_text).ok_or_else(|| PgError::Unexpected(format!("bad LSN {lsn_text}")))?;
+    // Close the segment holding the point so it is archived now, not when it fills.
+    pg.execute("SELECT pg_switch_wal()", &[])
+        .await
+        .map_err(PgError::query("pg_switch_wal"))?;
+    let seg = SegmentId::containing(timeline, lsn, seg_size).file_name();
+    backup::push::wait_archived(&archive, &seg, Duration::from_secs(args.wal_wait_secs))
+        .await
+        .map_err(|e| match e {
+            BackupError::WalNotArchived(why) => BackupError::WalNotArchived(format!(
+                "restore point '{}' was created at {lsn_text}, but it is not recoverable yet: {why}",
+                args.name
+            )),
+            e => e,
+        })?;
+    let point = RestorePoint {
+        name: args.name.clone(),
+        lsn: format_lsn(lsn),
+        timeline,
+        time: backup::push::rfc3339(epoch),
+        epoch,
+    };
+    let json = serde_json::to_vec(&point).expect("json");
+    let enc = codec::encode(&json[..], &recipients, cfg.compression_level).map_err(|source| {
+        ArchiveError::Codec {
+            key: "restore point".into(),
+            source,
+        }
+    })?;
+    let key = layout::restore_point_key(&args.name);
+    // A name used before keeps its first record: PostgreSQL recovers to the first point of a name.
+    archive.put(&key, enc).await.or_else(|e| match e {
+        ArchiveError::Conflict(_) => {
+            tracing::warn!(
+                "a restore point named '{}' was recorded before; recovery to this name stops at the first one",
+                args.name
+            );
+            Ok(crate::archive::Stored::AlreadyThere)
+        }
+        e => Err(e),
+    })?;
+    Ok(point)
+}

@@ -1,0 +1,286 @@
+//! `restore`: choose the backup that can reach a recovery target, and write the recovery settings
+//! (`restore_command`, the target, `recovery.signal` or `standby.signal`) for the user.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+
+use crate::backup::BackupError;
+use crate::repo::backup::{BackupManifest, RestorePoint};
+use crate::wal::name::{format_lsn, parse_lsn};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    /// Replay everything the archive has.
+    EndOfArchive,
+    /// As given (PostgreSQL parses it), and the same instant in seconds since the epoch.
+    Time {
+        text: String,
+        epoch: f64,
+    },
+    /// A restore point; `point` when `walship restore-point` recorded it.
+    Name {
+        name: String,
+        point: Option<RestorePoint>,
+    },
+    Xid(u64),
+    Lsn(u64),
+    Immediate,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecoveryOptions {
+    pub target: Target,
+    /// promote | pause | shutdown
+    pub action: Option<String>,
+    pub inclusive: Option<bool>,
+    pub timeline: Option<String>,
+    pub standby: bool,
+    /// Write `archive_mode = off`: for restore drills and copies, whose new timelines must not be
+    /// archived into the production repository.
+    pub archive_off: bool,
+}
+
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    // Howard Hinnant's algorithm: days since 1970-01-01 of a proleptic Gregorian date.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// Parse `YYYY-MM-DD HH:MM:SS[.frac]` followed by `Z`, `UTC` or an offset (`+01`, `-05:30`,
+/// `+0100`) into seconds since the epoch. A time without a zone is refused: PostgreSQL would read
+/// it in the server's TimeZone, which may not be what the person meant.
+pub fn parse_target_time(s: &str) -> Result<f64, String> {
+    let bad = || {
+        format!(
+            "'{s}' is not a time walship understands; use 'YYYY-MM-DD HH:MM:SS' with a zone, \
+             e.g. '2026-11-24 12:44:59+00' or '2026-11-24T12:44:59Z'"
+        )
+    };
+    let t = s.trim();
+    if t.len() < 19 {
+        return Err(bad());
+    }
+    let (date, rest) = t.split_at(10);
+    let d: Vec<i64> = date
+        .split('-')
+        .map(|x| x.parse().map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    if d.len() != 3 || !rest.starts_with([' ', 'T']) {
+        return Err(bad());
+    }
+    let rest = &rest[1..];
+    let time_end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == ':' || c == '.'))
+        .unwrap_or(rest.len());
+    let (clock, zone) = rest.split_at(time_end);
+    let hms: Vec<&str> = clock.split(':').collect();
+    if hms.len() != 3 {
+        return Err(bad());
+    }
+    let h: i64 = hms[0].parse().map_err(|_| bad())?;
+    let mi: i64 = hms[1].parse().map_err(|_| bad())?;
+    let sec: f64 = hms[2].parse().map_err(|_| bad())?;
+    let zone = zone.trim();
+    let offset = match zone {
+        "" => {
+            return Err(format!(
+                "'{s}' has no time zone; add one (e.g. '+00' or 'Z'), so the target cannot be \
+                 read in the wrong zone"
+            ))
+        }
+        "Z" | "UTC" | "z" => 0,
+        z if z.starts_with(['+', '-']) => {
+            let sign = if z.starts_with('-') { -1 } else { 1 };
+            let digits: String = z[1..].chars().filter(|c| *c != ':').collect();
+            let (hh, mm) = match digits.len() {
+                2 => (&digits[..2], "0"),
+                4 => (&digits[..2], &digits[2..]),
+                _ => return Err(bad()),
+            };
+            let hh: i64 = hh.parse().map_err(|_| bad())?;
+            let mm: i64 = mm.parse().map_err(|_| bad())?;
+            sign * (hh * 3600 + mm * 60)
+        }
+        _ => return Err(bad()),
+    };
+    if !(1..=12).contains(&d[1]) || !(1..=31).contains(&d[2]) || h > 23 || mi > 59 || sec >= 61.0 {
+        return Err(bad());
+    }
+    let days = days_from_civil(d[0], d[1], d[2]);
+    Ok((days * 86_400 + h * 3600 + mi * 60 - offset) as f64 + sec)
+}
+
+/// The newest backup that can reach `target`: one that ended (became consistent) before it.
+pub fn choose_backup<'a>(
+    backups: &'a [BackupManifest],
+    target: &Target,
+) -> Result<&'a BackupManifest, BackupError> {
+    let newest = backups.last().ok_or_else(|| {
+        BackupError::NoBackupForTarget(
+            "the repository has no backups; take one with `walship backup-push`".into(),
+        )
+    })?;
+    let before = |ok: &dyn Fn(&BackupManifest) -> bool, what: String| {
+        backups.iter().rev().find(|b| ok(b)).ok_or_else(|| {
+            let oldest = &backups[0];
+            BackupError::NoBackupForTarget(format!(
+                "no backup can reach {what}: the oldest backup, {}, becomes consistent only at \
+                 {} (LSN {}); PostgreSQL cannot recover to a point before that",
+                oldest.id, oldest.stop_time, oldest.stop_lsn
+            ))
+        })
+    };
+    match target {
+        Target::Time { text, epoch } => before(&|b| b.stop_epoch < *epoch, format!("time {text}")),
+        Target::Lsn(lsn) => before(
+            &|b| parse_lsn(&b.stop_lsn).is_some_and(|s| s <= *lsn),
+            format!("LSN {}", format_lsn(*lsn)),
+        ),
+        Target::Name {
+            name,
+            point: Some(p),
+        } => before(
+            &|b| {
+                parse_lsn(&b.stop_lsn)
+                    .zip(parse_lsn(&p.lsn))
+                    .is_some_and(|(s, at)| s <= at)
+            },
+            format!("restore point '{name}' (LSN {})", p.lsn),
+        ),
+        _ => Ok(newest),
+    }
+}
+
+/// Quote for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// Quote for postgresql.conf.
+fn conf_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\\', r"\\").replace('\'', "''"))
+}
+
+/// The lines walship adds to postgresql.auto.conf.
+pub fn recovery_settings(opts: &RecoveryOptions, restore_command: &str, backup: &str) -> String {
+    let mut s = format!(
+        "\n# Added by walship restore of backup {backup}; remove after recovery if you like.\n"
+    );
+    let mut set = |k: &str, v: String| s.push_str(&format!("{k} = {}\n", conf_quote(&v)));
+    set("restore_command", restore_command.to_string());
+    if opts.archive_off {
+        set("archive_mode", "off".into());
+    }
+    match &opts.target {
+        Target::EndOfArchive => {}
+        Target::Time { text, .. } => set("recovery_target_time", text.clone()),
+        Target::Name { name, .. } => set("recovery_target_name", name.clone()),
+        Target::Xid(x) => set("recovery_target_xid", x.to_string()),
+        Target::Lsn(l) => set("recovery_target_lsn", format_lsn(*l)),
+        Target::Immediate => set("recovery_target", "immediate".into()),
+    }
+    if opts.target != Target::EndOfArchive {
+        if let Some(a) = &opts.action {
+            set("recovery_target_action", a.clone());
+        }
+        if let Some(i) = opts.inclusive {
+            set("recovery_target_inclusive", i.to_string());
+        }
+    }
+    // With a target, follow the backup's own timeline unless told otherwise. PostgreSQL's default,
+    // 'latest', would follow any timeline forked later, such as one a restore drill promoted into
+    // the same repository, and could stop on that branch's data instead of the one the target
+    // meant. Without a target (replay everything), 'latest' is what people expect.
+    match (&opts.timeline, &opts.target) {
+        (Some(t), _) => set("recovery_target_timeline", t.clone()),
+        (None, Target::EndOfArchive) => {}
+        (None, _) => set("recovery_target_timeline", "current".into()),
+    }
+    s
+}
+
+/// Append the settings to postgresql.auto.conf and create recovery.signal or standby.signal.
+pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), BackupError> {
+    let conf = dir.join("postgresql.auto.conf");
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&conf)
+        .map_err(|e| BackupError::local("cannot open", &conf, e))?;
+    f.write_all(settings.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| BackupError::local("cannot write", &conf, e))?;
+    let signal = dir.join(if standby {
+        "standby.signal"
+    } else {
+        "recovery.signal"
+    });
+    fs::write(&signal, b"").map_err(|e| BackupError::local("cannot write", &signal, e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| BackupError::local("cannot fsync", dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_times_need_a_zone_and_mean_one_instant() {
+        let utc = parse_target_time("2026-11-24 12:44:59+00").unwrap();
+        assert_eq!(utc, 1_795_524_299.0);
+        assert_eq!(parse_target_time("2026-11-24T12:44:59Z").unwrap(), utc);
+        assert_eq!(parse_target_time("2026-11-24 13:44:59+01").unwrap(), utc);
+        assert_eq!(parse_target_time("2026-11-24 07:14:59-05:30").unwrap(), utc);
+        assert_eq!(
+            parse_target_time("2026-11-24 12:44:59.25 UTC").unwrap(),
+            utc + 0.25
+        );
+        assert!(parse_target_time("2026-11-24 12:44:59")
+            .unwrap_err()
+            .contains("no time zone"));
+        assert!(parse_target_time("yesterday").is_err());
+        assert!(parse_target_time("2026-13-24 12:44:59Z").is_err());
+        assert_eq!(parse_target_time("1970-01-01 00:00:00Z").unwrap(), 0.0);
+    }
+
+    #[test]
+    fn targets_follow_the_backups_timeline_unless_told() {
+        let opts = |target, timeline: Option<&str>| RecoveryOptions {
+            target,
+            action: Some("promote".into()),
+            inclusive: None,
+            timeline: timeline.map(str::to_string),
+            standby: false,
+            archive_off: false,
+        };
+        let s = recovery_settings(&opts(Target::Xid(42), None), "walship wal-fetch", "b");
+        assert!(s.contains("recovery_target_xid = '42'"), "{s}");
+        assert!(s.contains("recovery_target_timeline = 'current'"), "{s}");
+        assert!(s.contains("recovery_target_action = 'promote'"), "{s}");
+        let s = recovery_settings(&opts(Target::EndOfArchive, None), "x", "b");
+        assert!(!s.contains("recovery_target"), "{s}");
+        let s = recovery_settings(&opts(Target::Lsn(0x1_0000_0060), Some("latest")), "x", "b");
+        assert!(s.contains("recovery_target_lsn = '1/60'"), "{s}");
+        assert!(s.contains("recovery_target_timeline = 'latest'"), "{s}");
+    }
+
+    #[test]
+    fn quoting() {
+        assert_eq!(shell_quote("/usr/bin/walship"), "/usr/bin/walship");
+        assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
+        assert_eq!(conf_quote("it's"), "'it''s'");
+    }
+}

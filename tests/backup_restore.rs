@@ -1,0 +1,405 @@
+//! Base backups and point-in-time restore with real parts: PostgreSQL 15 archiving through walship,
+//! `walship backup-push` while pgbench writes, `walship restore` to a named restore point, to a time
+//! between two transactions and to the end of the archive, with a tablespace moved on restore.
+//! Then the failures: a target older than every backup, a corrupt part, a backup killed mid-upload,
+//! a non-empty target directory.
+
+mod common;
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use common::{walship, Cluster, S3Server};
+
+fn archiving_conf(cfg: &Path) -> String {
+    format!(
+        "wal_level = replica\narchive_mode = on\n\
+         archive_command = 'WALSHIP_LOG=walship=info {} --config {} wal-push %p'\n\
+         max_wal_size = '1GB'\ncheckpoint_timeout = '30min'\n",
+        common::WALSHIP,
+        cfg.display()
+    )
+}
+
+fn pg_args(c: &Cluster) -> Vec<String> {
+    vec![
+        "--pg-host".into(),
+        c.sock.display().to_string(),
+        "--pg-port".into(),
+        c.port.to_string(),
+        "--pg-user".into(),
+        "postgres".into(),
+        "--pg-dbname".into(),
+        "postgres".into(),
+    ]
+}
+
+fn run(cfg: &Path, args: &[String], cwd: &Path) -> Output {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    walship(cfg, &args, cwd)
+}
+
+fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "walship failed ({}):\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn backup_push(cfg: &Path, c: &Cluster, extra: &[&str]) -> Output {
+    let mut a = vec!["backup-push".to_string()];
+    a.extend(pg_args(c));
+    a.extend(extra.iter().map(|s| s.to_string()));
+    run(cfg, &a, c.data.parent().unwrap())
+}
+
+fn marks(c: &Cluster) -> String {
+    c.psql("select string_agg(note, ',' order by id) from marks")
+}
+
+fn accounts(c: &Cluster) -> String {
+    c.psql("select count(*) || ':' || sum(abalance) from pgbench_accounts")
+}
+
+/// Start a cluster restored by `walship restore` and wait until recovery has promoted it.
+fn start_restored(base: &Path, data: &Path, name: &str) -> Cluster {
+    common::chown_postgres(data);
+    let c = Cluster::at(base, data.to_path_buf(), name);
+    c.start();
+    let since = std::time::Instant::now();
+    while c.try_psql("select pg_is_in_recovery()").as_deref() != Some("f") {
+        assert!(
+            since.elapsed() < Duration::from_secs(180),
+            "{name} did not finish recovery:\n{}",
+            c.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    c
+}
+
+#[test]
+fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
+    let server = S3Server::start();
+    let base = common::shared_tempdir("pitr");
+    let keys = common::keygen(base.path());
+    let cfg = server.config(base.path(), "pitr", &keys);
+
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    let ts_dir = base.path().join("ts-original");
+    std::fs::create_dir_all(&ts_dir).unwrap();
+    common::chown_postgres(&ts_dir);
+    primary.psql(&format!(
+        "create tablespace fast location '{}'",
+        ts_dir.display()
+    ));
+    primary.psql("create table marks (id serial primary key, note text not null) tablespace fast");
+    primary.psql("insert into marks (note) values ('before backup')");
+    primary.pgbench(&["-i", "-s", "5", "-q"]);
+
+    // The backup runs while pgbench writes.
+    let load = {
+        let (sock, port) = (primary.sock.clone(), primary.port);
+        std::thread::spawn(move || {
+            common::run_ok(
+                common::as_postgres("pgbench")
+                    .args(["-U", "postgres", "-h"])
+                    .arg(&sock)
+                    .args([
+                        "-p",
+                        &port.to_string(),
+                        "-n",
+                        "-c",
+                        "2",
+                        "-T",
+                        "6",
+                        "postgres",
+                    ]),
+            );
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let id = ok(&backup_push(&cfg, &primary, &["--part-size-mb", "4"]));
+    load.join().unwrap();
+    assert_eq!(id.len(), 16, "backup-push prints the id: {id}");
+
+    // The bank's story: good work, a restore point, a time, then the faulty batch job.
+    primary.psql("insert into marks (note) values ('good work')");
+    let good_accounts = accounts(&primary);
+    let out = run(
+        &cfg,
+        &[
+            vec!["restore-point".into(), "before_batch".into()],
+            pg_args(&primary),
+        ]
+        .concat(),
+        base.path(),
+    );
+    assert!(ok(&out).starts_with("before_batch "), "prints name and LSN");
+    std::thread::sleep(Duration::from_millis(1100));
+    let between = primary
+        .psql("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'");
+    std::thread::sleep(Duration::from_millis(1100));
+    primary.psql("update pgbench_accounts set abalance = abalance - 1000 where aid <= 1000");
+    primary.psql("insert into marks (note) values ('batch job')");
+    let end_accounts = accounts(&primary);
+    let end_marks = marks(&primary);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last);
+    primary.stop();
+
+    let listed = ok(&run(
+        &cfg,
+        &["backup-list".into(), "--json".into()],
+        base.path(),
+    ));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["backups"][0]["id"], id.as_str());
+    assert!(listed["backups"][0]["stored_size"].as_u64().unwrap() > 0);
+    assert!(listed["newest_recoverable"]["lsn"].is_string());
+
+    // To the restore point, with the tablespace moved.
+    let moved = base.path().join("ts-moved");
+    let at_point = base.path().join("at-point");
+    let out = run(
+        &cfg,
+        &[
+            "restore".into(),
+            at_point.display().to_string(),
+            "--target-name".into(),
+            "before_batch".into(),
+            "--archive-mode".into(),
+            "off".into(),
+            "--target-action".into(),
+            "promote".into(),
+            "--tablespace-map".into(),
+            format!("{}={}", ts_dir.display(), moved.display()),
+        ],
+        base.path(),
+    );
+    ok(&out);
+    let auto = std::fs::read_to_string(at_point.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("recovery_target_name = 'before_batch'"),
+        "{auto}"
+    );
+    assert!(auto.contains("wal-fetch \"%f\" \"%p\""), "{auto}");
+    assert!(at_point.join("recovery.signal").exists());
+    assert!(
+        auto.contains("archive_mode = 'off'"),
+        "a drill does not archive: {auto}"
+    );
+    common::chown_postgres(&moved);
+    let c = start_restored(base.path(), &at_point, "at-point");
+    assert_eq!(marks(&c), "before backup,good work");
+    assert_eq!(
+        accounts(&c),
+        good_accounts,
+        "every earlier transaction is there"
+    );
+    assert_eq!(
+        std::fs::read_link(at_point.join(format!(
+            "pg_tblspc/{}",
+            c.psql("select oid from pg_tablespace where spcname = 'fast'")
+        )))
+        .unwrap(),
+        moved
+    );
+    c.stop();
+
+    // To a time between the restore point and the batch job.
+    let at_time = base.path().join("at-time");
+    ok(&run(
+        &cfg,
+        &[
+            "restore".into(),
+            at_time.display().to_string(),
+            "--target-time".into(),
+            between.clone(),
+            "--archive-mode".into(),
+            "off".into(),
+            "--target-action".into(),
+            "promote".into(),
+            "--tablespace-map".into(),
+            format!(
+                "{}={}",
+                ts_dir.display(),
+                base.path().join("ts-2").display()
+            ),
+        ],
+        base.path(),
+    ));
+    common::chown_postgres(&base.path().join("ts-2"));
+    let c = start_restored(base.path(), &at_time, "at-time");
+    assert_eq!(
+        marks(&c),
+        "before backup,good work",
+        "target time {between}"
+    );
+    assert_eq!(accounts(&c), good_accounts);
+    c.stop();
+
+    // To the end of the archive: the batch job is there too.
+    let at_end = base.path().join("at-end");
+    ok(&run(
+        &cfg,
+        &[
+            "restore".into(),
+            at_end.display().to_string(),
+            "--tablespace-map".into(),
+            format!(
+                "{}={}",
+                ts_dir.display(),
+                base.path().join("ts-3").display()
+            ),
+        ],
+        base.path(),
+    ));
+    common::chown_postgres(&base.path().join("ts-3"));
+    let c = start_restored(base.path(), &at_end, "at-end");
+    assert_eq!(marks(&c), end_marks);
+    assert_eq!(accounts(&c), end_accounts);
+    c.stop();
+}
+
+#[test]
+fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly() {
+    let base = common::shared_tempdir("backup-faults");
+    let keys = common::keygen(base.path());
+    let repo = base.path().join("repo");
+    let cfg = common::dir_config(base.path(), &repo, &keys);
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    primary.pgbench(&["-i", "-s", "2", "-q"]);
+
+    // Killed mid-upload: small parts, one upload at a time, killed once the first part is there.
+    let mut child = common::walship_cmd(
+        &cfg,
+        &[
+            &["backup-push"][..],
+            &pg_args(&primary)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+            &["--part-size-mb", "1", "--uploads", "1", "--threads", "1"],
+        ]
+        .concat(),
+        base.path(),
+    )
+    .spawn()
+    .unwrap();
+    common::wait_until("a first part", Duration::from_secs(60), || {
+        walkdir_has_part(&repo.join("backups"))
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let listed = ok(&run(
+        &cfg,
+        &["backup-list".into(), "--json".into()],
+        base.path(),
+    ));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed}");
+
+    // The next backup works.
+    let id = ok(&backup_push(&cfg, &primary, &[]));
+    primary.stop();
+
+    // A target older than every backup: a clear error, nothing written.
+    let old = base.path().join("old");
+    let out = run(
+        &cfg,
+        &[
+            "restore".into(),
+            old.display().to_string(),
+            "--target-time".into(),
+            "2001-01-01 00:00:00+00".into(),
+        ],
+        base.path(),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("no backup can reach"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!old.exists());
+    let out = run(
+        &cfg,
+        &[
+            "restore".into(),
+            old.display().to_string(),
+            "--target-time".into(),
+            "2001-01-01 00:00:00".into(),
+        ],
+        base.path(),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a time without a zone is a usage error"
+    );
+
+    // A non-empty target directory is refused.
+    let busy = base.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("keep-me"), b"x").unwrap();
+    let out = run(
+        &cfg,
+        &[
+            "backup-fetch".into(),
+            id.clone(),
+            busy.display().to_string(),
+        ],
+        base.path(),
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
+    assert!(busy.join("keep-me").exists());
+
+    // A corrupt part: the restore fails before anything could start PostgreSQL on it.
+    let part = repo.join(format!("backups/{id}/part-000000"));
+    let mut bytes = std::fs::read(&part).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&part, bytes).unwrap();
+    let bad = base.path().join("bad");
+    let out = run(
+        &cfg,
+        &["backup-fetch".into(), id.clone(), bad.display().to_string()],
+        base.path(),
+    );
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    assert!(bad.join("walship-restore-incomplete").exists());
+    assert!(
+        !bad.join("global/pg_control").exists(),
+        "PostgreSQL cannot start on it"
+    );
+}
+
+fn walkdir_has_part(dir: &Path) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            walkdir_has_part(&p)
+        } else {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        }
+    })
+}
