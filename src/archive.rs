@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::codec::{self, CodecError, Encoded, Header, Identities};
+use crate::codec::{self, CodecError, Encoded, Header, Identities, Recipients};
 use crate::config::{Config, RepoLocation};
 use crate::repo::{self, RepoMeta};
 use crate::storage::fs::{sync_dir, FsStore};
@@ -161,6 +161,44 @@ impl Archive {
                 }
             }
         }
+    }
+
+    /// Encode a small in-memory object (a manifest, a record) off the executor and `put` it.
+    pub async fn put_plain(
+        &self,
+        key: &ObjectKey,
+        plain: Vec<u8>,
+        recipients: &Arc<Recipients>,
+        level: i32,
+    ) -> Result<Stored, ArchiveError> {
+        let recipients = recipients.clone();
+        let enc =
+            tokio::task::spawn_blocking(move || codec::encode(&plain[..], &recipients, level))
+                .await
+                .expect("encode task does not panic")
+                .map_err(|source| ArchiveError::Codec {
+                    key: key.to_string(),
+                    source,
+                })?;
+        self.put(key, enc).await
+    }
+
+    /// Download a small object and decode it into memory, verified (AEAD, size, sha256).
+    pub async fn get_plain(
+        &self,
+        key: &ObjectKey,
+        ids: &Arc<Identities>,
+    ) -> Result<Vec<u8>, ArchiveError> {
+        let object = self.store.get(key).await?;
+        let (ids, key_s) = (ids.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            codec::decode(&object, &ids, &mut out)
+                .map(|_| out)
+                .map_err(|source| ArchiveError::Codec { key: key_s, source })
+        })
+        .await
+        .expect("decode task does not panic")
     }
 
     /// Download `key`, verify and decode it into a new file at `dest` atomically: a temp file in

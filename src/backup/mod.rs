@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::archive::{Archive, ArchiveError};
-use crate::codec::{self, Identities};
+use crate::codec::Identities;
 use crate::config::ConfigError;
 use crate::pg::conn::PgError;
 use crate::repo::backup::{self as layout, BackupManifest, MANIFEST_FORMAT};
@@ -65,22 +65,13 @@ pub async fn read_manifest(
     if !layout::valid_id(id) {
         return Err(BackupError::NoSuchBackup(id.to_string()));
     }
-    let key = layout::manifest_key(id);
-    let object = match archive.store().get(&key).await {
-        Ok(o) => o,
-        Err(StorageError::NotFound(_)) => return Err(BackupError::NoSuchBackup(id.to_string())),
-        Err(e) => return Err(ArchiveError::from(e).into()),
+    let plain = match archive.get_plain(&layout::manifest_key(id), ids).await {
+        Ok(p) => p,
+        Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
+            return Err(BackupError::NoSuchBackup(id.to_string()))
+        }
+        Err(e) => return Err(e.into()),
     };
-    let ids = ids.clone();
-    let key_s = key.to_string();
-    let plain = tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        codec::decode(&object, &ids, &mut out)
-            .map(|_| out)
-            .map_err(|source| ArchiveError::Codec { key: key_s, source })
-    })
-    .await
-    .expect("decode task does not panic")?;
     let m: BackupManifest =
         serde_json::from_slice(&plain).map_err(|e| BackupError::BadManifest {
             id: id.to_string(),

@@ -14,7 +14,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio_postgres::Client;
@@ -28,6 +28,7 @@ use crate::pg::conn::PgError;
 use crate::repo::backup::{self as layout, BackupManifest, FileEntry, PartEntry, MANIFEST_FORMAT};
 use crate::repo::{self, RepoMeta};
 use crate::storage::StorageError;
+use crate::time::epoch_rfc3339;
 use crate::wal::name::{format_lsn, parse_lsn, SegmentId, WalFileName};
 
 #[derive(Debug, Clone)]
@@ -79,11 +80,6 @@ async fn epoch(pg: &Client) -> Result<f64, BackupError> {
         .await
         .map_err(PgError::query("reading the server's clock"))?
         .get(0))
-}
-
-pub fn rfc3339(epoch: f64) -> String {
-    let t = SystemTime::UNIX_EPOCH + Duration::from_secs_f64(epoch.max(0.0));
-    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// `YYYYMMDDTHHMMSSZ` of an RFC 3339 UTC time.
@@ -142,7 +138,7 @@ pub async fn push(
     // An id nobody used: the start time, to the second.
     let (id, start_epoch) = loop {
         let e = epoch(pg).await?;
-        let id = id_of(&rfc3339(e));
+        let id = id_of(&epoch_rfc3339(e));
         let prefix = format!("{}{id}/", layout::BACKUPS_PREFIX);
         let used = archive
             .store()
@@ -241,8 +237,8 @@ pub async fn push(
         stop_lsn: format_lsn(stop),
         start_wal,
         stop_wal: stop_wal.to_string(),
-        start_time: rfc3339(start_epoch),
-        stop_time: rfc3339(stop_epoch),
+        start_time: epoch_rfc3339(start_epoch),
+        stop_time: epoch_rfc3339(stop_epoch),
         start_epoch,
         stop_epoch,
         from_standby: facts.in_recovery,
@@ -260,15 +256,14 @@ pub async fn push(
         why: format!("internal error, the manifest does not add up: {why}"),
     })?;
     let json = serde_json::to_vec(&manifest).expect("manifest serialises");
-    let level = opts.compression_level;
-    let enc = tokio::task::spawn_blocking(move || codec::encode(&json[..], &recipients, level))
-        .await
-        .expect("encode does not panic")
-        .map_err(|source| ArchiveError::Codec {
-            key: "manifest".into(),
-            source,
-        })?;
-    archive.put(&layout::manifest_key(&id), enc).await?;
+    archive
+        .put_plain(
+            &layout::manifest_key(&id),
+            json,
+            &recipients,
+            opts.compression_level,
+        )
+        .await?;
     tracing::info!(
         "backup {id}: complete; {} bytes stored for {} bytes",
         manifest.stored_size(),
@@ -478,6 +473,6 @@ mod tests {
         );
         assert_eq!(parse_label("nonsense"), None);
         assert_eq!(id_of("2026-11-24T01:02:03Z"), "20261124T010203Z");
-        assert!(layout::valid_id(&id_of(&rfc3339(1_795_000_000.4))));
+        assert!(layout::valid_id(&id_of(&epoch_rfc3339(1_795_000_000.4))));
     }
 }

@@ -1,7 +1,7 @@
 //! `backup-push`, `backup-list`, `backup-fetch`, `restore` and `restore-point`: wiring flags and
 //! config into the `backup` and `restore` modules.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -311,45 +311,15 @@ pub async fn fetch(cfg: &Config, args: &FetchArgs) -> Result<BackupManifest, Bac
     Ok(m)
 }
 
-fn absolute(p: &Path) -> PathBuf {
-    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
-}
-
-/// The restore_command that fetches from this repository with this call's settings. Secrets are
-/// never on it: they come from the files the config names, or from the server's environment.
+/// The restore_command that fetches from this repository with this call's settings.
 pub fn restore_command(global: &GlobalArgs, cfg: &Config) -> String {
     let exe = std::env::current_exe()
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_else(|_| "walship".into());
-    let mut args = vec![exe];
-    let mut flag = |k: &str, v: String| {
-        args.push(k.to_string());
-        args.push(v);
-    };
-    if let Some(c) = &cfg.config_file {
-        flag("--config", absolute(c).to_string_lossy().into_owned());
-    }
-    flag("--repo", cfg.repo_url.clone());
-    if let Some(i) = global.identity_file.as_ref().or(cfg.identity_file.as_ref()) {
-        flag(
-            "--identity-file",
-            absolute(i).to_string_lossy().into_owned(),
-        );
-    }
-    if let Some(s3) = &cfg.s3 {
-        if let Some(ep) = &s3.endpoint {
-            flag("--s3-endpoint", ep.clone());
-        }
-        flag("--s3-region", s3.region.clone());
-        flag("--s3-path-style", s3.path_style.to_string());
-        if let Some(ca) = &s3.ca_bundle {
-            flag(
-                "--s3-ca-bundle",
-                absolute(ca).to_string_lossy().into_owned(),
-            );
-        }
-    }
-    let mut cmd: Vec<String> = args.iter().map(|a| restore::shell_quote(a)).collect();
+    let mut cmd: Vec<String> = std::iter::once(exe)
+        .chain(crate::cli::repo_args(global, cfg))
+        .map(|a| restore::shell_quote(&a))
+        .collect();
     cmd.extend(["wal-fetch".into(), "\"%f\"".into(), "\"%p\"".into()]);
     cmd.join(" ")
 }
@@ -360,16 +330,11 @@ async fn read_restore_point(
     name: &str,
 ) -> Result<Option<RestorePoint>, BackupError> {
     let key = layout::restore_point_key(name);
-    let object = match archive.store().get(&key).await {
+    let out = match archive.get_plain(&key, ids).await {
         Ok(o) => o,
-        Err(StorageError::NotFound(_)) => return Ok(None),
-        Err(e) => return Err(ArchiveError::from(e).into()),
+        Err(ArchiveError::Storage(StorageError::NotFound(_))) => return Ok(None),
+        Err(e) => return Err(e.into()),
     };
-    let mut out = Vec::new();
-    codec::decode(&object, ids, &mut out).map_err(|source| ArchiveError::Codec {
-        key: key.to_string(),
-        source,
-    })?;
     serde_json::from_slice(&out)
         .map(Some)
         .map_err(|e| BackupError::Invalid(format!("restore point record {key} is unreadable: {e}")))
@@ -503,19 +468,16 @@ pub async fn restore_point(
         name: args.name.clone(),
         lsn: format_lsn(lsn),
         timeline,
-        time: backup::push::rfc3339(epoch),
+        time: crate::time::epoch_rfc3339(epoch),
         epoch,
     };
     let json = serde_json::to_vec(&point).expect("json");
-    let enc = codec::encode(&json[..], &recipients, cfg.compression_level).map_err(|source| {
-        ArchiveError::Codec {
-            key: "restore point".into(),
-            source,
-        }
-    })?;
     let key = layout::restore_point_key(&args.name);
     // A name used before keeps its first record: PostgreSQL recovers to the first point of a name.
-    archive.put(&key, enc).await.or_else(|e| match e {
+    let stored = archive
+        .put_plain(&key, json, &Arc::new(recipients), cfg.compression_level)
+        .await;
+    stored.or_else(|e| match e {
         ArchiveError::Conflict(_) => {
             tracing::warn!(
                 "a restore point named '{}' was recorded before; recovery to this name stops at the first one",

@@ -103,6 +103,42 @@ impl GlobalArgs {
     }
 }
 
+/// The flags that give a walship process started for this one (the prefetcher, PostgreSQL's
+/// restore_command after `restore`) the same repository settings. Paths are made absolute, since
+/// such processes may run elsewhere. Secrets never go on a command line: they come from the files
+/// the config names, or from the environment.
+pub fn repo_args(global: &GlobalArgs, cfg: &crate::config::Config) -> Vec<String> {
+    let absolute = |p: &std::path::Path| {
+        std::path::absolute(p)
+            .unwrap_or_else(|_| p.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
+    };
+    let mut args = Vec::new();
+    let mut flag = |k: &str, v: String| {
+        args.push(k.to_string());
+        args.push(v);
+    };
+    if let Some(c) = &cfg.config_file {
+        flag("--config", absolute(c));
+    }
+    flag("--repo", cfg.repo_url.clone());
+    if let Some(i) = global.identity_file.as_ref().or(cfg.identity_file.as_ref()) {
+        flag("--identity-file", absolute(i));
+    }
+    if let Some(s3) = &cfg.s3 {
+        if let Some(ep) = &s3.endpoint {
+            flag("--s3-endpoint", ep.clone());
+        }
+        flag("--s3-region", s3.region.clone());
+        flag("--s3-path-style", s3.path_style.to_string());
+        if let Some(ca) = &s3.ca_bundle {
+            flag("--s3-ca-bundle", absolute(ca));
+        }
+    }
+    args
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create an age identity file (mode 0600) and print its public key (the recipient)

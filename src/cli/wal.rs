@@ -132,26 +132,7 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
         .arg(&state_dir)
         .arg("--postmaster-pid-file")
         .arg(&pid_file)
-        .arg("--repo")
-        .arg(&cfg.repo_url);
-    if let Some(c) = &cfg.config_file {
-        cmd.arg("--config").arg(c);
-    }
-    if let Some(i) = &global.identity_file {
-        cmd.arg("--identity-file").arg(i);
-    }
-    if let Some(s3) = &cfg.s3 {
-        if let Some(ep) = &s3.endpoint {
-            cmd.arg("--s3-endpoint").arg(ep);
-        }
-        cmd.arg("--s3-region")
-            .arg(&s3.region)
-            .arg("--s3-path-style")
-            .arg(s3.path_style.to_string());
-        if let Some(ca) = &s3.ca_bundle {
-            cmd.arg("--s3-ca-bundle").arg(ca);
-        }
-    }
+        .args(super::repo_args(global, cfg));
     cmd.arg("--prefetch")
         .arg(cfg.wal.prefetch.to_string())
         .arg("--download-concurrency")
