@@ -211,12 +211,16 @@ pub fn encode(
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let mut buf = vec![0u8; FRAME];
+    // One output buffer for every frame, rather than a new allocation per frame.
+    let mut frame = Vec::with_capacity(zstd::zstd_safe::compress_bound(FRAME));
     loop {
         let n = read_full(&mut input, &mut buf)?;
         // An empty input still gets one (empty) frame: a zstd stream has at least one.
         if n > 0 || size == 0 {
             hasher.update(&buf[..n]);
-            age_writer.write_all(&compressor.compress(&buf[..n])?)?;
+            frame.clear();
+            compressor.compress_to_buffer(&buf[..n], &mut frame)?;
+            age_writer.write_all(&frame)?;
             size += n as u64;
         }
         if n < FRAME {

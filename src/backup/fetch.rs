@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 
+use super::pool::BufferPool;
 use super::progress::Progress;
 use super::BackupError;
 use crate::archive::{Archive, ArchiveError};
@@ -171,14 +172,16 @@ pub async fn fetch(
 
     let progress = Arc::new(Progress::new("backup-fetch", m.original_size()));
     let sem = Arc::new(Semaphore::new(opts.concurrency.max(1)));
+    let pool = BufferPool::default();
     let mut tasks = tokio::task::JoinSet::new();
     for (part, part_pieces) in m.parts.iter().zip(pieces) {
         let permit = sem.clone().acquire_owned().await.expect("open");
-        let (archive, ids, paths, progress) = (
+        let (archive, ids, paths, progress, pool) = (
             archive.clone(),
             ids.clone(),
             paths.clone(),
             progress.clone(),
+            pool.clone(),
         );
         let key = layout::part_key(&m.id, part.index);
         let (size, sha) = (part.plain_size, part.sha256.clone());
@@ -190,15 +193,18 @@ pub async fn fetch(
                 .await
                 .map_err(ArchiveError::from)?;
             tokio::task::spawn_blocking(move || {
-                restore_part(
+                let mut plain = pool.take();
+                let done = restore_part(
                     &object,
                     &ids,
                     &key.to_string(),
-                    size,
-                    &sha,
+                    (size, &sha),
                     &part_pieces,
                     &paths,
-                )
+                    &mut plain,
+                );
+                pool.give(plain);
+                done
             })
             .await
             .expect("restore task does not panic")?;
@@ -263,13 +269,13 @@ fn restore_part(
     object: &[u8],
     ids: &Identities,
     key: &str,
-    size: u64,
-    sha256: &str,
+    (size, sha256): (u64, &str),
     pieces: &[Piece],
     paths: &[PathBuf],
+    plain: &mut Vec<u8>,
 ) -> Result<(), BackupError> {
-    let mut plain = Vec::with_capacity(size as usize);
-    let header = codec::decode(object, ids, &mut plain).map_err(|source| ArchiveError::Codec {
+    plain.reserve(size as usize);
+    let header = codec::decode(object, ids, &mut *plain).map_err(|source| ArchiveError::Codec {
         key: key.to_string(),
         source,
     })?;

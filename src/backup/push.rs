@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
 use super::progress::Progress;
@@ -214,8 +214,28 @@ pub async fn push(
     // The last segment recovery needs: the one holding the byte before the stop point.
     let stop_wal =
         SegmentId::containing(timeline, stop.saturating_sub(1), facts.wal_segment_size).file_name();
-    tracing::info!("backup {id}: stopped at {stop_lsn}; waiting for {stop_wal} in the archive");
-    wait_archived(archive, &stop_wal, opts.wal_wait).await?;
+    if facts.in_recovery {
+        // A standby does not archive (unless archive_mode = always) and cannot switch segments:
+        // the primary archives this one when it fills or when its archive_timeout passes.
+        tracing::info!(
+            "backup {id}: stopped at {stop_lsn} on a standby; waiting for the primary to archive \
+             {stop_wal} (when it fills, or after the primary's archive_timeout)"
+        );
+    } else {
+        tracing::info!("backup {id}: stopped at {stop_lsn}; waiting for {stop_wal} in the archive");
+    }
+    wait_archived(archive, &stop_wal, opts.wal_wait)
+        .await
+        .map_err(|e| match e {
+            BackupError::WalNotArchived(why) if facts.in_recovery => {
+                BackupError::WalNotArchived(format!(
+                    "{why}. This backup ran on a standby: the primary archives that segment when \
+                     it fills or when archive_timeout passes, so set archive_timeout (e.g. 60) on \
+                     the primary, or run `select pg_switch_wal()` there while the backup waits"
+                ))
+            }
+            e => e,
+        })?;
     // Archiving has run by now, so the repository has its metadata: check it is ours.
     match archive.read_meta().await? {
         Some(meta) => check_cluster(&meta, &facts, &describe)?,
@@ -299,7 +319,12 @@ pub async fn wait_archived(
     }
 }
 
-/// Read `files` into parts and upload them; the files as recorded (sizes as read) and the parts.
+/// Read `files` into parts and upload them; the files as recorded and the parts.
+///
+/// The layout is planned from the sizes the walk saw, so every part can be read, compressed and
+/// encrypted by any thread on its own, straight from the files in frames that stay in the CPU's
+/// cache: no part-sized buffer of plaintext is ever held, and each byte crosses memory once on its
+/// way in.
 async fn upload_parts(
     archive: &Archive,
     recipients: Arc<Recipients>,
@@ -308,38 +333,40 @@ async fn upload_parts(
     opts: &PushOptions,
     progress: Arc<Progress>,
 ) -> Result<(Vec<FileEntry>, Vec<PartEntry>), BackupError> {
-    let (tx, mut rx) = mpsc::channel::<(u32, Vec<u8>)>(1);
-    let part_size = opts.part_size;
-    let reader_progress = progress.clone();
-    let reader = tokio::task::spawn_blocking(move || pack(files, part_size, tx, &reader_progress));
-
+    let (entries, plan) = plan_parts(&files, opts.part_size as u64);
+    let files = Arc::new(files);
     let threads = opts.threads.max(1);
-    let cpu = Arc::new(Semaphore::new(threads));
     let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
+    let cpu = Arc::new(Semaphore::new(threads));
+    // Encoded parts, being made or waiting for an upload slot: memory stays bounded.
     let in_memory = Arc::new(Semaphore::new(threads + opts.upload_concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut parts = Vec::new();
     let mut failed: Option<BackupError> = None;
-    while let Some((index, data)) = rx.recv().await {
+    for (index, pieces) in plan.into_iter().enumerate() {
         let held = in_memory.clone().acquire_owned().await.expect("open");
-        let (archive, recipients, cpu, uploads) = (
+        let working = cpu.clone().acquire_owned().await.expect("open");
+        let (archive, recipients, uploads, files, progress) = (
             archive.clone(),
             recipients.clone(),
-            cpu.clone(),
             uploads.clone(),
+            files.clone(),
+            progress.clone(),
         );
+        let index = index as u32;
         let key = layout::part_key(id, index);
         let level = opts.compression_level;
         tasks.spawn(async move {
             let _held = held;
-            let plain_size = data.len() as u64;
-            let working = cpu.acquire_owned().await.expect("open");
+            let plain_size = pieces.iter().map(|p| p.len).sum::<u64>();
             let key_s = key.to_string();
-            let enc =
-                tokio::task::spawn_blocking(move || codec::encode(&data[..], &recipients, level))
-                    .await
-                    .expect("encode does not panic")
-                    .map_err(|source| ArchiveError::Codec { key: key_s, source })?;
+            let enc = tokio::task::spawn_blocking(move || {
+                let reader = PartReader::new(&files, &pieces, &progress);
+                codec::encode(reader, &recipients, level)
+            })
+            .await
+            .expect("encode does not panic")
+            .map_err(|source| ArchiveError::Codec { key: key_s, source })?;
             drop(working);
             let sha256 = enc.header.sha256_hex();
             let _uploading = uploads.acquire().await.expect("open");
@@ -366,92 +393,142 @@ async fn upload_parts(
             break;
         }
     }
-    drop(rx); // a reader still sending stops
     while let Some(done) = tasks.join_next().await {
         match done.expect("part task does not panic") {
             Ok(p) => parts.push(p),
             Err(e) => failed = failed.or(Some(e)),
         }
     }
-    let read = reader.await.expect("reader does not panic");
     if let Some(e) = failed {
         return Err(e);
     }
-    let files = read?;
     parts.sort_by_key(|p| p.index);
-    Ok((files, parts))
+    Ok((entries, parts))
 }
 
-/// The reading thread: files back to back into parts of `part_size` bytes.
-fn pack(
-    files: Vec<WalkedFile>,
-    part_size: usize,
-    tx: mpsc::Sender<(u32, Vec<u8>)>,
-    progress: &Progress,
-) -> Result<Vec<FileEntry>, BackupError> {
-    let mut out = Vec::with_capacity(files.len());
-    let mut index = 0u32;
-    let mut buf: Vec<u8> = Vec::with_capacity(part_size);
-    let send = |index: u32, buf: Vec<u8>| {
-        tx.blocking_send((index, buf))
-            .map_err(|_| BackupError::Invalid("backup stopped: an upload failed".into()))
-    };
-    for f in files {
-        let mut file = match File::open(&f.abs) {
-            Ok(file) => file,
-            // Removed since the walk (a dropped table): PostgreSQL's WAL replay accounts for it.
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(BackupError::local("cannot read", &f.abs, e)),
-        };
-        let (part, offset) = (index, buf.len() as u64);
-        let mut size = 0u64;
-        // Up to the size the walk saw: what is appended later is replayed from WAL.
-        while size < f.size {
-            let room = (part_size - buf.len()).min((f.size - size) as usize);
-            let start = buf.len();
-            buf.resize(start + room, 0);
-            let n = read_up_to(&mut file, &mut buf[start..])
-                .map_err(|e| BackupError::local("cannot read", &f.abs, e))?;
-            buf.truncate(start + n);
-            size += n as u64;
-            progress.inc(n as u64);
-            if buf.len() == part_size {
-                send(
-                    index,
-                    std::mem::replace(&mut buf, Vec::with_capacity(part_size)),
-                )?;
-                index += 1;
-            }
-            if n < room {
-                break; // shorter than when walked: truncated meanwhile
-            }
-        }
-        out.push(FileEntry {
-            path: f.path,
-            size,
+/// A stretch of one file inside a part.
+#[derive(Debug, Clone, PartialEq)]
+struct PlannedPiece {
+    file: usize,
+    file_offset: u64,
+    len: u64,
+}
+
+/// Files back to back, cut into parts of `part_size` bytes: each file's place, and each part's
+/// pieces.
+fn plan_parts(files: &[WalkedFile], part_size: u64) -> (Vec<FileEntry>, Vec<Vec<PlannedPiece>>) {
+    let mut entries = Vec::with_capacity(files.len());
+    let mut plan: Vec<Vec<PlannedPiece>> = Vec::new();
+    let (mut part, mut offset) = (0u32, 0u64);
+    for (i, f) in files.iter().enumerate() {
+        entries.push(FileEntry {
+            path: f.path.clone(),
+            size: f.size,
             mode: f.mode,
             mtime: f.mtime,
             part,
             offset,
         });
-    }
-    if !buf.is_empty() {
-        send(index, buf)?;
-    }
-    Ok(out)
-}
-
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match file.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+        let mut done = 0;
+        while done < f.size {
+            let len = (part_size - offset).min(f.size - done);
+            if plan.len() <= part as usize {
+                plan.push(Vec::new());
+            }
+            plan[part as usize].push(PlannedPiece {
+                file: i,
+                file_offset: done,
+                len,
+            });
+            done += len;
+            offset += len;
+            if offset == part_size {
+                part += 1;
+                offset = 0;
+            }
         }
     }
-    Ok(filled)
+    (entries, plan)
+}
+
+/// Reads one part's pieces in order. A file that shrank or vanished since the walk reads as zeros
+/// up to the size the walk saw, as pg_basebackup pads it: WAL replay truncates or removes it again.
+struct PartReader<'a> {
+    files: &'a [WalkedFile],
+    pieces: &'a [PlannedPiece],
+    progress: &'a Progress,
+    piece: usize,
+    at: u64,
+    open: Option<(usize, Option<File>)>,
+}
+
+impl<'a> PartReader<'a> {
+    fn new(files: &'a [WalkedFile], pieces: &'a [PlannedPiece], progress: &'a Progress) -> Self {
+        Self {
+            files,
+            pieces,
+            progress,
+            piece: 0,
+            at: 0,
+            open: None,
+        }
+    }
+
+    fn file(&mut self, index: usize) -> std::io::Result<Option<&File>> {
+        if self.open.as_ref().map(|(i, _)| *i) != Some(index) {
+            let path = &self.files[index].abs;
+            let file = match File::open(path) {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::debug!("{} vanished during the backup", path.display());
+                    None
+                }
+                Err(e) => return Err(with_path(e, path)),
+            };
+            self.open = Some((index, file));
+        }
+        Ok(self.open.as_ref().and_then(|(_, f)| f.as_ref()))
+    }
+}
+
+fn with_path(e: std::io::Error, path: &std::path::Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
+}
+
+impl Read for PartReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let Some(p) = self.pieces.get(self.piece).cloned() else {
+            return Ok(0);
+        };
+        let want = buf.len().min((p.len - self.at) as usize);
+        let pos = p.file_offset + self.at;
+        let files = self.files;
+        let n = match self.file(p.file)? {
+            Some(f) => loop {
+                match f.read_at(&mut buf[..want], pos) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(with_path(e, &files[p.file].abs)),
+                    Ok(n) => break n,
+                }
+            },
+            None => 0,
+        };
+        let n = if n == 0 {
+            // Shorter than when walked: zeros to the walked size.
+            buf[..want].fill(0);
+            want
+        } else {
+            n
+        };
+        self.at += n as u64;
+        if self.at == p.len {
+            self.piece += 1;
+            self.at = 0;
+        }
+        self.progress.inc(n as u64);
+        Ok(n)
+    }
 }
 
 #[cfg(test)]
@@ -474,5 +551,69 @@ mod tests {
         assert_eq!(parse_label("nonsense"), None);
         assert_eq!(id_of("2026-11-24T01:02:03Z"), "20261124T010203Z");
         assert!(layout::valid_id(&id_of(&epoch_rfc3339(1_795_000_000.4))));
+    }
+
+    fn walked(path: &std::path::Path, size: u64) -> WalkedFile {
+        WalkedFile {
+            path: path.file_name().unwrap().to_string_lossy().into_owned(),
+            abs: path.to_path_buf(),
+            size,
+            mode: 0o600,
+            mtime: 0,
+        }
+    }
+
+    #[test]
+    fn parts_are_planned_back_to_back_and_read_with_zeros_for_what_vanished() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c, gone) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+            dir.path().join("gone"),
+        );
+        std::fs::write(&a, vec![1u8; 10]).unwrap();
+        std::fs::write(&b, b"").unwrap();
+        std::fs::write(&c, vec![3u8; 4]).unwrap(); // walked at 7 bytes, shrank to 4 since
+        let files = vec![
+            walked(&a, 10),
+            walked(&b, 0),
+            walked(&c, 7),
+            walked(&gone, 5),
+        ];
+        let (entries, plan) = plan_parts(&files, 8);
+        let places: Vec<(u32, u64, u64)> =
+            entries.iter().map(|e| (e.part, e.offset, e.size)).collect();
+        assert_eq!(places, vec![(0, 0, 10), (1, 2, 0), (1, 2, 7), (2, 1, 5)]);
+        assert_eq!(plan.len(), 3);
+        assert_eq!(
+            plan[1],
+            vec![
+                PlannedPiece {
+                    file: 0,
+                    file_offset: 8,
+                    len: 2
+                },
+                PlannedPiece {
+                    file: 2,
+                    file_offset: 0,
+                    len: 6
+                },
+            ]
+        );
+        let progress = Progress::new("test", 22);
+        let mut read = Vec::new();
+        for pieces in &plan {
+            let mut part = Vec::new();
+            PartReader::new(&files, pieces, &progress)
+                .read_to_end(&mut part)
+                .unwrap();
+            assert!(part.len() <= 8);
+            read.extend(part);
+        }
+        let mut want = vec![1u8; 10];
+        want.extend([3, 3, 3, 3, 0, 0, 0]);
+        want.extend([0; 5]);
+        assert_eq!(read, want);
     }
 }
