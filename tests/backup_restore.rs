@@ -1,8 +1,8 @@
 //! Base backups and point-in-time restore with real parts: PostgreSQL 15 archiving through walship,
 //! `walship backup-push` while pgbench writes, `walship restore` to a named restore point, to a time
 //! between two transactions and to the end of the archive, with a tablespace moved on restore.
-//! Then the failures: a target older than every backup, a corrupt part, a backup killed mid-upload,
-//! a non-empty target directory.
+//! A backup taken on a streaming standby, restored and promoted. Then the failures: a target older
+//! than every backup, a corrupt part, a backup killed mid-upload, a non-empty target directory.
 
 mod common;
 
@@ -273,6 +273,79 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
 }
 
 #[test]
+fn a_backup_taken_on_a_standby_restores_and_promotes() {
+    let base = common::shared_tempdir("standby-backup");
+    let keys = common::keygen(base.path());
+    let cfg = common::dir_config(base.path(), &base.path().join("repo"), &keys);
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    // A standby cannot switch WAL segments: the primary's archive_timeout is what archives the
+    // segment holding the backup's stop point.
+    primary.append_conf("archive_timeout = 2");
+    primary.start();
+    primary.pgbench(&["-i", "-s", "2", "-q"]);
+    primary.psql("create table marks (id serial primary key, note text not null)");
+    primary.psql("insert into marks (note) values ('before backup')");
+
+    let standby_dir = base.path().join("standby");
+    common::run_ok(
+        common::as_postgres("pg_basebackup")
+            .args(["-U", "postgres", "-h"])
+            .arg(&primary.sock)
+            .args(["-p", &primary.port.to_string()])
+            .args(["-X", "stream", "-R", "-c", "fast", "--no-sync", "-D"])
+            .arg(&standby_dir),
+    );
+    let standby = Cluster::at(base.path(), standby_dir.clone(), "standby");
+    standby.start();
+    common::wait_until(
+        "the standby to replay the first mark",
+        Duration::from_secs(60),
+        || standby.try_psql("select count(*) from marks").as_deref() == Some("1"),
+    );
+    assert_eq!(standby.psql("select pg_is_in_recovery()"), "t");
+
+    let id = ok(&backup_push(&cfg, &standby, &[]));
+    let listed = ok(&run(
+        &cfg,
+        &["backup-list".into(), "--json".into()],
+        base.path(),
+    ));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["backups"][0]["id"], id.as_str());
+    assert_eq!(listed["backups"][0]["from_standby"], true);
+
+    primary.psql("insert into marks (note) values ('after backup')");
+    let want = accounts(&primary);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last);
+    standby.stop();
+    primary.stop();
+
+    // The backup holds the standby's standby.signal; restore replaces it with recovery.signal,
+    // so recovery ends and the copy promotes instead of waiting for a primary.
+    let restored = base.path().join("restored");
+    ok(&run(
+        &cfg,
+        &[
+            "restore".into(),
+            restored.display().to_string(),
+            "--backup".into(),
+            id.clone(),
+            "--archive-mode".into(),
+            "off".into(),
+        ],
+        base.path(),
+    ));
+    assert!(restored.join("recovery.signal").exists());
+    assert!(!restored.join("standby.signal").exists());
+    let c = start_restored(base.path(), &restored, "restored");
+    assert_eq!(marks(&c), "before backup,after backup");
+    assert_eq!(accounts(&c), want);
+    c.stop();
+}
+
+#[test]
 fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly() {
     let base = common::shared_tempdir("backup-faults");
     let keys = common::keygen(base.path());
@@ -335,6 +408,25 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         stderr(&out)
     );
     assert!(!old.exists());
+    // A target later than the newest archived WAL: a clear error before anything is fetched.
+    let late = base.path().join("late");
+    let out = run(
+        &cfg,
+        &[
+            "restore".into(),
+            late.display().to_string(),
+            "--target-time".into(),
+            "2099-01-01 00:00:00+00".into(),
+        ],
+        base.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is past the end of the archive"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!late.exists());
     let out = run(
         &cfg,
         &[

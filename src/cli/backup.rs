@@ -16,6 +16,7 @@ use crate::pg::conn::{self, PgError, PgSettings};
 use crate::repo::backup::{self as layout, BackupManifest, RestorePoint};
 use crate::restore::{self, RecoveryOptions, Target};
 use crate::storage::StorageError;
+use crate::time::epoch_rfc3339;
 use crate::wal::name::{format_lsn, parse_lsn, SegmentId};
 
 #[derive(Debug, Args)]
@@ -176,11 +177,19 @@ pub async fn push(cfg: &Config, args: &PushArgs) -> Result<BackupManifest, Backu
     backup::push::push(&archive, recipients, &pg, &opts).await
 }
 
-/// The end of the WAL that follows `m` without a gap on its timeline, as (last segment, LSN).
+/// Where the WAL that follows a backup without a gap on its timeline ends.
+struct ArchiveEnd {
+    last_segment: String,
+    lsn: u64,
+    /// When the last segment was stored, by the storage's clock.
+    stored_at: Option<i64>,
+}
+
+/// The end of the WAL that follows `m` without a gap on its timeline.
 async fn archive_end(
     archive: &Archive,
     m: &BackupManifest,
-) -> Result<Option<(String, u64)>, BackupError> {
+) -> Result<Option<ArchiveEnd>, BackupError> {
     let Some(start) = crate::wal::name::WalFileName::parse(&m.start_wal)
         .ok()
         .and_then(|n| n.segment())
@@ -192,20 +201,68 @@ async fn archive_end(
         .list("wal/")
         .await
         .map_err(ArchiveError::from)?;
-    let names: std::collections::HashSet<&str> = objects
+    let stored: std::collections::HashMap<&str, Option<i64>> = objects
         .iter()
-        .filter_map(|o| o.key.as_str().rsplit('/').next())
+        .filter_map(|o| Some((o.key.as_str().rsplit('/').next()?, o.stored_at)))
         .collect();
     let mut last = None;
     let mut seg = start;
-    while names.contains(seg.file_name().as_str()) {
-        last = Some(seg);
+    while let Some(at) = stored.get(seg.file_name().as_str()) {
+        last = Some((seg, *at));
         seg = seg.advance(1, m.wal_segment_size);
     }
-    Ok(last.map(|s| {
-        let end = (s.segno(m.wal_segment_size) + 1) * m.wal_segment_size;
-        (s.file_name().to_string(), end)
+    Ok(last.map(|(s, stored_at)| ArchiveEnd {
+        last_segment: s.file_name().to_string(),
+        lsn: (s.segno(m.wal_segment_size) + 1) * m.wal_segment_size,
+        stored_at,
     }))
+}
+
+/// How far the storage's clock may be from the database's before a target time after the
+/// archive's newest WAL is called unreachable.
+const CLOCK_SLACK_SECS: i64 = 300;
+
+/// Refuse a time or LSN target that the WAL after `chosen` cannot reach, before anything is
+/// downloaded: PostgreSQL would replay everything and only then stop with "recovery ended before
+/// configured recovery target was reached".
+async fn check_reachable(
+    archive: &Archive,
+    chosen: &BackupManifest,
+    target: &Target,
+) -> Result<(), BackupError> {
+    if !matches!(target, Target::Lsn(_) | Target::Time { .. }) {
+        return Ok(());
+    }
+    let Some(end) = archive_end(archive, chosen).await? else {
+        return Ok(());
+    };
+    match target {
+        Target::Lsn(lsn) if *lsn > end.lsn => Err(BackupError::NoBackupForTarget(format!(
+            "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}); \
+             archive more WAL or choose an earlier target",
+            format_lsn(*lsn),
+            chosen.id,
+            format_lsn(end.lsn),
+            end.last_segment
+        ))),
+        Target::Time { text, epoch } => match end.stored_at {
+            Some(at) if *epoch > (at + CLOCK_SLACK_SECS) as f64 => {
+                Err(BackupError::NoBackupForTarget(format!(
+                    "target time {text} is past the end of the archive: the newest WAL after \
+                     backup {} on timeline {}, {}, was stored at {}, so recovery would replay it \
+                     all and stop short of the target; check that archiving works \
+                     (pg_stat_archiver on the server, walship errors in its log) or choose an \
+                     earlier time",
+                    chosen.id,
+                    chosen.timeline,
+                    end.last_segment,
+                    epoch_rfc3339(at as f64)
+                )))
+            }
+            _ => Ok(()),
+        },
+        _ => Ok(()),
+    }
 }
 
 fn human(bytes: u64) -> String {
@@ -235,7 +292,11 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
         let out = serde_json::json!({
             "backups": rows,
             "oldest_recoverable": backups.first().map(|m| serde_json::json!({"time": m.stop_time, "lsn": m.stop_lsn})),
-            "newest_recoverable": newest_end.as_ref().map(|(seg, lsn)| serde_json::json!({"lsn": format_lsn(*lsn), "last_segment": seg})),
+            "newest_recoverable": newest_end.as_ref().map(|e| serde_json::json!({
+                "lsn": format_lsn(e.lsn),
+                "last_segment": e.last_segment,
+                "stored_at": e.stored_at.map(|t| epoch_rfc3339(t as f64)),
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
@@ -268,9 +329,13 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
         oldest.stop_time, oldest.stop_lsn, oldest.id
     );
     match newest_end {
-        Some((seg, lsn)) => println!(
-            "recoverable to LSN {} (end of {seg}, the last archived segment without a gap after the newest backup)",
-            format_lsn(lsn)
+        Some(e) => println!(
+            "recoverable to LSN {} (end of {}, the last archived segment without a gap after the newest backup{})",
+            format_lsn(e.lsn),
+            e.last_segment,
+            e.stored_at
+                .map(|t| format!(", stored at {}", epoch_rfc3339(t as f64)))
+                .unwrap_or_default()
         ),
         None => println!("the newest backup's WAL is not in the archive yet"),
     }
@@ -384,18 +449,14 @@ pub async fn restore(
             restore::choose_backup(&all, &target)?.clone()
         }
     };
-    if let Target::Lsn(lsn) = target {
-        if let Some((seg, end)) = archive_end(&archive, &chosen).await? {
-            if lsn > end {
-                return Err(BackupError::NoBackupForTarget(format!(
-                    "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({seg}); \
-                     archive more WAL or choose an earlier target",
-                    format_lsn(lsn),
-                    chosen.id,
-                    format_lsn(end)
-                )));
-            }
-        }
+    // The checks follow the backup's own timeline; on another one (`latest`, or a number) the WAL
+    // continues under other names, and a standby waits for WAL that is yet to come.
+    let own_timeline = match args.target_timeline.as_deref() {
+        None | Some("current") => true,
+        Some(t) => t.parse::<u32>().ok() == Some(chosen.timeline),
+    };
+    if own_timeline && !args.standby {
+        check_reachable(&archive, &chosen, &target).await?;
     }
     tracing::info!(
         "restoring backup {} (ended {})",

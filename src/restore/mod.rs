@@ -222,11 +222,20 @@ pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), B
     f.write_all(settings.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| BackupError::local("cannot write", &conf, e))?;
-    let signal = dir.join(if standby {
-        "standby.signal"
+    let (wanted, other) = if standby {
+        ("standby.signal", "recovery.signal")
     } else {
-        "recovery.signal"
-    });
+        ("recovery.signal", "standby.signal")
+    };
+    // A backup taken on a standby carries its standby.signal; left in place it would win over
+    // recovery.signal and the restored cluster would wait for WAL forever instead of promoting.
+    let other = dir.join(other);
+    match fs::remove_file(&other) {
+        Ok(()) => tracing::info!("removed {} (from the backup)", other.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(BackupError::local("cannot remove", &other, e)),
+    }
+    let signal = dir.join(wanted);
     fs::write(&signal, b"").map_err(|e| BackupError::local("cannot write", &signal, e))?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -275,6 +284,20 @@ mod tests {
         let s = recovery_settings(&opts(Target::Lsn(0x1_0000_0060), Some("latest")), "x", "b");
         assert!(s.contains("recovery_target_lsn = '1/60'"), "{s}");
         assert!(s.contains("recovery_target_timeline = 'latest'"), "{s}");
+    }
+
+    #[test]
+    fn the_signal_asked_for_replaces_the_one_from_a_standby_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("standby.signal"), b"").unwrap();
+        write_recovery(dir.path(), "restore_command = 'x'\n", false).unwrap();
+        assert!(dir.path().join("recovery.signal").exists());
+        assert!(!dir.path().join("standby.signal").exists());
+        write_recovery(dir.path(), "", true).unwrap();
+        assert!(dir.path().join("standby.signal").exists());
+        assert!(!dir.path().join("recovery.signal").exists());
+        let conf = fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
+        assert_eq!(conf, "restore_command = 'x'\n");
     }
 
     #[test]

@@ -111,6 +111,22 @@ pub async fn run(store: &dyn Store) {
         Some(body.len() as u64),
         "sizes in listing"
     );
+    // Listings say when each object was stored (restore checks a target time against it), by a
+    // clock close to ours.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs() as i64;
+    for o in &all {
+        let at = o
+            .stored_at
+            .unwrap_or_else(|| panic!("{} has no time in listing", o.key));
+        assert!(
+            (at - now).abs() < 300,
+            "{} stored at {at}, now is {now}",
+            o.key
+        );
+    }
 
     // Delete removes, and deleting a missing object is fine.
     for k in [&a, &b, &h] {

@@ -122,9 +122,11 @@ fn walk(dir: &Path, root: &Path, prefix: &str, out: &mut Vec<ObjectInfo>) -> io:
                 .replace('\\', "/");
             if rel.starts_with(prefix) {
                 if let Ok(key) = ObjectKey::new(rel) {
+                    let meta = entry.metadata()?;
                     out.push(ObjectInfo {
                         key,
-                        size: entry.metadata()?.len(),
+                        size: meta.len(),
+                        stored_at: Some(std::os::unix::fs::MetadataExt::mtime(&meta)),
                     });
                 }
             }

@@ -64,6 +64,9 @@ pub enum PutOutcome {
 pub struct ObjectInfo {
     pub key: ObjectKey,
     pub size: u64,
+    /// When the object was stored, in Unix seconds by the storage's clock (S3 `LastModified`, a
+    /// file's mtime), when the backend says.
+    pub stored_at: Option<i64>,
 }
 
 /// What `Store::probe` learned about the storage.

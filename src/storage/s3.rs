@@ -151,6 +151,32 @@ fn describe_chain(err: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+impl S3Store {
+    /// S3 answers a GET of a missing key with 403, not 404, unless the caller may list the bucket
+    /// without a prefix condition, which least-privilege roles (terraform/'s) may not. A 403 would
+    /// make the end of the archive look like an access problem to wal-fetch, and the wait for a
+    /// backup's WAL fail; so on 403 a listing of the key itself decides: absent is NotFound.
+    async fn missing_or_denied(&self, full: &str, err: StorageError) -> StorageError {
+        if !matches!(err, StorageError::Denied(_)) {
+            return err;
+        }
+        let listed = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(full)
+            .max_keys(1)
+            .send()
+            .await;
+        match listed {
+            Ok(out) if !out.contents().iter().any(|o| o.key() == Some(full)) => {
+                StorageError::NotFound(format!("s3://{}/{full}", self.bucket))
+            }
+            _ => err,
+        }
+    }
+}
+
 #[async_trait]
 impl Store for S3Store {
     async fn put_if_absent(
@@ -198,8 +224,11 @@ impl Store for S3Store {
             .bucket(&self.bucket)
             .key(&full)
             .send()
-            .await
-            .map_err(|e| self.map(&full, e))?;
+            .await;
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return Err(self.missing_or_denied(&full, self.map(&full, e)).await),
+        };
         let data = out.body.collect().await.map_err(|e| {
             StorageError::Transient(format!(
                 "s3://{}/{full}: download interrupted: {}",
@@ -229,7 +258,7 @@ impl Store for S3Store {
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
                 return Ok(Bytes::new())
             }
-            Err(e) => return Err(self.map(&full, e)),
+            Err(e) => return Err(self.missing_or_denied(&full, self.map(&full, e)).await),
         };
         let data = out.body.collect().await.map_err(|e| {
             StorageError::Transient(format!(
@@ -263,6 +292,7 @@ impl Store for S3Store {
                     out.push(ObjectInfo {
                         key,
                         size: obj.size().unwrap_or(0).max(0) as u64,
+                        stored_at: obj.last_modified().map(|t| t.secs()),
                     });
                 }
             }
@@ -293,12 +323,16 @@ impl Store for S3Store {
         let bucket = self.bucket.clone();
         if let Err(e) = self.client.head_bucket().bucket(&bucket).send().await {
             // HEAD has no body, so a missing bucket is a bare 404.
-            return Err(match self.map("", e) {
-                StorageError::NotFound(_) => StorageError::NoBucket(format!(
+            match self.map("", e) {
+                StorageError::NotFound(_) => return Err(StorageError::NoBucket(format!(
                     "bucket '{bucket}' does not exist; create it (see minio-test/ or terraform/) or fix the repository URL"
-                )),
-                other => other,
-            });
+                ))),
+                // S3 authorises HeadBucket as a ListBucket without a prefix, which a role limited
+                // to the repository's prefix (terraform/'s policies) does not have: the listing
+                // below decides.
+                StorageError::Denied(_) if !self.prefix.is_empty() => {}
+                other => return Err(other),
+            }
         }
         let versioning = match self
             .client
