@@ -3,13 +3,14 @@
 //!
 //! Safety rules: exit 0 only once the object is durable; never overwrite an archived name with other
 //! content; refuse WAL from another cluster. A look-ahead upload leaves a record in
-//! `<state>/pushed/<name>` holding the file's identity (size, inode, mtime, ctime) and sha256; a later
+//! `<state>/pushed/<repository tag>/<name>` holding the file's identity (size, inode, mtime, ctime) and sha256; a later
 //! call for that name trusts the record only if the file still has that identity, else pushes again.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::name::{WalFileKind, WalFileName};
@@ -268,8 +269,15 @@ fn wal_name_of(path: &Path) -> Result<WalFileName, WalError> {
     Ok(WalFileName::parse(fname)?)
 }
 
-fn records_dir(settings: &WalSettings, pg_wal: &Path) -> std::path::PathBuf {
-    state_dir(settings.state_dir.as_deref(), pg_wal).join("pushed")
+/// One records directory per repository: a cluster that archives into two repositories
+/// (`wal-push` twice in archive_command) keeps the look-ahead of each instead of each call
+/// consuming, and so wasting, the other's records.
+fn records_dir(settings: &WalSettings, pg_wal: &Path, repo_id: &str) -> std::path::PathBuf {
+    let digest = Sha256::digest(repo_id.as_bytes());
+    let tag: String = digest[..6].iter().map(|b| format!("{b:02x}")).collect();
+    state_dir(settings.state_dir.as_deref(), pg_wal)
+        .join("pushed")
+        .join(tag)
 }
 
 /// The fast path, taken before any storage client is set up: true when an earlier call uploaded
@@ -278,7 +286,7 @@ pub fn uploaded_ahead(settings: &WalSettings, repo_id: &str, path: &Path) -> boo
     let Ok(name) = wal_name_of(path) else {
         return false;
     };
-    let records = records_dir(settings, &parent_dir(path));
+    let records = records_dir(settings, &parent_dir(path), repo_id);
     take_ahead_record(&records.join(name.as_str()), path, repo_id)
 }
 
@@ -286,7 +294,7 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     let name = wal_name_of(path)?;
     let fname = name.as_str();
     let pg_wal = parent_dir(path);
-    let records = records_dir(&ctx.settings, &pg_wal);
+    let records = records_dir(&ctx.settings, &pg_wal, &ctx.repo_id);
     let mut report = PushReport {
         name: name.to_string(),
         outcome: PushOutcome::AlreadyUploadedAhead,
@@ -402,6 +410,28 @@ mod tests {
         let n = WalFileName::parse("000000010000000000000004").unwrap();
         let err = check_segment(&wrong, &n, None).unwrap_err();
         assert!(err.to_string().contains("misnamed"), "{err}");
+    }
+
+    #[test]
+    fn each_repository_keeps_its_own_records() {
+        let settings = WalSettings {
+            lookahead: 16,
+            upload_concurrency: 3,
+            prefetch: 0,
+            download_concurrency: 1,
+            state_dir: None,
+            fetch_attempts: 1,
+            prefetch_idle: std::time::Duration::from_secs(1),
+        };
+        let wal = Path::new("/data/pg_wal");
+        let a = records_dir(&settings, wal, "s3://bucket/a");
+        assert_eq!(a, records_dir(&settings, wal, "s3://bucket/a"));
+        assert_ne!(a, records_dir(&settings, wal, "file:///backup/a"));
+        assert!(
+            a.starts_with("/data/pg_wal/.walship/pushed/"),
+            "{}",
+            a.display()
+        );
     }
 
     #[test]
