@@ -34,37 +34,15 @@ import tempfile
 import time
 from pathlib import Path
 
-PGBIN = Path("/usr/lib/postgresql/15/bin")
-ROOT = Path(__file__).resolve().parent.parent
-AS_ROOT = os.geteuid() == 0
-
-
-def as_pg(args):
-    return (["runuser", "-u", "postgres", "--"] if AS_ROOT else []) + [str(a) for a in args]
-
-
-def run(args, **kw):
-    return subprocess.run([str(a) for a in args], check=True, **kw)
-
+import benchlib
+from benchlib import AS_ROOT, PGBIN, as_pg, run
 
 RSS_FILE = None
 PASSES = 3  # every row is the best of this many passes, cp's and walship's alike
 
 
 def timed(args, cwd=None, env=None, sync=True):
-    """Run one process under GNU time; return (seconds, peak RSS in KiB, exit code, stderr).
-
-    Peak RSS comes from GNU time, not from this script's wait4: a child forked from Python carries
-    Python's own RSS until exec, and the kernel counts that as the child's peak.
-    """
-    if sync:
-        os.sync()  # no writeback of an earlier call in this one
-    t0 = time.perf_counter()
-    p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", RSS_FILE] + [str(a) for a in args],
-                       cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    secs = time.perf_counter() - t0
-    rss = int(Path(RSS_FILE).read_text().split()[-1])
-    return secs, rss, p.returncode, p.stderr.decode(errors="replace")
+    return benchlib.timed(args, RSS_FILE, cwd=cwd, env=env, sync=sync)
 
 
 def best_cp(names, src, dest_dir, dest, after=lambda x: None, sync=True):
@@ -239,33 +217,12 @@ def main():
     walship = work / "walship"
     shutil.copy(args.walship, walship)
 
-    keyfile = work / "identity.txt"
-    keyfile.unlink(missing_ok=True)
-    recipient = subprocess.run([walship, "keygen", "--output", keyfile], check=True,
-                               capture_output=True, text=True).stdout.strip()
     base_env = {k: v for k, v in os.environ.items() if not k.startswith("WALSHIP_")}
     base_env["WALSHIP_LOG"] = "walship=info"
     if args.compression_level:
         base_env["WALSHIP_COMPRESSION_LEVEL"] = str(args.compression_level)
-
-    repos = {}
-    (work / "archive").mkdir(exist_ok=True)
-    (work / "file.toml").write_text(
-        f'repo = "file://{work}/archive"\nrecipients = ["{recipient}"]\n'
-        f'identity_file = "{keyfile}"\n')
-    repos["file://"] = (work / "file.toml", base_env)
-    if args.s3_env:
-        s3 = dict(l.replace("export ", "", 1).split("=", 1)
-                  for l in args.s3_env.read_text().splitlines() if "=" in l)
-        (work / "s3-secret").write_text(s3["AWS_SECRET_ACCESS_KEY"])
-        s3_text = (
-            f'repo = "s3://{s3["WALSHIP_S3_BUCKET"]}/bench-{os.getpid()}-PUSHRUN"\n'
-            f'recipients = ["{recipient}"]\nidentity_file = "{keyfile}"\n'
-            f'[s3]\nendpoint = "{s3["WALSHIP_S3_ENDPOINT"]}"\nregion = "us-east-1"\n'
-            f'path_style = true\naccess_key_id = "{s3["AWS_ACCESS_KEY_ID"]}"\n'
-            f'secret_access_key_file = "{work}/s3-secret"\n')
-        (work / "s3.toml").write_text(s3_text)
-        repos["S3 (minio-test)"] = (work / "s3.toml", base_env)
+    configs, s3_text = benchlib.repo_configs(work, walship, args.s3_env, "PUSHRUN")
+    repos = {label: (cfg, base_env) for label, cfg in configs.items()}
 
     if (work / "pg" / "PG_VERSION").exists():  # --work of an earlier run: reuse its backlog
         data = work / "pg"
@@ -304,7 +261,7 @@ def main():
                     shutil.rmtree(work / "archive")
                     (work / "archive").mkdir()
                 else:  # a fresh prefix for each pass
-                    cfg.write_text(s3_text.replace("PUSHRUN", f"la{lookahead}-{attempt}"))
+                    cfg.write_text(s3_text.replace("PREFIX", f"la{lookahead}-{attempt}"))
                 e = dict(env, WALSHIP_LOOKAHEAD=str(lookahead))
                 result = bench_push(label, walship, cfg, data, names, e)
                 if best is None or result[0] < best[0]:
