@@ -20,6 +20,7 @@ use crate::time::epoch_rfc3339;
 use crate::wal::name::{format_lsn, parse_lsn, SegmentId};
 
 #[derive(Debug, Args)]
+#[command(next_help_heading = "PostgreSQL connection")]
 pub struct PgArgs {
     /// Server host or socket directory (default: PGHOST, else the local socket)
     #[arg(long, env = "WALSHIP_PG_HOST")]
@@ -48,8 +49,6 @@ impl PgArgs {
 
 #[derive(Debug, Args)]
 pub struct PushArgs {
-    #[command(flatten)]
-    pub pg: PgArgs,
     /// The data directory, if walship cannot read it at the path the server reports
     #[arg(long, env = "PGDATA")]
     pub pgdata: Option<PathBuf>,
@@ -65,6 +64,9 @@ pub struct PushArgs {
     /// Seconds to wait for the backup's last WAL segment to reach the archive
     #[arg(long, default_value_t = 300)]
     pub wal_wait_secs: u64,
+    // Last: the heading it sets carries on to the fields after it.
+    #[command(flatten)]
+    pub pg: PgArgs,
 }
 
 #[derive(Debug, Args)]
@@ -140,11 +142,12 @@ pub struct RestoreArgs {
 pub struct RestorePointArgs {
     /// The restore point's name
     pub name: String,
-    #[command(flatten)]
-    pub pg: PgArgs,
     /// Seconds to wait for the WAL holding the point to reach the archive
     #[arg(long, default_value_t = 300)]
     pub wal_wait_secs: u64,
+    // Last: the heading it sets carries on to the fields after it.
+    #[command(flatten)]
+    pub pg: PgArgs,
 }
 
 fn identities(cfg: &Config) -> Result<Arc<codec::Identities>, BackupError> {

@@ -27,6 +27,7 @@ pub struct Cli {
 
 /// Settings every command accepts. Each flag can also come from its WALSHIP_* variable.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Repository and settings (every command)")]
 pub struct GlobalArgs {
     /// Config file (TOML) [default: /etc/walship/walship.toml if it exists]
     #[arg(long, env = "WALSHIP_CONFIG", global = true)]
