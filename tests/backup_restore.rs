@@ -167,6 +167,27 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert_eq!(listed["backups"][0]["id"], id.as_str());
     assert!(listed["backups"][0]["stored_size"].as_u64().unwrap() > 0);
     assert!(listed["newest_recoverable"]["lsn"].is_string());
+    assert!(listed["newest_recoverable"]["stored_at"].is_string());
+
+    // The database host has only the public key: it lists backups all the same.
+    let public_only = base.path().join("public-only.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(text.contains("identity_file"), "{text}");
+    std::fs::write(
+        &public_only,
+        text.lines()
+            .filter(|l| !l.starts_with("identity_file"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let listed_public = ok(&run(
+        &public_only,
+        &["backup-list".into(), "--json".into()],
+        base.path(),
+    ));
+    let listed_public: serde_json::Value = serde_json::from_str(&listed_public).unwrap();
+    assert_eq!(listed_public, listed);
 
     // To the restore point, with the tablespace moved.
     let moved = base.path().join("ts-moved");

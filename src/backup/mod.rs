@@ -14,7 +14,7 @@ use crate::archive::{Archive, ArchiveError};
 use crate::codec::Identities;
 use crate::config::ConfigError;
 use crate::pg::conn::PgError;
-use crate::repo::backup::{self as layout, BackupManifest, MANIFEST_FORMAT};
+use crate::repo::backup::{self as layout, BackupManifest, BackupSummary, MANIFEST_FORMAT};
 use crate::storage::StorageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -105,14 +105,34 @@ pub async fn list_ids(archive: &Archive) -> Result<Vec<String>, BackupError> {
     Ok(ids)
 }
 
-/// Every complete backup's manifest, oldest first.
-pub async fn list(
+/// Every complete backup's summary, oldest first. A backup made before summaries existed is
+/// summarised from its manifest, which needs `ids`.
+pub async fn summaries(
     archive: &Archive,
-    ids: &Arc<Identities>,
-) -> Result<Vec<BackupManifest>, BackupError> {
+    ids: Option<&Arc<Identities>>,
+) -> Result<Vec<BackupSummary>, BackupError> {
     let mut out = Vec::new();
     for id in list_ids(archive).await? {
-        out.push(read_manifest(archive, ids, &id).await?);
+        match archive.store().get(&layout::summary_key(&id)).await {
+            Ok(bytes) => {
+                out.push(
+                    serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest {
+                        id: id.clone(),
+                        why: format!("summary.json is not valid: {e}"),
+                    })?,
+                )
+            }
+            Err(StorageError::NotFound(_)) => match ids {
+                Some(ids) => out.push(BackupSummary::of(&read_manifest(archive, ids, &id).await?)),
+                None => {
+                    return Err(BackupError::Invalid(format!(
+                        "backup {id} was made by a walship without plain summaries; list \
+                         backups on a host with the identity (identity_file or WALSHIP_IDENTITY)"
+                    )))
+                }
+            },
+            Err(e) => return Err(ArchiveError::from(e).into()),
+        }
     }
     Ok(out)
 }

@@ -25,7 +25,9 @@ use super::BackupError;
 use crate::archive::{Archive, ArchiveError, Stored};
 use crate::codec::{self, Recipients};
 use crate::pg::conn::PgError;
-use crate::repo::backup::{self as layout, BackupManifest, FileEntry, PartEntry, MANIFEST_FORMAT};
+use crate::repo::backup::{
+    self as layout, BackupManifest, BackupSummary, FileEntry, PartEntry, MANIFEST_FORMAT,
+};
 use crate::repo::{self, RepoMeta};
 use crate::storage::StorageError;
 use crate::time::epoch_rfc3339;
@@ -275,6 +277,14 @@ pub async fn push(
         id: id.clone(),
         why: format!("internal error, the manifest does not add up: {why}"),
     })?;
+    // The summary first: a backup is listed only once its manifest exists, so a summary without
+    // one (a backup killed here) is never shown.
+    let summary = serde_json::to_vec(&BackupSummary::of(&manifest)).expect("summary serialises");
+    archive
+        .store()
+        .put_if_absent(&layout::summary_key(&id), summary.into())
+        .await
+        .map_err(ArchiveError::from)?;
     let json = serde_json::to_vec(&manifest).expect("manifest serialises");
     archive
         .put_plain(

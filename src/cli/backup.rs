@@ -188,12 +188,14 @@ struct ArchiveEnd {
     stored_at: Option<i64>,
 }
 
-/// The end of the WAL that follows `m` without a gap on its timeline.
+/// The end of the WAL that follows a backup (its first segment, `start_wal`) without a gap on its
+/// timeline.
 async fn archive_end(
     archive: &Archive,
-    m: &BackupManifest,
+    start_wal: &str,
+    wal_segment_size: u64,
 ) -> Result<Option<ArchiveEnd>, BackupError> {
-    let Some(start) = crate::wal::name::WalFileName::parse(&m.start_wal)
+    let Some(start) = crate::wal::name::WalFileName::parse(start_wal)
         .ok()
         .and_then(|n| n.segment())
     else {
@@ -212,11 +214,11 @@ async fn archive_end(
     let mut seg = start;
     while let Some(at) = stored.get(seg.file_name().as_str()) {
         last = Some((seg, *at));
-        seg = seg.advance(1, m.wal_segment_size);
+        seg = seg.advance(1, wal_segment_size);
     }
     Ok(last.map(|(s, stored_at)| ArchiveEnd {
         last_segment: s.file_name().to_string(),
-        lsn: (s.segno(m.wal_segment_size) + 1) * m.wal_segment_size,
+        lsn: (s.segno(wal_segment_size) + 1) * wal_segment_size,
         stored_at,
     }))
 }
@@ -236,7 +238,7 @@ async fn check_reachable(
     if !matches!(target, Target::Lsn(_) | Target::Time { .. }) {
         return Ok(());
     }
-    let Some(end) = archive_end(archive, chosen).await? else {
+    let Some(end) = archive_end(archive, &chosen.start_wal, chosen.wal_segment_size).await? else {
         return Ok(());
     };
     match target {
@@ -274,10 +276,15 @@ fn human(bytes: u64) -> String {
 
 pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
     let archive = Archive::open(cfg, 5).await?;
-    let ids = identities(cfg)?;
-    let backups = backup::list(&archive, &ids).await?;
+    // The summaries are plain text: the identity is needed only for backups made before them.
+    let ids = match cfg.identities() {
+        Ok(ids) => Some(Arc::new(ids)),
+        Err(crate::config::ConfigError::NoIdentity) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let backups = backup::summaries(&archive, ids.as_ref()).await?;
     let newest_end = match backups.last() {
-        Some(m) => archive_end(&archive, m).await?,
+        Some(m) => archive_end(&archive, &m.start_wal, m.wal_segment_size).await?,
         None => None,
     };
     if json {
@@ -287,7 +294,7 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
                 serde_json::json!({
                     "id": m.id, "start_time": m.start_time, "stop_time": m.stop_time,
                     "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "timeline": m.timeline,
-                    "original_size": m.original_size(), "stored_size": m.stored_size(),
+                    "original_size": m.original_size, "stored_size": m.stored_size,
                     "pg_version_num": m.pg_version_num, "from_standby": m.from_standby,
                 })
             })
@@ -321,8 +328,8 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
             m.start_lsn,
             m.stop_lsn,
             m.timeline,
-            human(m.original_size()),
-            human(m.stored_size()),
+            human(m.original_size),
+            human(m.stored_size),
             m.pg_version_num
         );
     }
@@ -448,8 +455,9 @@ pub async fn restore(
     let chosen = match &args.backup {
         Some(which) => backup::resolve(&archive, &ids, which).await?,
         None => {
-            let all = backup::list(&archive, &ids).await?;
-            restore::choose_backup(&all, &target)?.clone()
+            let all = backup::summaries(&archive, Some(&ids)).await?;
+            let id = &restore::choose_backup(&all, &target)?.id;
+            backup::read_manifest(&archive, &ids, id).await?
         }
     };
     // The checks follow the backup's own timeline; on another one (`latest`, or a number) the WAL

@@ -3,6 +3,9 @@
 //! ```text
 //! backups/<id>/part-<NNNNNN>     the backup's bytes: files concatenated in manifest order, cut
 //!                                into parts of at most `part_size` plaintext bytes (codec format)
+//! backups/<id>/summary.json      what `backup-list` shows (plain JSON, no file names), written
+//!                                just before the manifest, so hosts with only the public key can
+//!                                list backups
 //! backups/<id>/manifest          the manifest (codec format: JSON, encrypted), written last
 //! restore-points/<hex(name)>     a named restore point made by `walship restore-point` (codec)
 //! ```
@@ -24,6 +27,7 @@ pub const BACKUPS_PREFIX: &str = "backups/";
 pub const RESTORE_POINTS_PREFIX: &str = "restore-points/";
 pub const MANIFEST_FORMAT: u32 = 1;
 const MANIFEST_NAME: &str = "manifest";
+const SUMMARY_NAME: &str = "summary.json";
 
 pub fn part_key(id: &str, index: u32) -> ObjectKey {
     ObjectKey::new(format!("{BACKUPS_PREFIX}{id}/part-{index:06}")).expect("valid key")
@@ -31,6 +35,10 @@ pub fn part_key(id: &str, index: u32) -> ObjectKey {
 
 pub fn manifest_key(id: &str) -> ObjectKey {
     ObjectKey::new(format!("{BACKUPS_PREFIX}{id}/{MANIFEST_NAME}")).expect("valid key")
+}
+
+pub fn summary_key(id: &str) -> ObjectKey {
+    ObjectKey::new(format!("{BACKUPS_PREFIX}{id}/{SUMMARY_NAME}")).expect("valid key")
 }
 
 /// The backup id a manifest key belongs to, if it is one.
@@ -121,6 +129,60 @@ pub struct BackupManifest {
     pub parts: Vec<PartEntry>,
     pub compression_level: i32,
     pub walship_version: String,
+}
+
+/// What `backup-list` shows of a backup, stored in plain text beside the encrypted manifest: no
+/// file names, no backup label, nothing that is not also visible from the objects' sizes and
+/// times. Restoring always reads the manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    pub format: u32,
+    pub id: String,
+    pub system_identifier: String,
+    pub pg_version_num: u32,
+    pub wal_segment_size: u64,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_wal: String,
+    pub stop_wal: String,
+    pub start_time: String,
+    pub stop_time: String,
+    pub start_epoch: f64,
+    pub stop_epoch: f64,
+    pub from_standby: bool,
+    pub original_size: u64,
+    pub stored_size: u64,
+    pub files: usize,
+    pub parts: usize,
+    pub walship_version: String,
+}
+
+impl BackupSummary {
+    pub fn of(m: &BackupManifest) -> Self {
+        Self {
+            format: m.format,
+            id: m.id.clone(),
+            system_identifier: m.system_identifier.clone(),
+            pg_version_num: m.pg_version_num,
+            wal_segment_size: m.wal_segment_size,
+            timeline: m.timeline,
+            start_lsn: m.start_lsn.clone(),
+            stop_lsn: m.stop_lsn.clone(),
+            start_wal: m.start_wal.clone(),
+            stop_wal: m.stop_wal.clone(),
+            start_time: m.start_time.clone(),
+            stop_time: m.stop_time.clone(),
+            start_epoch: m.start_epoch,
+            stop_epoch: m.stop_epoch,
+            from_standby: m.from_standby,
+            original_size: m.original_size(),
+            stored_size: m.stored_size(),
+            files: m.files.len(),
+            parts: m.parts.len(),
+            walship_version: m.walship_version.clone(),
+        }
+    }
 }
 
 impl BackupManifest {

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::backup::BackupError;
-use crate::repo::backup::{BackupManifest, RestorePoint};
+use crate::repo::backup::{BackupSummary, RestorePoint};
 use crate::wal::name::{format_lsn, parse_lsn};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -118,15 +118,15 @@ pub fn parse_target_time(s: &str) -> Result<f64, String> {
 
 /// The newest backup that can reach `target`: one that ended (became consistent) before it.
 pub fn choose_backup<'a>(
-    backups: &'a [BackupManifest],
+    backups: &'a [BackupSummary],
     target: &Target,
-) -> Result<&'a BackupManifest, BackupError> {
+) -> Result<&'a BackupSummary, BackupError> {
     let newest = backups.last().ok_or_else(|| {
         BackupError::NoBackupForTarget(
             "the repository has no backups; take one with `walship backup-push`".into(),
         )
     })?;
-    let before = |ok: &dyn Fn(&BackupManifest) -> bool, what: String| {
+    let before = |ok: &dyn Fn(&BackupSummary) -> bool, what: String| {
         backups.iter().rev().find(|b| ok(b)).ok_or_else(|| {
             let oldest = &backups[0];
             BackupError::NoBackupForTarget(format!(
