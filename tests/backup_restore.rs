@@ -367,6 +367,56 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
 }
 
 #[test]
+fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
+    let mut server = S3Server::start();
+    let base = common::shared_tempdir("backup-s3-faults");
+    let keys = common::keygen(base.path());
+    let cfg = server.config(base.path(), "faults", &keys);
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    primary.pgbench(&["-i", "-s", "1", "-q"]);
+    let id = ok(&backup_push(&cfg, &primary, &[]));
+
+    // The store goes away: one clear line, exit 3, and no new backup once it is back.
+    server.kill();
+    let out = backup_push(&cfg, &primary, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(err.contains("cannot reach the S3 endpoint"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    server.up();
+    let listed = ok(&run(
+        &cfg,
+        &["backup-list".into(), "--json".into()],
+        base.path(),
+    ));
+    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed["backups"][0]["id"], id.as_str());
+
+    // Another key: exit 4 and a message that names the identity; nothing PostgreSQL could start.
+    let other_dir = base.path().join("other");
+    std::fs::create_dir_all(&other_dir).unwrap();
+    let other = common::keygen(&other_dir);
+    let wrong = server.config(&other_dir, "faults", &other);
+    let dest = base.path().join("wrong-key");
+    let out = run(
+        &wrong,
+        &[
+            "backup-fetch".into(),
+            id.clone(),
+            dest.display().to_string(),
+        ],
+        base.path(),
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("identity"), "{err}");
+    assert!(!dest.join("global/pg_control").exists());
+}
+
+#[test]
 fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly() {
     let base = common::shared_tempdir("backup-faults");
     let keys = common::keygen(base.path());

@@ -85,7 +85,7 @@ pub enum StorageError {
     NoBucket(String),
     #[error("access denied: {0}; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the config's s3 section) and the bucket policy")]
     Denied(String),
-    #[error("storage unavailable: {0}")]
+    #[error("storage unavailable: {0}; check the network, the endpoint and the storage server (walship retried with back-off before giving up)")]
     Transient(String),
     #[error("invalid object key '{0}'")]
     InvalidKey(String),

@@ -44,7 +44,9 @@ impl<S: Store> Retrying<S> {
             match op().await {
                 Err(e) if e.is_transient() && attempt + 1 < self.policy.attempts => {
                     let delay = self.policy.delay(attempt);
-                    tracing::warn!(
+                    // info, not warn: a failure that lasts ends in one error line that says
+                    // so; each attempt's line is there for WALSHIP_LOG=walship=info.
+                    tracing::info!(
                         "{e}; retrying in {delay:?} (attempt {} of {})",
                         attempt + 2,
                         self.policy.attempts
