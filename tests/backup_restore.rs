@@ -61,6 +61,23 @@ fn backup_push(cfg: &Path, c: &Cluster, extra: &[&str]) -> Output {
     run(cfg, &a, c.data.parent().unwrap())
 }
 
+/// `walship restore DIR ARGS...`, run beside DIR.
+fn restore(cfg: &Path, dir: &Path, args: &[&str]) -> Output {
+    let mut a = vec!["restore".to_string(), dir.display().to_string()];
+    a.extend(args.iter().map(|s| s.to_string()));
+    run(cfg, &a, dir.parent().unwrap())
+}
+
+/// `walship backup-list --json`, parsed.
+fn list_json(cfg: &Path) -> serde_json::Value {
+    let out = ok(&run(
+        cfg,
+        &["backup-list".into(), "--json".into()],
+        cfg.parent().unwrap(),
+    ));
+    serde_json::from_str(&out).unwrap()
+}
+
 fn marks(c: &Cluster) -> String {
     c.psql("select string_agg(note, ',' order by id) from marks")
 }
@@ -158,12 +175,7 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     primary.wait_archived(&last);
     primary.stop();
 
-    let listed = ok(&run(
-        &cfg,
-        &["backup-list".into(), "--json".into()],
-        base.path(),
-    ));
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let listed = list_json(&cfg);
     assert_eq!(listed["backups"][0]["id"], id.as_str());
     assert!(listed["backups"][0]["stored_size"].as_u64().unwrap() > 0);
     assert!(listed["newest_recoverable"]["lsn"].is_string());
@@ -181,32 +193,25 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
             .join("\n"),
     )
     .unwrap();
-    let listed_public = ok(&run(
-        &public_only,
-        &["backup-list".into(), "--json".into()],
-        base.path(),
-    ));
-    let listed_public: serde_json::Value = serde_json::from_str(&listed_public).unwrap();
+    let listed_public = list_json(&public_only);
     assert_eq!(listed_public, listed);
 
     // To the restore point, with the tablespace moved.
     let moved = base.path().join("ts-moved");
     let at_point = base.path().join("at-point");
-    let out = run(
+    let out = restore(
         &cfg,
+        &at_point,
         &[
-            "restore".into(),
-            at_point.display().to_string(),
-            "--target-name".into(),
-            "before_batch".into(),
-            "--archive-mode".into(),
-            "off".into(),
-            "--target-action".into(),
-            "promote".into(),
-            "--tablespace-map".into(),
-            format!("{}={}", ts_dir.display(), moved.display()),
+            "--target-name",
+            "before_batch",
+            "--archive-mode",
+            "off",
+            "--target-action",
+            "promote",
+            "--tablespace-map",
+            &format!("{}={}", ts_dir.display(), moved.display()),
         ],
-        base.path(),
     );
     ok(&out);
     let auto = std::fs::read_to_string(at_point.join("postgresql.auto.conf")).unwrap();
@@ -240,25 +245,23 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
 
     // To a time between the restore point and the batch job.
     let at_time = base.path().join("at-time");
-    ok(&run(
+    ok(&restore(
         &cfg,
+        &at_time,
         &[
-            "restore".into(),
-            at_time.display().to_string(),
-            "--target-time".into(),
-            between.clone(),
-            "--archive-mode".into(),
-            "off".into(),
-            "--target-action".into(),
-            "promote".into(),
-            "--tablespace-map".into(),
-            format!(
+            "--target-time",
+            &between,
+            "--archive-mode",
+            "off",
+            "--target-action",
+            "promote",
+            "--tablespace-map",
+            &format!(
                 "{}={}",
                 ts_dir.display(),
                 base.path().join("ts-2").display()
             ),
         ],
-        base.path(),
     ));
     common::chown_postgres(&base.path().join("ts-2"));
     let c = start_restored(base.path(), &at_time, "at-time");
@@ -272,19 +275,17 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
 
     // To the end of the archive: the batch job is there too.
     let at_end = base.path().join("at-end");
-    ok(&run(
+    ok(&restore(
         &cfg,
+        &at_end,
         &[
-            "restore".into(),
-            at_end.display().to_string(),
-            "--tablespace-map".into(),
-            format!(
+            "--tablespace-map",
+            &format!(
                 "{}={}",
                 ts_dir.display(),
                 base.path().join("ts-3").display()
             ),
         ],
-        base.path(),
     ));
     common::chown_postgres(&base.path().join("ts-3"));
     let c = start_restored(base.path(), &at_end, "at-end");
@@ -327,12 +328,7 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     assert_eq!(standby.psql("select pg_is_in_recovery()"), "t");
 
     let id = ok(&backup_push(&cfg, &standby, &[]));
-    let listed = ok(&run(
-        &cfg,
-        &["backup-list".into(), "--json".into()],
-        base.path(),
-    ));
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let listed = list_json(&cfg);
     assert_eq!(listed["backups"][0]["id"], id.as_str());
     assert_eq!(listed["backups"][0]["from_standby"], true);
 
@@ -346,17 +342,10 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     // The backup holds the standby's standby.signal; restore replaces it with recovery.signal,
     // so recovery ends and the copy promotes instead of waiting for a primary.
     let restored = base.path().join("restored");
-    ok(&run(
+    ok(&restore(
         &cfg,
-        &[
-            "restore".into(),
-            restored.display().to_string(),
-            "--backup".into(),
-            id.clone(),
-            "--archive-mode".into(),
-            "off".into(),
-        ],
-        base.path(),
+        &restored,
+        &["--backup", &id, "--archive-mode", "off"],
     ));
     assert!(restored.join("recovery.signal").exists());
     assert!(!restored.join("standby.signal").exists());
@@ -386,12 +375,7 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
     assert!(err.contains("cannot reach the S3 endpoint"), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     server.up();
-    let listed = ok(&run(
-        &cfg,
-        &["backup-list".into(), "--json".into()],
-        base.path(),
-    ));
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let listed = list_json(&cfg);
     assert_eq!(listed["backups"].as_array().unwrap().len(), 1, "{listed}");
     assert_eq!(listed["backups"][0]["id"], id.as_str());
 
@@ -448,12 +432,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     });
     child.kill().unwrap();
     child.wait().unwrap();
-    let listed = ok(&run(
-        &cfg,
-        &["backup-list".into(), "--json".into()],
-        base.path(),
-    ));
-    let listed: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let listed = list_json(&cfg);
     assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed}");
 
     // The next backup works.
@@ -462,16 +441,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
 
     // A target older than every backup: a clear error, nothing written.
     let old = base.path().join("old");
-    let out = run(
-        &cfg,
-        &[
-            "restore".into(),
-            old.display().to_string(),
-            "--target-time".into(),
-            "2001-01-01 00:00:00+00".into(),
-        ],
-        base.path(),
-    );
+    let out = restore(&cfg, &old, &["--target-time", "2001-01-01 00:00:00+00"]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("no backup can reach"),
@@ -481,16 +451,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(!old.exists());
     // A target later than the newest archived WAL: a clear error before anything is fetched.
     let late = base.path().join("late");
-    let out = run(
-        &cfg,
-        &[
-            "restore".into(),
-            late.display().to_string(),
-            "--target-time".into(),
-            "2099-01-01 00:00:00+00".into(),
-        ],
-        base.path(),
-    );
+    let out = restore(&cfg, &late, &["--target-time", "2099-01-01 00:00:00+00"]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("is past the end of the archive"),
@@ -498,16 +459,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         stderr(&out)
     );
     assert!(!late.exists());
-    let out = run(
-        &cfg,
-        &[
-            "restore".into(),
-            old.display().to_string(),
-            "--target-time".into(),
-            "2001-01-01 00:00:00".into(),
-        ],
-        base.path(),
-    );
+    let out = restore(&cfg, &old, &["--target-time", "2001-01-01 00:00:00"]);
     assert_eq!(
         out.status.code(),
         Some(2),
