@@ -350,24 +350,25 @@ class ModuleTest(unittest.TestCase):
         dyn = dynamic_blocks(lc, "rule")
         self.assertEqual(len(dyn), 1)
         for_each, content = dyn[0]
-        self.assertEqual(for_each, "${local.transitions}")
+        self.assertEqual(for_each, "${var.transitions}")
         self.assertIn("transition", content)
         self.assertEqual(content["filter"][0]["prefix"], "${local.prefix}${rule.key}/")
-        self.assertIn("if t != null", self.locals["transitions"])
-        self.assertIn('"wal" = var.wal_transition', self.locals["transitions"])
-        self.assertIn('"backups" = var.backup_transition', self.locals["transitions"])
-        for v in ("wal_transition", "backup_transition"):
-            self.assertIsNone(self.vars[v]["default"], v)
+        self.assertEqual(self.vars["transitions"]["default"], {})
+
+    def test_transitions_only_for_the_repository_subtrees(self):
+        keys = [x for x in self.vars["transitions"]["validation"] if "keys(var.transitions)" in x["condition"]]
+        self.assertTrue(keys, "no validation of the transitions' keys")
+        self.assertEqual(set(re.findall(r'"([a-z]+)"', keys[0]["condition"])), {"wal", "backups"})
 
     def test_transition_classes_are_instant_retrieval_only(self):
-        for v in ("wal_transition", "backup_transition"):
-            validations = self.vars[v]["validation"]
-            class_rules = [x for x in validations if "storage_class" in x["condition"] and "contains([" in x["condition"]]
-            self.assertTrue(class_rules, v)
-            listed = set(re.findall(r'"([A-Z_]+)"', class_rules[0]["condition"]))
-            self.assertEqual(listed, INSTANT_CLASSES, v)
-            self.assertFalse(listed & ARCHIVE_CLASSES, v)
-            self.assertIn("GLACIER", class_rules[0]["error_message"])
+        validations = self.vars["transitions"]["validation"]
+        class_rules = [x for x in validations if "storage_class" in x["condition"] and "contains([" in x["condition"]
+                       and "30" not in x["condition"]]
+        self.assertTrue(class_rules)
+        listed = set(re.findall(r'"([A-Z_]+)"', class_rules[0]["condition"]))
+        self.assertEqual(listed, INSTANT_CLASSES)
+        self.assertFalse(listed & ARCHIVE_CLASSES)
+        self.assertIn("GLACIER", class_rules[0]["error_message"])
 
     # ----------------------------------------------------------------------------- providers, outputs
 

@@ -21,9 +21,8 @@ module "walship_bucket" {
   noncurrent_version_expiration_days = 35
 
   # Base backups are read rarely: move them to STANDARD_IA after 30 days. WAL stays in STANDARD.
-  backup_transition = {
-    days          = 30
-    storage_class = "STANDARD_IA"
+  transitions = {
+    backups = { days = 30, storage_class = "STANDARD_IA" }
   }
 
   create_roles        = true

@@ -11,10 +11,6 @@ locals {
 
   repo_url = local.prefix == "" ? "s3://${var.bucket_name}" : "s3://${var.bucket_name}/${trimsuffix(local.prefix, "/")}"
 
-  # Storage-class transitions, by the repository subtree they apply to; only those that are set.
-  transitions = {
-    for subtree, t in { "wal" = var.wal_transition, "backups" = var.backup_transition } : subtree => t if t != null
-  }
 }
 
 resource "aws_s3_bucket" "this" {
@@ -135,7 +131,7 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
 
   # Optional, off by default: WAL and base backups to an instant-retrieval storage class.
   dynamic "rule" {
-    for_each = local.transitions
+    for_each = var.transitions
 
     content {
       id     = "transition-${rule.key}"

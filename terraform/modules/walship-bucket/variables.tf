@@ -119,54 +119,34 @@ variable "abort_incomplete_multipart_upload_days" {
   }
 }
 
-variable "wal_transition" {
+variable "transitions" {
   description = <<-EOT
-    Move WAL objects (<prefix>wal/) to a cheaper storage class this many days after they were written.
-    null (default) keeps them in STANDARD. Only instant-retrieval classes are allowed: STANDARD_IA,
-    ONEZONE_IA, INTELLIGENT_TIERING, GLACIER_IR.
+    Move a repository subtree to a cheaper storage class this many days after its objects were
+    written, keyed by subtree: "wal" (<prefix>wal/) and/or "backups" (<prefix>backups/). Empty
+    (default): everything stays in STANDARD. Only instant-retrieval classes are allowed:
+    STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING, GLACIER_IR.
   EOT
-  type = object({
+  type = map(object({
     days          = number
     storage_class = optional(string, "STANDARD_IA")
-  })
-  default = null
+  }))
+  default = {}
 
   validation {
-    condition     = var.wal_transition == null || contains(["STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR"], try(var.wal_transition.storage_class, ""))
-    error_message = "wal_transition.storage_class must be STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR: GLACIER and DEEP_ARCHIVE objects cannot be read with a plain GetObject until they are restored, so wal-fetch (and with it PostgreSQL recovery) would fail."
+    condition     = alltrue([for k in keys(var.transitions) : contains(["wal", "backups"], k)])
+    error_message = "transitions keys must be \"wal\" or \"backups\", the repository's subtrees."
   }
 
   validation {
-    condition = var.wal_transition == null || (
-      try(floor(var.wal_transition.days) == var.wal_transition.days, false) &&
-      try(var.wal_transition.days >= (contains(["STANDARD_IA", "ONEZONE_IA"], var.wal_transition.storage_class) ? 30 : 0), false)
-    )
-    error_message = "wal_transition.days must be a whole number >= 0, and >= 30 for STANDARD_IA and ONEZONE_IA (an S3 rule)."
-  }
-}
-
-variable "backup_transition" {
-  description = <<-EOT
-    Move base-backup objects (<prefix>backups/) to a cheaper storage class this many days after they
-    were written. null (default) keeps them in STANDARD. Same classes allowed as for wal_transition.
-  EOT
-  type = object({
-    days          = number
-    storage_class = optional(string, "STANDARD_IA")
-  })
-  default = null
-
-  validation {
-    condition     = var.backup_transition == null || contains(["STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR"], try(var.backup_transition.storage_class, ""))
-    error_message = "backup_transition.storage_class must be STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR: GLACIER and DEEP_ARCHIVE objects cannot be read with a plain GetObject until they are restored, so backup-fetch would fail when you need it."
+    condition     = alltrue([for t in values(var.transitions) : contains(["STANDARD_IA", "ONEZONE_IA", "INTELLIGENT_TIERING", "GLACIER_IR"], t.storage_class)])
+    error_message = "transitions[*].storage_class must be STANDARD_IA, ONEZONE_IA, INTELLIGENT_TIERING or GLACIER_IR: GLACIER and DEEP_ARCHIVE objects cannot be read with a plain GetObject until they are restored, so wal-fetch and backup-fetch (and with them PostgreSQL recovery) would fail."
   }
 
   validation {
-    condition = var.backup_transition == null || (
-      try(floor(var.backup_transition.days) == var.backup_transition.days, false) &&
-      try(var.backup_transition.days >= (contains(["STANDARD_IA", "ONEZONE_IA"], var.backup_transition.storage_class) ? 30 : 0), false)
-    )
-    error_message = "backup_transition.days must be a whole number >= 0, and >= 30 for STANDARD_IA and ONEZONE_IA (an S3 rule)."
+    condition = alltrue([for t in values(var.transitions) :
+      floor(t.days) == t.days && t.days >= (contains(["STANDARD_IA", "ONEZONE_IA"], t.storage_class) ? 30 : 0)
+    ])
+    error_message = "transitions[*].days must be a whole number >= 0, and >= 30 for STANDARD_IA and ONEZONE_IA (an S3 rule)."
   }
 }
 
