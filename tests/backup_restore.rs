@@ -123,6 +123,20 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     primary.psql("create table marks (id serial primary key, note text not null) tablespace fast");
     primary.psql("insert into marks (note) values ('before backup')");
     primary.pgbench(&["-i", "-s", "5", "-q"]);
+    // Unlogged: recovery empties it, so the backup leaves out all but its init forks. Its index
+    // lives in the tablespace, whose database directories are walked the same way.
+    primary.psql(
+        "create unlogged table scratch (id int primary key using index tablespace fast, v text)",
+    );
+    primary.psql("insert into scratch select g, repeat('x', 200) from generate_series(1, 20000) g");
+    let scratch_files = [
+        primary.psql("select pg_relation_filepath('scratch')"),
+        primary.psql("select pg_relation_filepath('scratch_pkey')"),
+    ];
+    assert!(
+        scratch_files[1].starts_with("pg_tblspc/"),
+        "{scratch_files:?}"
+    );
 
     // The backup runs while pgbench writes.
     let load = {
@@ -225,9 +239,22 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         auto.contains("archive_mode = 'off'"),
         "a drill does not archive: {auto}"
     );
+    for f in &scratch_files {
+        assert!(!at_point.join(f).exists(), "{f}: unlogged, left out");
+        assert!(
+            at_point.join(format!("{f}_init")).exists(),
+            "{f}_init: kept, recovery needs it"
+        );
+    }
     common::chown_postgres(&moved);
     let c = start_restored(base.path(), &at_point, "at-point");
     assert_eq!(marks(&c), "before backup,good work");
+    assert_eq!(
+        c.psql("select count(*) from scratch"),
+        "0",
+        "unlogged: empty"
+    );
+    c.psql("insert into scratch values (1, 'usable')");
     assert_eq!(
         accounts(&c),
         good_accounts,

@@ -6,7 +6,11 @@
 //!   as an empty directory;
 //! - `postmaster.pid`, `postmaster.opts`, `backup_label`, `tablespace_map`, `backup_manifest`,
 //!   `current_logfiles`, `postgresql.auto.conf.tmp`, every `pg_internal.init`, and every file or
-//!   directory whose name starts with `pgsql_tmp`.
+//!   directory whose name starts with `pgsql_tmp`;
+//! - in database directories (`base/<oid>`, `pg_tblspc/<oid>/PG_*/<oid>`): temporary relations
+//!   (`t<backend>_<relfilenode>…`), and every fork of an unlogged relation except its init fork.
+//!   Recovery makes an unlogged relation empty again by copying its init fork over the main fork,
+//!   so its contents could never be restored anyway.
 //!
 //! `pg_tblspc/<oid>` symlinks are tablespaces: their targets are walked as `pg_tblspc/<oid>/…`.
 
@@ -65,6 +69,59 @@ fn skipped_name(name: &str) -> bool {
     name.starts_with("pgsql_tmp") || name == "pg_internal.init"
 }
 
+/// Whether `rel` (relative, `/`-separated) is a database directory, one that holds relation files.
+fn is_db_dir(rel: &str) -> bool {
+    let parts: Vec<&str> = rel.split('/').collect();
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        ["base", db] => digits(db),
+        ["pg_tblspc", ts, version, db] => digits(ts) && version.starts_with("PG_") && digits(db),
+        _ => false,
+    }
+}
+
+/// The relfilenode and fork of a permanent or unlogged relation's file name
+/// (`<relfilenode>[_<fork>][.<segment>]`); `None` for any other name.
+fn relation_file(name: &str) -> Option<(&str, &str)> {
+    let base = match name.split_once('.') {
+        Some((b, seg)) if !seg.is_empty() && seg.bytes().all(|c| c.is_ascii_digit()) => b,
+        Some(_) => return None,
+        None => name,
+    };
+    let (node, fork) = base.split_once('_').unwrap_or((base, "main"));
+    let node_ok = !node.is_empty() && node.bytes().all(|c| c.is_ascii_digit());
+    (node_ok && ["main", "fsm", "vm", "init"].contains(&fork)).then_some((node, fork))
+}
+
+/// Whether `name` is a temporary relation's file: `t<backend>_<relfilenode>[_<fork>][.<segment>]`.
+fn temp_relation_file(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('t') else {
+        return false;
+    };
+    let Some((backend, rel)) = rest.split_once('_') else {
+        return false;
+    };
+    !backend.is_empty()
+        && backend.bytes().all(|c| c.is_ascii_digit())
+        && relation_file(rel).is_some()
+}
+
+/// Names in a database directory that a backup leaves out: temporary relations, and the forks
+/// other than `init` of every relation that has an init fork (an unlogged one).
+fn db_dir_skips(names: &[String]) -> impl Fn(&str) -> bool {
+    let unlogged: std::collections::HashSet<String> = names
+        .iter()
+        .filter_map(|n| relation_file(n))
+        .filter(|(_, fork)| *fork == "init")
+        .map(|(node, _)| node.to_string())
+        .collect();
+    move |name: &str| {
+        temp_relation_file(name)
+            || relation_file(name)
+                .is_some_and(|(node, fork)| fork != "init" && unlogged.contains(node))
+    }
+}
+
 /// List everything a backup of `pgdata` copies, in a stable order (directories before their
 /// contents, names sorted).
 pub fn walk(pgdata: &Path) -> io::Result<Walked> {
@@ -111,9 +168,16 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()
         Err(e) => return Err(e),
     };
     entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if skipped_name(&name) || (top && TOP_FILES_SKIPPED.contains(&name.as_str())) {
+    let names: Vec<String> = entries
+        .iter()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let db_skip = is_db_dir(rel).then(|| db_dir_skips(&names));
+    for (e, name) in entries.iter().zip(names.iter().cloned()) {
+        if skipped_name(&name)
+            || (top && TOP_FILES_SKIPPED.contains(&name.as_str()))
+            || db_skip.as_ref().is_some_and(|skip| skip(&name))
+        {
             continue;
         }
         let path = e.path();
@@ -229,5 +293,88 @@ mod tests {
             }]
         );
         assert_eq!(w.total_size(), 10 + 11 + 17 + 3);
+    }
+    #[test]
+    fn leaves_out_temporary_relations_and_all_but_the_init_fork_of_unlogged_ones() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        let ts = root.path().join("ts");
+        let db = data.join("base/5");
+        let ts_db = ts.join("PG_15_202209061/5");
+        fs::create_dir_all(&db).unwrap();
+        fs::create_dir_all(&ts_db).unwrap();
+        fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+        fs::create_dir_all(data.join("global")).unwrap();
+        std::os::unix::fs::symlink(&ts, data.join("pg_tblspc/16400")).unwrap();
+        // 16384 is logged; 16390 is unlogged (it has an init fork), with a second segment.
+        for f in [
+            "16384",
+            "16384_fsm",
+            "16384_vm",
+            "16384.1",
+            "16390",
+            "16390_fsm",
+            "16390_vm",
+            "16390_init",
+            "16390.1",
+            "t3_16395",
+            "t3_16395_fsm",
+            "t3_16395.2",
+            "PG_VERSION",
+            "pg_filenode.map",
+            "1639",
+        ] {
+            fs::write(db.join(f), f).unwrap();
+        }
+        for f in ["16500", "16500_init", "16501", "t12_16502"] {
+            fs::write(ts_db.join(f), f).unwrap();
+        }
+        // Outside database directories the same names are ordinary files.
+        fs::write(data.join("global/16390_init"), b"x").unwrap();
+        fs::write(data.join("global/16390"), b"x").unwrap();
+
+        let w = walk(&data).unwrap();
+        let files: Vec<_> = w.files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(
+            files,
+            [
+                "base/5/16384",
+                "base/5/16384.1",
+                "base/5/16384_fsm",
+                "base/5/16384_vm",
+                "base/5/1639",
+                "base/5/16390_init",
+                "base/5/PG_VERSION",
+                "base/5/pg_filenode.map",
+                "global/16390",
+                "global/16390_init",
+                "pg_tblspc/16400/PG_15_202209061/5/16500_init",
+                "pg_tblspc/16400/PG_15_202209061/5/16501",
+            ]
+        );
+    }
+
+    #[test]
+    fn relation_file_names() {
+        assert_eq!(relation_file("16384"), Some(("16384", "main")));
+        assert_eq!(relation_file("16384.12"), Some(("16384", "main")));
+        assert_eq!(relation_file("16384_init"), Some(("16384", "init")));
+        assert_eq!(relation_file("16384_vm.1"), Some(("16384", "vm")));
+        for other in [
+            "16384_",
+            "16384.",
+            "16384_foo",
+            "16384.x",
+            "pg_filenode.map",
+            "PG_VERSION",
+            "_init",
+        ] {
+            assert_eq!(relation_file(other), None, "{other}");
+        }
+        assert!(temp_relation_file("t3_16384"));
+        assert!(temp_relation_file("t3_16384_fsm.4"));
+        assert!(!temp_relation_file("t_16384"));
+        assert!(!temp_relation_file("t3_"));
+        assert!(!temp_relation_file("16384"));
     }
 }
