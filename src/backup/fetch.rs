@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::Semaphore;
 
+use super::owner::Chown;
 use super::pool::BufferPool;
 use super::progress::Progress;
 use super::BackupError;
@@ -121,7 +122,10 @@ pub async fn fetch(
         }
     }
 
+    // Decided before the target is touched: its owner then is the fallback.
+    let chown = Chown::for_restore(m.owner.as_ref(), dest);
     prepare_empty(dest, opts.force, "target directory")?;
+    chown.apply(dest)?;
     let marker = dest.join(INCOMPLETE_MARKER);
     fs::write(
         &marker,
@@ -139,6 +143,7 @@ pub async fn fetch(
     for t in &m.tablespaces {
         let loc = tablespace_location(opts, t.oid, &t.location);
         prepare_empty(&loc, opts.force, "tablespace directory")?;
+        chown.apply(&loc)?;
         links.insert(format!("pg_tblspc/{}", t.oid), loc.clone());
         locations.push(loc);
     }
@@ -149,11 +154,13 @@ pub async fn fetch(
                 .map_err(|e| BackupError::local("cannot create", &path, e))?;
             std::os::unix::fs::symlink(loc, &path)
                 .map_err(|e| BackupError::local("cannot link", &path, e))?;
+            chown.apply(&path)?;
             continue;
         }
         fs::create_dir_all(&path).map_err(|e| BackupError::local("cannot create", &path, e))?;
         fs::set_permissions(&path, fs::Permissions::from_mode(d.mode))
             .map_err(|e| BackupError::local("cannot chmod", &path, e))?;
+        chown.apply(&path)?;
     }
     let paths: Arc<Vec<PathBuf>> = Arc::new(
         m.files
@@ -168,6 +175,7 @@ pub async fn fetch(
         let file = File::create(path).map_err(|e| BackupError::local("cannot create", path, e))?;
         file.set_len(f.size)
             .map_err(|e| BackupError::local("cannot size", path, e))?;
+        chown.apply(path)?;
     }
 
     let progress = Arc::new(Progress::new("backup-fetch", m.original_size()));
@@ -239,9 +247,11 @@ pub async fn fetch(
     let label = dest.join("backup_label");
     fs::write(&label, &m.backup_label)
         .map_err(|e| BackupError::local("cannot write", &label, e))?;
+    chown.apply(&label)?;
     if let Some(map) = remap_tablespace_map(m, opts) {
         let p = dest.join("tablespace_map");
         fs::write(&p, map).map_err(|e| BackupError::local("cannot write", &p, e))?;
+        chown.apply(&p)?;
     }
     // Everything on disk before pg_control makes the directory startable.
     for dir in std::iter::once(dest.to_path_buf()).chain(locations) {

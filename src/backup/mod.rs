@@ -2,6 +2,7 @@
 //! and reading their manifests. See `repo::backup` for the objects and the manifest.
 
 pub mod fetch;
+pub mod owner;
 pub mod pool;
 pub mod progress;
 pub mod push;

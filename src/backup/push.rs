@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio_postgres::Client;
 
+use super::owner;
 use super::progress::Progress;
 use super::walk::{self, WalkedFile};
 use super::BackupError;
@@ -171,6 +172,8 @@ pub async fn push(
         }
     );
 
+    let owner =
+        owner::of_data_dir(&pgdata).map_err(|e| BackupError::local("cannot read", &pgdata, e))?;
     let walk_dir = pgdata.clone();
     let walked = tokio::task::spawn_blocking(move || walk::walk(&walk_dir))
         .await
@@ -267,6 +270,7 @@ pub async fn push(
         backup_label: label,
         tablespace_map: spcmap.filter(|s| !s.is_empty()),
         tablespaces: walked.tablespaces,
+        owner: Some(owner),
         dirs: walked.dirs,
         files,
         parts,

@@ -78,6 +78,16 @@ pub struct DirEntry {
     pub mode: u32,
 }
 
+/// The owner of the backed-up data directory: names as the backed-up host knew them (a restore
+/// as root looks them up again where it runs), and the ids there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub user: Option<String>,
+    pub group: Option<String>,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileEntry {
     pub path: String,
@@ -124,6 +134,9 @@ pub struct BackupManifest {
     pub backup_label: String,
     pub tablespace_map: Option<String>,
     pub tablespaces: Vec<Tablespace>,
+    /// Absent in manifests written before owners were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
     pub dirs: Vec<DirEntry>,
     pub files: Vec<FileEntry>,
     pub parts: Vec<PartEntry>,
@@ -283,6 +296,7 @@ mod tests {
             backup_label: String::new(),
             tablespace_map: None,
             tablespaces: vec![],
+            owner: None,
             dirs: vec![],
             files: files
                 .iter()

@@ -5,6 +5,7 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
+use crate::backup::owner::Chown;
 use crate::backup::BackupError;
 use crate::repo::backup::{BackupSummary, RestorePoint};
 use crate::wal::name::{format_lsn, parse_lsn};
@@ -222,6 +223,9 @@ pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), B
     f.write_all(settings.as_bytes())
         .and_then(|_| f.sync_all())
         .map_err(|e| BackupError::local("cannot write", &conf, e))?;
+    // Restored as root: these belong to whoever the restore gave the directory to.
+    let chown = Chown::like(dir);
+    chown.apply(&conf)?;
     let (wanted, other) = if standby {
         ("standby.signal", "recovery.signal")
     } else {
@@ -237,6 +241,7 @@ pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), B
     }
     let signal = dir.join(wanted);
     fs::write(&signal, b"").map_err(|e| BackupError::local("cannot write", &signal, e))?;
+    chown.apply(&signal)?;
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| BackupError::local("cannot fsync", dir, e))
