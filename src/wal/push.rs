@@ -252,6 +252,9 @@ fn prune_records(dir: &Path, pg_wal: &Path) {
         return;
     };
     for e in entries.flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let n = e.file_name();
         let n = n.to_string_lossy();
         if n.starts_with(".tmp") || !pg_wal.join(&*n).exists() {
@@ -316,6 +319,10 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     // Look-ahead: other .ready files, uploaded alongside ours with bounded concurrency.
     let ahead: Vec<WalFileName> = if ctx.settings.lookahead > 0 {
         prune_records(&records, &pg_wal);
+        // Records kept directly in `pushed/` by earlier versions, once their segments are gone.
+        if let Some(all) = records.parent() {
+            prune_records(all, &pg_wal);
+        }
         ready_files(
             &pg_wal.join("archive_status"),
             fname,
@@ -431,6 +438,46 @@ mod tests {
             a.starts_with("/data/pg_wal/.walship/pushed/"),
             "{}",
             a.display()
+        );
+    }
+
+    #[test]
+    fn pruning_drops_records_of_recycled_segments_and_keeps_other_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("pg_wal");
+        std::fs::create_dir_all(&wal).unwrap();
+        seg(&wal, "000000010000000000000004", 42);
+        let pushed = dir.path().join("pushed");
+        let ours = pushed.join("aaaaaaaaaaaa");
+        let theirs = pushed.join("bbbbbbbbbbbb");
+        for d in [&ours, &theirs] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        for f in [
+            ours.join("000000010000000000000003"),
+            ours.join("000000010000000000000004"),
+            ours.join(".tmp.1"),
+            theirs.join("000000010000000000000003"),
+            pushed.join("000000010000000000000002"), // an earlier version's layout
+        ] {
+            std::fs::write(f, b"record").unwrap();
+        }
+        prune_records(&ours, &wal);
+        prune_records(&pushed, &wal);
+        let names = |d: &Path| {
+            let mut v: Vec<String> = std::fs::read_dir(d)
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(&ours), ["000000010000000000000004"]);
+        assert_eq!(names(&pushed), ["aaaaaaaaaaaa", "bbbbbbbbbbbb"]);
+        assert_eq!(
+            names(&theirs),
+            ["000000010000000000000003"],
+            "pruned by its own calls"
         );
     }
 
