@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
@@ -240,6 +241,11 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         ],
     );
     ok(&out);
+    assert!(
+        !stderr(&out).contains("cannot read"),
+        "every file restore_command needs is readable by postgres: {}",
+        stderr(&out)
+    );
     let auto = std::fs::read_to_string(at_point.join("postgresql.auto.conf")).unwrap();
     assert!(
         auto.contains("recovery_target_name = 'before_batch'"),
@@ -518,6 +524,23 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
     assert!(busy.join("keep-me").exists());
+
+    // A key only root can read: the restore itself works, and says that PostgreSQL's
+    // restore_command, which runs as postgres, could not read it.
+    let root_key = base.path().join("root-only-identity.txt");
+    std::fs::copy(&keys.identity, &root_key).unwrap();
+    std::fs::set_permissions(&root_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = restore(
+        &cfg,
+        &base.path().join("root-key"),
+        &["--identity-file", root_key.to_str().unwrap()],
+    );
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("who cannot read") && err.contains("root-only-identity.txt"),
+        "{err}"
+    );
 
     // A corrupt part: the restore fails before anything could start PostgreSQL on it.
     let part = repo.join(format!("backups/{id}/part-000000"));

@@ -85,6 +85,50 @@ fn decide(
     }
 }
 
+/// The groups of user `uid`: its primary group and those listing it as a member.
+fn groups_of(uid: u32, passwd: &str, group: &str) -> Vec<u32> {
+    let Some((name, _, primary)) = entries(passwd).find(|e| e.1 == uid) else {
+        return Vec::new();
+    };
+    let members = group.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        let listed = f.get(3)?.split(',').any(|m| m.trim() == name);
+        listed.then(|| f.get(2)?.parse().ok()).flatten()
+    });
+    primary.into_iter().chain(members).collect()
+}
+
+/// Whether mode bits grant `want` (4 read, 1 search) to `uid` with groups `gids` (ACLs aside).
+fn permits(owner: (u32, u32), mode: u32, uid: u32, gids: &[u32], want: u32) -> bool {
+    let shift = if owner.0 == uid {
+        6
+    } else if gids.contains(&owner.1) {
+        3
+    } else {
+        0
+    };
+    uid == 0 || (mode >> shift) & want == want
+}
+
+/// The files among `files` that the owner of `dir` (who PostgreSQL runs as) cannot read, going by
+/// mode bits along their paths. Only meaningful when run as root, who can read anything itself.
+pub fn unreadable_by_owner_of(dir: &Path, files: &[std::path::PathBuf]) -> Vec<(String, u32)> {
+    let Ok(uid) = fs::metadata(dir).map(|m| m.uid()) else {
+        return Vec::new();
+    };
+    let read = |p| fs::read_to_string(p).unwrap_or_default();
+    let gids = groups_of(uid, &read(PASSWD), &read(GROUP));
+    let may = |p: &Path, want| {
+        fs::metadata(p).is_ok_and(|m| permits((m.uid(), m.gid()), m.mode(), uid, &gids, want))
+    };
+    files
+        .iter()
+        .filter_map(|f| std::path::absolute(f).ok())
+        .filter(|f| !(f.ancestors().skip(1).all(|d| may(d, 1)) && may(f, 4)))
+        .map(|f| (f.display().to_string(), uid))
+        .collect()
+}
+
 /// Gives what a restore creates to the owner decided at its start; does nothing unless root.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Chown(Option<(u32, u32)>);
@@ -171,6 +215,25 @@ mod tests {
         let (ids, warning) = decide(None, None, PASSWD_TEXT, GROUP_TEXT);
         assert_eq!(ids, None);
         assert!(warning.unwrap().contains("does not record"));
+    }
+
+    #[test]
+    fn read_permission_follows_owner_group_and_other_bits() {
+        let gids = groups_of(105, PASSWD_TEXT, GROUP_TEXT);
+        assert_eq!(gids, [112, 113], "primary group, then memberships");
+        assert!(permits((105, 0), 0o400, 105, &gids, 4), "owner may read");
+        assert!(!permits((105, 0), 0o044, 105, &gids, 4), "owner bits win");
+        assert!(
+            permits((0, 113), 0o640, 105, &gids, 4),
+            "through a membership"
+        );
+        assert!(!permits((0, 0), 0o640, 105, &gids, 4));
+        assert!(permits((0, 0), 0o644, 105, &gids, 4));
+        assert!(!permits((0, 0), 0o700, 105, &gids, 1), "no search");
+        assert!(
+            permits((1001, 1001), 0o000, 0, &[], 4),
+            "root reads anything"
+        );
     }
 
     #[test]

@@ -496,7 +496,43 @@ pub async fn restore(
     };
     let settings = restore::recovery_settings(&opts, &restore_command(global, cfg), &chosen.id);
     restore::write_recovery(&args.dir, &settings, args.standby)?;
+    for w in restore_command_warnings(global, cfg, &args.dir) {
+        tracing::warn!("{w}");
+    }
     Ok(chosen)
+}
+
+/// What would stop the restore_command just written from working once PostgreSQL runs it, as the
+/// data directory's owner and with the server's environment, though this restore worked.
+fn restore_command_warnings(
+    global: &GlobalArgs,
+    cfg: &Config,
+    dir: &std::path::Path,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    let identity_file = global.identity_file.as_ref().or(cfg.identity_file.as_ref());
+    if cfg.identity_env.is_some() && identity_file.is_none() {
+        out.push(
+            "the identity came from WALSHIP_IDENTITY, which restore_command has only if it is in \
+             PostgreSQL's environment: give the PostgreSQL user an identity file and restore with \
+             --identity-file"
+                .to_string(),
+        );
+    }
+    if rustix::process::geteuid().is_root() {
+        let mut files: Vec<PathBuf> = std::env::current_exe().ok().into_iter().collect();
+        files.extend(cfg.config_file.clone());
+        files.extend(identity_file.cloned());
+        files.extend(cfg.s3.as_ref().and_then(|s| s.ca_bundle.clone()));
+        for (f, uid) in backup::owner::unreadable_by_owner_of(dir, &files) {
+            out.push(format!(
+                "PostgreSQL will run restore_command as uid {uid}, the owner of {}, who cannot \
+                 read {f}: make it readable to that user, or recovery stops at its first WAL fetch",
+                dir.display()
+            ));
+        }
+    }
+    out
 }
 
 pub async fn restore_point(
