@@ -175,7 +175,7 @@ pub async fn fetch(
         let file = File::create(path).map_err(|e| BackupError::local("cannot create", path, e))?;
         file.set_len(f.size)
             .map_err(|e| BackupError::local("cannot size", path, e))?;
-        chown.apply(path)?;
+        chown.apply_to(&file, path)?;
     }
 
     let progress = Arc::new(Progress::new("backup-fetch", m.original_size()));

@@ -167,6 +167,15 @@ impl Chown {
             None => Ok(()),
         }
     }
+
+    /// Give the open file `f` (at `path`, for the error) to the owner, without a path lookup.
+    pub fn apply_to(&self, f: &fs::File, path: &Path) -> Result<(), BackupError> {
+        match self.0 {
+            Some((uid, gid)) => std::os::unix::fs::fchown(f, Some(uid), Some(gid))
+                .map_err(|e| BackupError::local("cannot change the owner of", path, e)),
+            None => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]
