@@ -180,6 +180,8 @@ pub struct Config {
     pub wal: WalSettings,
     /// The config file that was read, if any: passed on to processes walship starts.
     pub config_file: Option<PathBuf>,
+    /// Where the S3 secret key was read from, if the config named a file.
+    pub s3_secret_file: Option<PathBuf>,
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
@@ -233,6 +235,10 @@ impl Config {
             ));
         }
 
+        let s3_secret_file = match &repo {
+            RepoLocation::S3 { .. } => file.s3.secret_access_key_file.clone(),
+            RepoLocation::Dir(_) => None,
+        };
         let s3 = match &repo {
             RepoLocation::Dir(_) => None,
             RepoLocation::S3 { bucket, prefix } => {
@@ -314,6 +320,7 @@ impl Config {
             compression_level,
             wal,
             config_file,
+            s3_secret_file,
         })
     }
 

@@ -525,22 +525,36 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
     assert!(busy.join("keep-me").exists());
 
-    // A key only root can read: the restore itself works, and says that PostgreSQL's
-    // restore_command, which runs as postgres, could not read it.
+    // A key only root can read, and the repository reached through a directory only root can
+    // enter: the restore itself works, and says that PostgreSQL's restore_command, which runs as
+    // postgres, could read neither.
     let root_key = base.path().join("root-only-identity.txt");
     std::fs::copy(&keys.identity, &root_key).unwrap();
     std::fs::set_permissions(&root_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let root_dir = base.path().join("root-only");
+    std::fs::create_dir(&root_dir).unwrap();
+    std::fs::set_permissions(&root_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::os::unix::fs::symlink(&repo, root_dir.join("repo")).unwrap();
+    let root_repo = format!("file://{}", root_dir.join("repo").display());
     let out = restore(
         &cfg,
         &base.path().join("root-key"),
-        &["--identity-file", root_key.to_str().unwrap()],
+        &[
+            "--identity-file",
+            root_key.to_str().unwrap(),
+            "--repo",
+            &root_repo,
+        ],
     );
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
-    assert!(
-        err.contains("who cannot read") && err.contains("root-only-identity.txt"),
-        "{err}"
-    );
+    let cannot_read: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("who cannot read"))
+        .collect();
+    assert_eq!(cannot_read.len(), 2, "{err}");
+    assert!(cannot_read[0].contains("root-only-identity.txt"), "{err}");
+    assert!(cannot_read[1].contains("root-only/repo"), "{err}");
 
     // A corrupt part: the restore fails before anything could start PostgreSQL on it.
     let part = repo.join(format!("backups/{id}/part-000000"));

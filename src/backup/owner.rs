@@ -110,8 +110,9 @@ fn permits(owner: (u32, u32), mode: u32, uid: u32, gids: &[u32], want: u32) -> b
     uid == 0 || (mode >> shift) & want == want
 }
 
-/// The files among `files` that the owner of `dir` (who PostgreSQL runs as) cannot read, going by
-/// mode bits along their paths. Only meaningful when run as root, who can read anything itself.
+/// The files among `files` that the owner of `dir` (who PostgreSQL runs as) cannot read (a
+/// directory: list and enter), going by mode bits along their paths. Only meaningful when run as
+/// root, who can read anything itself.
 pub fn unreadable_by_owner_of(dir: &Path, files: &[std::path::PathBuf]) -> Vec<(String, u32)> {
     let Ok(uid) = fs::metadata(dir).map(|m| m.uid()) else {
         return Vec::new();
@@ -124,7 +125,10 @@ pub fn unreadable_by_owner_of(dir: &Path, files: &[std::path::PathBuf]) -> Vec<(
     files
         .iter()
         .filter_map(|f| std::path::absolute(f).ok())
-        .filter(|f| !(f.ancestors().skip(1).all(|d| may(d, 1)) && may(f, 4)))
+        .filter(|f| {
+            let want = if f.is_dir() { 4 | 1 } else { 4 };
+            !(f.ancestors().skip(1).all(|d| may(d, 1)) && may(f, want))
+        })
         .map(|f| (f.display().to_string(), uid))
         .collect()
 }

@@ -11,7 +11,7 @@ use crate::archive::{Archive, ArchiveError};
 use crate::backup::{self, fetch::FetchOptions, push::PushOptions, BackupError};
 use crate::cli::GlobalArgs;
 use crate::codec;
-use crate::config::Config;
+use crate::config::{Config, RepoLocation};
 use crate::pg::conn::{self, PgError, PgSettings};
 use crate::repo::backup::{self as layout, BackupManifest, RestorePoint};
 use crate::restore::{self, RecoveryOptions, Target};
@@ -519,11 +519,22 @@ fn restore_command_warnings(
                 .to_string(),
         );
     }
-    if rustix::process::geteuid().is_root() {
+    let root = rustix::process::geteuid().is_root();
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    out.extend(s3_credentials_warning(
+        cfg,
+        |k| std::env::var_os(k).filter(|v| !v.is_empty()).is_some(),
+        home.filter(|_| root).as_deref(),
+    ));
+    if root {
         let mut files: Vec<PathBuf> = std::env::current_exe().ok().into_iter().collect();
         files.extend(cfg.config_file.clone());
         files.extend(identity_file.cloned());
         files.extend(cfg.s3.as_ref().and_then(|s| s.ca_bundle.clone()));
+        files.extend(cfg.s3_secret_file.clone());
+        if let RepoLocation::Dir(repo) = &cfg.repo {
+            files.push(repo.clone());
+        }
         for (f, uid) in backup::owner::unreadable_by_owner_of(dir, &files) {
             out.push(format!(
                 "PostgreSQL will run restore_command as uid {uid}, the owner of {}, who cannot \
@@ -533,6 +544,44 @@ fn restore_command_warnings(
         }
     }
     out
+}
+
+/// Why restore_command might lack the S3 credentials this call used: keys from variables only
+/// this call's environment may hold, or (`root_home`: run as root) from root's own `~/.aws`, which
+/// PostgreSQL's user does not read. Keys from the config file are checked as files instead.
+fn s3_credentials_warning(
+    cfg: &Config,
+    env_set: impl Fn(&str) -> bool,
+    root_home: Option<&std::path::Path>,
+) -> Option<String> {
+    let s3 = cfg.s3.as_ref()?;
+    if s3.static_credentials.is_some() {
+        return None;
+    }
+    let fix =
+        "set s3.access_key_id and s3.secret_access_key_file in the config file, or make sure \
+               PostgreSQL runs with the same credentials";
+    if let Some(var) = ["AWS_ACCESS_KEY_ID", "AWS_PROFILE"]
+        .into_iter()
+        .find(|v| env_set(v))
+    {
+        return Some(format!(
+            "the S3 credentials came from {var} in this restore's environment, which \
+             restore_command has only if PostgreSQL's environment has it too: {fix}"
+        ));
+    }
+    let aws = root_home?.join(".aws");
+    ["credentials", "config"]
+        .into_iter()
+        .map(|f| aws.join(f))
+        .find(|p| p.is_file())
+        .map(|p| {
+            format!(
+                "the S3 credentials may have come from {}, root's own, which restore_command \
+                 (run as the data directory's owner) does not read: {fix}",
+                p.display()
+            )
+        })
 }
 
 pub async fn restore_point(
@@ -596,4 +645,63 @@ pub async fn restore_point(
         e => Err(e),
     })?;
     Ok(point)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Overrides;
+
+    fn config(dir: &std::path::Path, s3_keys: bool) -> Config {
+        let mut text = String::from("repo = \"s3://bucket/p\"\n[s3]\n");
+        if s3_keys {
+            std::fs::write(dir.join("secret"), "s").unwrap();
+            let secret = dir.join("secret").display().to_string();
+            text += &format!("access_key_id = \"k\"\nsecret_access_key_file = \"{secret}\"\n");
+        }
+        std::fs::write(dir.join("w.toml"), text).unwrap();
+        Config::resolve(Overrides {
+            config: Some(dir.join("w.toml")),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn s3_keys_only_this_call_could_see_are_warned_about() {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir_all(home.join(".aws")).unwrap();
+        let no_env = |_: &str| false;
+
+        // Keys from the config file: restore_command reads the same file.
+        let cfg = config(dir.path(), true);
+        assert_eq!(cfg.s3_secret_file, Some(dir.path().join("secret")));
+        let env = |k: &str| k == "AWS_ACCESS_KEY_ID";
+        assert_eq!(s3_credentials_warning(&cfg, env, Some(&home)), None);
+
+        // Keys from the environment.
+        let cfg = config(dir.path(), false);
+        let w = s3_credentials_warning(&cfg, env, None).unwrap();
+        assert!(w.contains("AWS_ACCESS_KEY_ID") && w.contains("secret_access_key_file"));
+        let w = s3_credentials_warning(&cfg, |k| k == "AWS_PROFILE", None).unwrap();
+        assert!(w.contains("AWS_PROFILE"), "{w}");
+
+        // Root's own ~/.aws, only when there is one.
+        assert_eq!(s3_credentials_warning(&cfg, no_env, Some(&home)), None);
+        std::fs::write(home.join(".aws/credentials"), "[default]\n").unwrap();
+        let w = s3_credentials_warning(&cfg, no_env, Some(&home)).unwrap();
+        assert!(w.contains(".aws/credentials"), "{w}");
+        // Not root: PostgreSQL's user is this user, with this home.
+        assert_eq!(s3_credentials_warning(&cfg, no_env, None), None);
+
+        // A file:// repository needs no S3 credentials.
+        let file = Config::resolve(Overrides {
+            repo: Some(format!("file://{}", dir.path().display())),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(s3_credentials_warning(&file, env, Some(&home)), None);
+        assert_eq!(file.s3_secret_file, None);
+    }
 }
