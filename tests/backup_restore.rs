@@ -477,6 +477,32 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let listed = list_json(&cfg);
     assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed}");
 
+    // Archiving paused (an empty archive_command): refused before anything is uploaded, rather
+    // than failing at the end waiting for WAL that never comes.
+    let backup_dirs = || std::fs::read_dir(repo.join("backups")).unwrap().count();
+    let before = backup_dirs();
+    primary.psql("ALTER SYSTEM SET archive_command = ''");
+    primary.psql("SELECT pg_reload_conf()");
+    let reloaded = |empty: bool| {
+        common::wait_until(
+            "the reloaded archive_command",
+            Duration::from_secs(30),
+            || primary.psql("SHOW archive_command").trim().is_empty() == empty,
+        )
+    };
+    reloaded(true);
+    let out = backup_push(&cfg, &primary, &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("archive_command is empty"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(backup_dirs(), before, "nothing uploaded");
+    primary.psql("ALTER SYSTEM RESET archive_command");
+    primary.psql("SELECT pg_reload_conf()");
+    reloaded(false);
+
     // The next backup works.
     let id = ok(&backup_push(&cfg, &primary, &[]));
     primary.stop();

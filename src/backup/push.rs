@@ -52,6 +52,11 @@ struct ServerFacts {
     wal_segment_size: u64,
     system_identifier: String,
     in_recovery: bool,
+    archive_mode: String,
+    /// `archive_command`, or `archive_library` when that is set instead.
+    archiver: String,
+    /// The archiver's last failure (`<file> at <time>`) when it is more recent than its last success.
+    archiver_failing: Option<String>,
 }
 
 async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
@@ -61,7 +66,12 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
                     current_setting('data_directory'), \
                     (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size'), \
                     (SELECT system_identifier::text FROM pg_control_system()), \
-                    pg_is_in_recovery()",
+                    pg_is_in_recovery(), \
+                    current_setting('archive_mode'), \
+                    current_setting('archive_command') || current_setting('archive_library'), \
+                    (SELECT last_failed_wal || ' at ' || last_failed_time::text \
+                       FROM pg_stat_archiver \
+                      WHERE last_failed_time > coalesce(last_archived_time, '-infinity'))",
             &[],
         )
         .await
@@ -74,7 +84,45 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
         wal_segment_size: row.get::<_, i64>(2) as u64,
         system_identifier: row.get(3),
         in_recovery: row.get(4),
+        archive_mode: row.get(5),
+        archiver: row.get(6),
+        archiver_failing: row.get(7),
     })
+}
+
+/// Refuse a backup whose WAL could never reach the repository, before any data is copied: the
+/// backup would otherwise upload everything and then fail waiting for its last segment. Returns
+/// warnings for what may still work out (a failing archiver may recover while the backup runs).
+fn check_archiving(facts: &ServerFacts) -> Result<Vec<String>, BackupError> {
+    let fix = "set archive_mode = on and archive_command = 'walship wal-push %p' (changing \
+               archive_mode needs a restart), then take the backup";
+    let archives_itself = match facts.archive_mode.as_str() {
+        "off" if !facts.in_recovery => {
+            return Err(BackupError::Invalid(format!(
+                "archive_mode is off on this server, so the WAL this backup needs would never \
+                 reach the repository: {fix}"
+            )))
+        }
+        "always" => true,
+        _ => !facts.in_recovery, // a standby with archive_mode = on leaves archiving to the primary
+    };
+    if archives_itself && facts.archiver.trim().is_empty() {
+        return Err(BackupError::Invalid(format!(
+            "archive_command is empty on this server, so archiving is paused and the WAL this \
+             backup needs would never reach the repository: {fix}"
+        )));
+    }
+    Ok(facts
+        .archiver_failing
+        .iter()
+        .filter(|_| archives_itself)
+        .map(|f| {
+            format!(
+                "this server's archiver is failing (last failure: {f}; PostgreSQL's log says \
+                 why): the backup fails at its end unless its WAL reaches the repository"
+            )
+        })
+        .collect())
 }
 
 async fn epoch(pg: &Client) -> Result<f64, BackupError> {
@@ -125,9 +173,16 @@ pub async fn push(
     opts: &PushOptions,
 ) -> Result<BackupManifest, BackupError> {
     let facts = server_facts(pg).await?;
+    for w in check_archiving(&facts)? {
+        tracing::warn!("{w}");
+    }
     let describe = archive.store().describe();
-    if let Some(meta) = archive.read_meta().await? {
-        check_cluster(&meta, &facts, &describe)?;
+    match archive.read_meta().await? {
+        Some(meta) => check_cluster(&meta, &facts, &describe)?,
+        None => tracing::warn!(
+            "no WAL has been archived into {describe} yet: unless this server's archive_command \
+             pushes there, the backup fails at its end waiting for its WAL"
+        ),
     }
     let pgdata = opts.pgdata.clone().unwrap_or(facts.data_directory.clone());
     if !pgdata.join("PG_VERSION").is_file() {
@@ -565,6 +620,51 @@ mod tests {
         assert_eq!(parse_label("nonsense"), None);
         assert_eq!(id_of("2026-11-24T01:02:03Z"), "20261124T010203Z");
         assert!(layout::valid_id(&id_of(&epoch_rfc3339(1_795_000_000.4))));
+    }
+
+    #[test]
+    fn a_backup_whose_wal_cannot_be_archived_is_refused_before_it_starts() {
+        let facts = |mode: &str, archiver: &str, standby: bool, failing: bool| ServerFacts {
+            version_num: 150000,
+            data_directory: "/x".into(),
+            wal_segment_size: 16 << 20,
+            system_identifier: "1".into(),
+            in_recovery: standby,
+            archive_mode: mode.into(),
+            archiver: archiver.into(),
+            archiver_failing: failing.then(|| "000000010000000000000003 at 12:00".into()),
+        };
+        let cmd = "walship wal-push %p";
+        let refused = |f: &ServerFacts| match check_archiving(f) {
+            Err(BackupError::Invalid(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(refused(&facts("off", cmd, false, false)).contains("archive_mode is off"));
+        assert!(refused(&facts("on", " ", false, false)).contains("archive_command is empty"));
+        assert!(refused(&facts("always", "", true, false)).contains("archive_command is empty"));
+        assert_eq!(
+            check_archiving(&facts("on", cmd, false, false))
+                .unwrap()
+                .len(),
+            0
+        );
+        // A standby without archive_mode = always leaves archiving to its primary.
+        assert_eq!(
+            check_archiving(&facts("off", "", true, true))
+                .unwrap()
+                .len(),
+            0
+        );
+        assert_eq!(
+            check_archiving(&facts("on", "", true, true)).unwrap().len(),
+            0
+        );
+        // A failing archiver may recover while the backup runs: a warning.
+        let w = check_archiving(&facts("on", cmd, false, true)).unwrap();
+        assert!(
+            w.len() == 1 && w[0].contains("000000010000000000000003"),
+            "{w:?}"
+        );
     }
 
     fn walked(path: &std::path::Path, size: u64) -> WalkedFile {
