@@ -84,6 +84,7 @@ pub struct FileWal {
     pub state_dir: Option<PathBuf>,
     pub fetch_attempts: Option<u32>,
     pub prefetch_idle_secs: Option<u64>,
+    pub prefetch_min_free_mb: Option<u64>,
 }
 
 /// Values from flags or the environment (clap merges the two); `None` falls back to the file.
@@ -164,6 +165,8 @@ pub struct WalSettings {
     /// Tries per object in wal-fetch before giving up on a transient failure.
     pub fetch_attempts: u32,
     pub prefetch_idle: Duration,
+    /// Free space the prefetcher leaves on the spool's filesystem: below it, it starts no download.
+    pub prefetch_min_free: u64,
 }
 
 /// Everything a command needs, validated.
@@ -308,6 +311,10 @@ impl Config {
             state_dir: o.state_dir.or(w.state_dir),
             fetch_attempts: w.fetch_attempts.unwrap_or(5).max(1),
             prefetch_idle: Duration::from_secs(w.prefetch_idle_secs.unwrap_or(60)),
+            prefetch_min_free: w
+                .prefetch_min_free_mb
+                .unwrap_or(1024)
+                .saturating_mul(1 << 20),
         };
 
         Ok(Self {

@@ -520,4 +520,34 @@ fn look_ahead_uploads_the_backlog_and_later_calls_find_it_done() {
         !rewind.join(".walship/spool/.want").exists(),
         "no prefetch for a pg_rewind-style call"
     );
+
+    // Short of free space beside pg_wal, the prefetcher downloads nothing (PostgreSQL needs that
+    // space more than recovery needs speed) and wal-fetch still places each segment itself.
+    let tight = base.path().join("tight.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(&tight, text + "[wal]\nprefetch_min_free_mb = 1000000000\n").unwrap();
+    let data = base.path().join("recovering");
+    std::fs::create_dir_all(data.join("pg_wal")).unwrap();
+    std::fs::write(data.join("postmaster.pid"), "4242\n").unwrap();
+    for name in &ready[..2] {
+        let out = walship(&tight, &["wal-fetch", name, "pg_wal/RECOVERYXLOG"], &data);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        assert_eq!(
+            std::fs::read(data.join("pg_wal/RECOVERYXLOG")).unwrap(),
+            std::fs::read(pg.data.join("pg_wal").join(name)).unwrap()
+        );
+    }
+    let state = data.join("pg_wal/.walship");
+    common::wait_until("the prefetcher to pause", Duration::from_secs(30), || {
+        std::fs::read_to_string(state.join("prefetch.log"))
+            .is_ok_and(|l| l.contains("prefetching paused"))
+    });
+    let spooled: Vec<_> = std::fs::read_dir(state.join("spool"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with('.'))
+        .collect();
+    assert_eq!(spooled, Vec::<String>::new());
+    std::fs::remove_file(data.join("postmaster.pid")).unwrap(); // the prefetcher exits
 }

@@ -429,6 +429,7 @@ mod tests {
             state_dir: None,
             fetch_attempts: 1,
             prefetch_idle: std::time::Duration::from_secs(1),
+            prefetch_min_free: 0,
         };
         let wal = Path::new("/data/pg_wal");
         let a = records_dir(&settings, wal, "s3://bucket/a");

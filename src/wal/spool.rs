@@ -251,6 +251,7 @@ pub async fn run_prefetcher(
     let mut end_seen: Option<(String, Instant)> = None;
     let mut tasks: tokio::task::JoinSet<PrefetchResult> = tokio::task::JoinSet::new();
     let mut in_flight: std::collections::HashSet<String> = Default::default();
+    let mut short_of_space = false;
     loop {
         let want = spool.want();
         if want != last_want {
@@ -270,9 +271,31 @@ pub async fn run_prefetcher(
             for stale in spool.entries().into_iter().filter(|e| !window.contains(e)) {
                 let _ = fs::remove_file(spool.dir().join(stale));
             }
+            let free = free_space(spool.dir());
             for name in &window {
                 if in_flight.contains(name) || spool.dir().join(name).exists() {
                     continue;
+                }
+                let fits = room_for_one_more(
+                    free,
+                    in_flight.len() as u64,
+                    seg_size,
+                    ctx.settings.prefetch_min_free,
+                );
+                if fits == short_of_space {
+                    short_of_space = !fits;
+                    match fits {
+                        false => tracing::warn!(
+                            "less than {} MiB would stay free in {}: prefetching paused, \
+                             wal-fetch downloads segments itself",
+                            ctx.settings.prefetch_min_free >> 20,
+                            spool.dir().display()
+                        ),
+                        true => tracing::info!("free space is back: prefetching again"),
+                    }
+                }
+                if !fits {
+                    break;
                 }
                 if let Some((end, at)) = &end_seen {
                     if name >= end && at.elapsed() < Duration::from_secs(2) {
@@ -322,6 +345,21 @@ pub async fn run_prefetcher(
     spool.clear()?;
     drop(lock);
     Ok(())
+}
+
+/// Bytes an unprivileged writer may still use on the filesystem holding `dir`; `None` when the
+/// system cannot say.
+fn free_space(dir: &Path) -> Option<u64> {
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// Whether one more segment can be spooled beside the `in_flight` ones and still leave `keep`
+/// bytes free: the spool lives beside `pg_wal`, and PostgreSQL (the segment wal-fetch places, a
+/// restartpoint, the WAL of a promoted server) must not find its disk filled by prefetching.
+fn room_for_one_more(free: Option<u64>, in_flight: u64, seg_size: u64, keep: u64) -> bool {
+    let need = in_flight.saturating_add(1).saturating_mul(seg_size);
+    free.is_none_or(|f| f >= need.saturating_add(keep))
 }
 
 struct RemoveOnDrop(PathBuf);
@@ -410,6 +448,28 @@ mod tests {
             .set_want("000000010000000000000003", "repo-b")
             .unwrap();
         assert!(spool.entries().is_empty());
+    }
+
+    #[test]
+    fn prefetching_leaves_the_configured_space_free() {
+        let seg = 16 << 20;
+        let keep = 1 << 30;
+        assert!(room_for_one_more(Some(keep + seg), 0, seg, keep));
+        assert!(!room_for_one_more(Some(keep + seg - 1), 0, seg, keep));
+        // Downloads in flight will take their share too.
+        assert!(!room_for_one_more(Some(keep + 2 * seg), 2, seg, keep));
+        assert!(room_for_one_more(Some(keep + 3 * seg), 2, seg, keep));
+        // Unknown free space: prefetch as before rather than never.
+        assert!(room_for_one_more(None, 9, seg, keep));
+        // No overflow on absurd settings: nothing fits.
+        assert!(!room_for_one_more(
+            Some(u64::MAX - 1),
+            u64::MAX,
+            seg,
+            u64::MAX
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(free_space(dir.path()).is_some_and(|f| f > 0));
     }
 
     #[test]
