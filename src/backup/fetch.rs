@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -81,6 +81,64 @@ fn prepare_empty(dir: &Path, force: bool, what: &str) -> Result<(), BackupError>
         .map_err(|e| BackupError::local("cannot chmod", dir, e))
 }
 
+/// Bytes each place the restore writes to (the target directory, each tablespace's location)
+/// must hold: its files' sizes, each rounded up to whole 4 KiB blocks.
+fn space_needed<'a>(
+    files: impl IntoIterator<Item = (&'a str, u64)>,
+    dest: &Path,
+    links: &HashMap<String, PathBuf>,
+) -> Vec<(PathBuf, u64)> {
+    let mut need: Vec<(PathBuf, u64)> = vec![(dest.to_path_buf(), 0)];
+    for (path, size) in files {
+        let root = path
+            .strip_prefix("pg_tblspc/")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|oid| links.get(&format!("pg_tblspc/{oid}")))
+            .map_or(dest, PathBuf::as_path);
+        let bytes = size.div_ceil(4096) * 4096;
+        match need.iter_mut().find(|(p, _)| p == root) {
+            Some((_, n)) => *n += bytes,
+            None => need.push((root.to_path_buf(), bytes)),
+        }
+    }
+    need
+}
+
+/// Refuse a restore its file systems cannot hold before any data is written, rather than hours
+/// in. `fs_of` gives a place's file system (device id) and the bytes free there; places on one
+/// file system add up. A place whose file system cannot be read is not checked.
+fn check_space(
+    need: &[(PathBuf, u64)],
+    fs_of: impl Fn(&Path) -> Option<(u64, u64)>,
+) -> Result<(), BackupError> {
+    let mut by_fs: Vec<(u64, u64, &Path, u64)> = Vec::new(); // device, free, first place, need
+    for (place, bytes) in need {
+        let Some((dev, free)) = fs_of(place) else {
+            continue;
+        };
+        match by_fs.iter_mut().find(|e| e.0 == dev) {
+            Some(e) => e.3 += bytes,
+            None => by_fs.push((dev, free, place, *bytes)),
+        }
+    }
+    match by_fs.into_iter().find(|e| e.3 > e.1) {
+        Some((_, free, place, bytes)) => Err(BackupError::local(
+            "not enough space to restore into",
+            place,
+            std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!(
+                    "the backup needs {} on that file system and {} is free; free some space \
+                     or restore elsewhere",
+                    indicatif::HumanBytes(bytes),
+                    indicatif::HumanBytes(free)
+                ),
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The rewritten `tablespace_map` for the new locations.
 fn remap_tablespace_map(m: &BackupManifest, opts: &FetchOptions) -> Option<String> {
     m.tablespace_map.as_ref()?;
@@ -147,6 +205,12 @@ pub async fn fetch(
         links.insert(format!("pg_tblspc/{}", t.oid), loc.clone());
         locations.push(loc);
     }
+    let files = m.files.iter().map(|f| (f.path.as_str(), f.size));
+    check_space(&space_needed(files, dest, &links), |p| {
+        let st = rustix::fs::statvfs(p).ok()?;
+        let dev = fs::metadata(p).ok()?.dev();
+        Some((dev, st.f_bavail.saturating_mul(st.f_frsize)))
+    })?;
     for d in &m.dirs {
         let path = dest.join(&d.path);
         if let Some(loc) = links.get(&d.path) {
@@ -309,4 +373,49 @@ fn restore_part(
             .map_err(|e| BackupError::local("cannot write", path, e))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_the_file_systems_cannot_hold_is_refused_up_front() {
+        let links = HashMap::from([("pg_tblspc/16400".to_string(), PathBuf::from("/ts"))]);
+        let files = [
+            ("global/pg_control", 8192),
+            ("base/1/1259", 1),
+            ("pg_tblspc/16400/PG_15_202209061/5/16401", 10_000),
+            ("pg_tblspc/16400", 0),
+        ];
+        let need = space_needed(files, Path::new("/data"), &links);
+        assert_eq!(
+            need,
+            vec![("/data".into(), 8192 + 4096), ("/ts".into(), 12288)]
+        );
+
+        // Separate file systems: each must hold its own share.
+        let apart = |free_data, free_ts| {
+            move |p: &Path| {
+                Some(if p == Path::new("/data") {
+                    (1, free_data)
+                } else {
+                    (2, free_ts)
+                })
+            }
+        };
+        assert!(check_space(&need, apart(12288, 12288)).is_ok());
+        let err = check_space(&need, apart(12288, 12287))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not enough space to restore into /ts") && err.contains("12.00 KiB"),
+            "{err}"
+        );
+        // One file system: the shares add up.
+        assert!(check_space(&need, |_| Some((1, 24576))).is_ok());
+        assert!(check_space(&need, |_| Some((1, 24575))).is_err());
+        // Unknown: not checked.
+        assert!(check_space(&need, |_| None).is_ok());
+    }
 }
