@@ -601,6 +601,18 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         !bad.join("global/pg_control").exists(),
         "PostgreSQL cannot start on it"
     );
+    // Trying again says what is there and how to start over.
+    let out = run(
+        &cfg,
+        &["backup-fetch".into(), id.clone(), bad.display().to_string()],
+        base.path(),
+    );
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("did not finish") && stderr(&out).contains("--force"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 fn walkdir_has_part(dir: &Path) -> bool {

@@ -58,6 +58,13 @@ fn is_empty_dir(dir: &Path) -> std::io::Result<bool> {
 fn prepare_empty(dir: &Path, force: bool, what: &str) -> Result<(), BackupError> {
     let empty = is_empty_dir(dir).map_err(|e| BackupError::local("cannot read", dir, e))?;
     if !empty {
+        if !force && dir.join(INCOMPLETE_MARKER).exists() {
+            return Err(BackupError::TargetNotEmpty(format!(
+                "{what} {} holds a restore that did not finish ({INCOMPLETE_MARKER}); pass \
+                 --force to delete it and restore again",
+                dir.display()
+            )));
+        }
         if !force {
             return Err(BackupError::TargetNotEmpty(format!(
                 "{what} {} is not empty; restore into an empty directory, or pass --force to \
