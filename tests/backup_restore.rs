@@ -69,6 +69,16 @@ fn restore(cfg: &Path, dir: &Path, args: &[&str]) -> Output {
     run(cfg, &a, dir.parent().unwrap())
 }
 
+/// `walship backup-fetch <id> <dir>`, run beside `dir`.
+fn backup_fetch(cfg: &Path, id: &str, dir: &Path) -> Output {
+    let args = [
+        "backup-fetch".to_string(),
+        id.to_string(),
+        dir.display().to_string(),
+    ];
+    run(cfg, &args, dir.parent().unwrap())
+}
+
 /// `walship backup-list --json`, parsed.
 fn list_json(cfg: &Path) -> serde_json::Value {
     let out = ok(&run(
@@ -427,15 +437,7 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
     let other = common::keygen(&other_dir);
     let wrong = server.config(&other_dir, "faults", &other);
     let dest = base.path().join("wrong-key");
-    let out = run(
-        &wrong,
-        &[
-            "backup-fetch".into(),
-            id.clone(),
-            dest.display().to_string(),
-        ],
-        base.path(),
-    );
+    let out = backup_fetch(&wrong, &id, &dest);
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(err.contains("identity"), "{err}");
@@ -538,15 +540,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let busy = base.path().join("busy");
     std::fs::create_dir_all(&busy).unwrap();
     std::fs::write(busy.join("keep-me"), b"x").unwrap();
-    let out = run(
-        &cfg,
-        &[
-            "backup-fetch".into(),
-            id.clone(),
-            busy.display().to_string(),
-        ],
-        base.path(),
-    );
+    let out = backup_fetch(&cfg, &id, &busy);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
     assert!(busy.join("keep-me").exists());
@@ -589,11 +583,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     bytes[at] ^= 0x40;
     std::fs::write(&part, bytes).unwrap();
     let bad = base.path().join("bad");
-    let out = run(
-        &cfg,
-        &["backup-fetch".into(), id.clone(), bad.display().to_string()],
-        base.path(),
-    );
+    let out = backup_fetch(&cfg, &id, &bad);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
     assert!(bad.join("walship-restore-incomplete").exists());
@@ -602,11 +592,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         "PostgreSQL cannot start on it"
     );
     // Trying again says what is there and how to start over.
-    let out = run(
-        &cfg,
-        &["backup-fetch".into(), id.clone(), bad.display().to_string()],
-        base.path(),
-    );
+    let out = backup_fetch(&cfg, &id, &bad);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("did not finish") && stderr(&out).contains("--force"),
