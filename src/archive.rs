@@ -28,7 +28,7 @@ pub enum ArchiveError {
     Conflict(String),
     #[error("{0}")]
     ForeignRepo(String),
-    #[error("{what} {path}: {err}")]
+    #[error("{what} {path}: {err}{}", crate::io_hint::suffix(.err))]
     Local {
         what: &'static str,
         path: PathBuf,

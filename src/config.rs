@@ -33,7 +33,7 @@ pub enum ConfigError {
     NoRecipients,
     #[error("no identity configured to decrypt the archive: set `identity_file` in the config, WALSHIP_IDENTITY_FILE or WALSHIP_IDENTITY")]
     NoIdentity,
-    #[error("cannot read {what} {path}: {err}")]
+    #[error("cannot read {what} {path}: {err}{}", crate::io_hint::suffix(.err))]
     ReadSecret {
         what: &'static str,
         path: PathBuf,

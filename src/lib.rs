@@ -7,6 +7,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod exit;
+pub mod io_hint;
 pub mod pg;
 pub mod repo;
 pub mod restore;

@@ -26,7 +26,7 @@ pub enum BackupError {
     Pg(#[from] PgError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{what} {}: {err}", path.display())]
+    #[error("{what} {}: {err}{}", path.display(), crate::io_hint::suffix(.err))]
     Local {
         what: &'static str,
         path: PathBuf,

@@ -44,9 +44,10 @@ impl FsStore {
 }
 
 fn io_error(path: &Path, e: io::Error) -> StorageError {
+    let msg = format!("{}: {e}{}", path.display(), crate::io_hint::suffix(&e));
     match e.kind() {
-        io::ErrorKind::PermissionDenied => StorageError::Denied(format!("{}: {e}", path.display())),
-        _ => StorageError::Io(format!("{}: {e}", path.display())),
+        io::ErrorKind::PermissionDenied => StorageError::Denied(msg),
+        _ => StorageError::Io(msg),
     }
 }
 

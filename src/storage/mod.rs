@@ -83,7 +83,8 @@ pub enum StorageError {
     NotFound(String),
     #[error("{0}")]
     NoBucket(String),
-    #[error("access denied: {0}; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the config's s3 section) and the bucket policy")]
+    /// The message says what to check: credentials and bucket policy for S3, owner and mode for files.
+    #[error("access denied: {0}")]
     Denied(String),
     #[error("storage unavailable: {0}; check the network, the endpoint and the storage server (walship retried with back-off before giving up)")]
     Transient(String),

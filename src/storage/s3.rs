@@ -120,7 +120,10 @@ impl S3Store {
             )),
             (_, "NoSuchKey" | "NotFound", _) | (_, _, Some(404)) => StorageError::NotFound(what),
             (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken", _)
-            | (_, _, Some(401 | 403)) => StorageError::Denied(format!("{what}: {code} {msg}").trim().to_string()),
+            | (_, _, Some(401 | 403)) => StorageError::Denied(format!(
+                "{}; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the config's s3 section) and the bucket policy",
+                format!("{what}: {code} {msg}").trim()
+            )),
             (SdkError::TimeoutError(_) | SdkError::DispatchFailure(_), _, _) => StorageError::Transient(format!(
                 "cannot reach the S3 endpoint for {what}: {}",
                 describe_chain(&err)

@@ -28,7 +28,7 @@ pub enum WalError {
     Invalid(String),
     #[error("{0}")]
     NoRepository(String),
-    #[error("{what} {path}: {err}")]
+    #[error("{what} {path}: {err}{}", crate::io_hint::suffix(.err))]
     Local {
         what: &'static str,
         path: PathBuf,

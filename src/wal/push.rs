@@ -111,9 +111,14 @@ fn write_ahead_record(
     };
     std::fs::create_dir_all(dir)?;
     let tmp = dir.join(format!(".tmp.{name}"));
-    std::fs::write(&tmp, serde_json::to_vec(&rec).expect("serialisable"))?;
     // No fsync: a record lost in a crash only costs a second (idempotent) upload.
-    std::fs::rename(&tmp, dir.join(name))
+    let written = std::fs::write(&tmp, serde_json::to_vec(&rec).expect("serialisable"))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(name)));
+    if written.is_err() {
+        // A full disk, say: leave no empty temp file behind (the next call prunes any anyway).
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Read the first page of a segment and check it belongs to this repository's cluster and to the
