@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::{walship, Cluster, S3Server};
+use common::{walship, Cluster, S3Server, SmallFs};
 
 fn archiving_conf(cfg: &Path) -> String {
     format!(
@@ -544,6 +544,22 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
     assert!(busy.join("keep-me").exists());
+
+    // A file system too small for the backup: refused before any data is written, rather than
+    // on a full disk part-way through.
+    let small = SmallFs::mount(&base.path().join("small"), 16);
+    let out = backup_fetch(&cfg, &id, &small.dir.join("data"));
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not enough space to restore into"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        small.files(),
+        vec!["data/walship-restore-incomplete".to_string()],
+        "nothing but the marker written"
+    );
 
     // A key only root can read, and the repository reached through a directory only root can
     // enter: the restore itself works, and says that PostgreSQL's restore_command, which runs as

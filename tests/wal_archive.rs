@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{walship, Cluster, S3Server};
+use common::{walship, Cluster, S3Server, SmallFs};
 use walship::storage::{ObjectKey, Store};
 
 /// walship's own info lines go to the PostgreSQL log, so tests can see what each call did.
@@ -54,6 +54,21 @@ async fn archived_segments(store: &dyn Store) -> Vec<String> {
         .filter_map(|o| o.key.as_str().rsplit('/').next().map(str::to_string))
         .filter(|n| n.len() == 24)
         .collect()
+}
+
+/// Every segment from the first archived to the last is there.
+fn assert_no_gap(archived: &[String], what: &str) {
+    let first = walship::wal::name::WalFileName::parse(&archived[0])
+        .unwrap()
+        .segment()
+        .unwrap();
+    for (i, name) in archived.iter().enumerate() {
+        assert_eq!(
+            name,
+            first.advance(i as u64, 16 << 20).file_name().as_str(),
+            "{what}: {archived:?}"
+        );
+    }
 }
 
 fn segment_count(c: &Cluster) -> u64 {
@@ -117,18 +132,7 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
         archived.len()
     );
     assert!(archived.contains(&last), "{last} archived");
-    // No gaps: every segment from the first to the last is there.
-    let first = walship::wal::name::WalFileName::parse(&archived[0])
-        .unwrap()
-        .segment()
-        .unwrap();
-    for (i, name) in archived.iter().enumerate() {
-        assert_eq!(
-            name,
-            first.advance(i as u64, 16 << 20).file_name().as_str(),
-            "archive has a gap"
-        );
-    }
+    assert_no_gap(&archived, "archive has a gap");
 
     // A second copy of the backup, recovered later across the timeline the first copy creates.
     let again = base.path().join("again");
@@ -349,17 +353,7 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
             "{name} archived after the outage: {archived:?}"
         );
     }
-    let first = walship::wal::name::WalFileName::parse(&archived[0])
-        .unwrap()
-        .segment()
-        .unwrap();
-    for (i, name) in archived.iter().enumerate() {
-        assert_eq!(
-            name,
-            first.advance(i as u64, 16 << 20).file_name().as_str(),
-            "gap after outage"
-        );
-    }
+    assert_no_gap(&archived, "gap after outage");
     let err_log = primary.log();
     assert!(
         err_log.contains("walship wal-push: error:"),
@@ -414,6 +408,99 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         rt.block_on(kill_store.get(&kkey)).is_ok(),
         "archived by the rerun"
     );
+}
+
+/// The disk fills up, where the archive is and where recovery places WAL. Archiving fails and
+/// PostgreSQL retries, with nothing half-written in the repository, and catches up without a gap
+/// once space is freed; wal-fetch into a full pg_wal stops recovery (on a standby: an ordinary
+/// failure) and leaves nothing in pg_wal. Both say what to do.
+#[test]
+fn a_full_disk_fails_cleanly_and_archiving_catches_up_once_space_is_freed() {
+    let base = common::shared_tempdir("full");
+    let keys = common::keygen(base.path());
+    let repo_fs = SmallFs::mount(&base.path().join("repo-fs"), 64);
+    let repo = repo_fs.dir.join("archive");
+    let cfg = common::dir_config(base.path(), &repo, &keys);
+    let store = walship::storage::fs::FsStore::new(&repo);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    primary.psql("create table filler as select g, md5(g::text) from generate_series(1, 50000) g");
+    let first = primary.switch_wal();
+    primary.wait_archived(&first);
+
+    // 64 KiB left: every push runs out of space part-way through writing its object.
+    repo_fs.fill_leaving(64 << 10);
+    let more = "insert into filler select g, md5(g::text) from generate_series(1, 50000) g";
+    primary.psql(more);
+    let during = primary.switch_wal();
+    common::wait_until("a failed archive attempt", Duration::from_secs(60), || {
+        primary.psql("select failed_count from pg_stat_archiver") != "0"
+    });
+    primary.psql(more);
+    let after = primary.switch_wal();
+    let log = primary.log();
+    let failure = log
+        .lines()
+        .find(|l| l.contains("walship wal-push: error:"))
+        .unwrap_or_else(|| panic!("the failure is in the PostgreSQL log:\n{log}"));
+    assert!(
+        failure.contains("No space left on device")
+            && failure.contains("the file system is full: free space on it"),
+        "{failure}"
+    );
+    assert!(
+        !rt.block_on(archived_segments(&store)).contains(&during),
+        "{during} not archived while the disk is full"
+    );
+    let files = repo_fs.files();
+    assert!(
+        files.iter().all(|f| !f.contains(".tmp")),
+        "nothing half-written in the repository: {files:?}"
+    );
+
+    repo_fs.free_all();
+    primary.wait_archived(&after);
+    let archived = rt.block_on(archived_segments(&store));
+    assert_no_gap(&archived, "gap after the disk was full");
+    assert!(archived.contains(&during) && archived.contains(&after));
+    primary.stop();
+
+    // Recovery's pg_wal on a full file system: the fetched segment cannot be placed.
+    let pg_fs = SmallFs::mount(&base.path().join("pg-fs"), 8);
+    std::fs::create_dir(pg_fs.dir.join("pg_wal")).unwrap();
+    pg_fs.fill_leaving(64 << 10);
+    let fetch = || {
+        walship(
+            &cfg,
+            &["wal-fetch", &during, "pg_wal/RECOVERYXLOG"],
+            &pg_fs.dir,
+        )
+    };
+    let out = fetch();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 7), "{err}");
+    assert!(
+        err.contains("the file system is full: free space on it"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert_eq!(
+        pg_fs.files(),
+        Vec::<String>::new(),
+        "nothing left in pg_wal"
+    );
+    std::fs::write(pg_fs.dir.join("standby.signal"), b"").unwrap();
+    let out = fetch();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pg_fs.files(), vec!["standby.signal".to_string()]);
 }
 
 /// Real segments with `.ready` files, as an archiver that fell behind leaves them: one wal-push

@@ -199,6 +199,87 @@ impl Drop for S3Server {
     }
 }
 
+// ---------------------------------------------------------------- a small file system
+
+/// A tmpfs of a fixed size, owned by `postgres`, for disk-full tests: a real file system that
+/// really runs out of space. Mounting needs root (CAP_SYS_ADMIN), as the tests already do;
+/// unmounted on drop.
+pub struct SmallFs {
+    pub dir: PathBuf,
+}
+
+impl SmallFs {
+    pub fn mount(dir: &Path, size_mib: u64) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size_mib}m,mode=0755"))
+            .arg("walship-test")
+            .arg(dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "cannot mount a {size_mib} MiB tmpfs on {} for a disk-full test (needs root with \
+             CAP_SYS_ADMIN): {}",
+            dir.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        chown_postgres(dir);
+        SmallFs {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn free_bytes(&self) -> u64 {
+        let s = rustix::fs::statvfs(&self.dir).unwrap();
+        s.f_bavail * s.f_frsize
+    }
+
+    /// Fill the file system with root's `filler` file until `leave` bytes are free.
+    pub fn fill_leaving(&self, leave: u64) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.dir.join("filler")).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        while self.free_bytes() > leave {
+            let n = (self.free_bytes() - leave).min(chunk.len() as u64) as usize;
+            if f.write_all(&chunk[..n]).is_err() {
+                break;
+            }
+            f.flush().unwrap();
+        }
+    }
+
+    pub fn free_all(&self) {
+        std::fs::remove_file(self.dir.join("filler")).unwrap();
+    }
+
+    /// Every file under the mount point, relative to it (the filler left out).
+    pub fn files(&self) -> Vec<String> {
+        fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, root, out);
+                } else {
+                    out.push(p.strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.dir, &self.dir, &mut out);
+        out.retain(|f| f != "filler");
+        out.sort();
+        out
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).output();
+    }
+}
+
 // ---------------------------------------------------------------- keys
 
 pub struct Keys {
