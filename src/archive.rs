@@ -233,6 +233,42 @@ pub enum Durability {
     UntilReboot,
 }
 
+/// Temp files are `.<name>.walship-tmp.<pid of the writer>`.
+const TEMP_INFIX: &str = ".walship-tmp.";
+
+/// Remove the temp files of `decode_to_file` calls that were killed before they could clean up:
+/// a recovering server stopped with `pg_ctl stop` sends SIGTERM to its `restore_command`, and
+/// each such call would otherwise leave up to a segment's worth of bytes in `pg_wal`, under a
+/// name nothing else ever removes. A temp file is stale when the process that named it no longer
+/// exists (`dir` is local: pg_wal, the spool); a reused pid only delays the removal. Returns how
+/// many were removed.
+pub fn sweep_stale_temps(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let me = std::process::id();
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let Some(pid) = n
+            .to_str()
+            .filter(|n| n.starts_with('.'))
+            .and_then(|n| n.rsplit_once(TEMP_INFIX))
+            .and_then(|(_, pid)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let gone = pid != me
+            && rustix::process::Pid::from_raw(pid as i32).is_some_and(|p| {
+                rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH)
+            });
+        if gone && std::fs::remove_file(e.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Write-then-rename, so `dest` is either absent (on error) or complete and verified.
 pub fn decode_to_file(
     object: &[u8],
@@ -249,7 +285,8 @@ pub fn decode_to_file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.walship-tmp.{}", std::process::id()));
+    sweep_stale_temps(&dir);
+    let tmp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
     let result = (|| {
         let mut f =
             File::create(&tmp).map_err(|e| ArchiveError::local("cannot create", &tmp, e))?;
@@ -283,4 +320,35 @@ pub fn decode_to_file(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_temp_files_of_processes_that_are_gone_are_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let me = std::process::id();
+        let names = [
+            format!(".RECOVERYXLOG.walship-tmp.{dead}"),
+            format!(".RECOVERYXLOG.walship-tmp.{me}"),
+            ".000000010000000000000003.walship-tmp.1".to_string(), // init: alive
+            ".RECOVERYXLOG.walship-tmp.notapid".to_string(),
+            "000000010000000000000003".to_string(),
+            format!("RECOVERYXLOG.walship-tmp.{dead}"), // not ours: ours start with a dot
+        ];
+        for n in &names {
+            std::fs::write(dir.path().join(n), b"x").unwrap();
+        }
+        assert_eq!(sweep_stale_temps(dir.path()), 1);
+        for n in &names[1..] {
+            assert!(dir.path().join(n).exists(), "{n} kept");
+        }
+        assert!(!dir.path().join(&names[0]).exists());
+        assert_eq!(sweep_stale_temps(&dir.path().join("missing")), 0);
+    }
 }

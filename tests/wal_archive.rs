@@ -143,8 +143,16 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
             .arg(&again),
     );
 
+    // What a wal-fetch stopped by SIGTERM (pg_ctl stop during recovery) leaves in pg_wal: the
+    // next calls remove it, since the process that wrote it is gone.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let stale = restored.join(format!("pg_wal/.RECOVERYXLOG.walship-tmp.{}", gone.id()));
+    std::fs::write(&stale, vec![0u8; 1 << 20]).unwrap();
+
     // Recover from the base backup through wal-fetch to the end of the archive.
     let recovered = recover(base.path(), &restored, "restored", &cfg);
+    assert!(!stale.exists(), "a killed call's temp file is swept");
     assert_eq!(
         fingerprint(&recovered),
         expected,

@@ -215,6 +215,11 @@ impl ServerWatch {
         })
     }
 
+    /// The server's pg_wal, where recovery's `restore_command` places segments.
+    pub fn pg_wal(&self) -> PathBuf {
+        super::parent_dir(&self.pid_file).join("pg_wal")
+    }
+
     /// The server is gone once its `postmaster.pid` is removed or names another process.
     pub fn running(&self) -> bool {
         first_line(&self.pid_file).is_ok_and(|p| p == self.pid)
@@ -239,6 +244,14 @@ pub async fn run_prefetcher(
         return Ok(()); // another prefetcher is running
     }
     spool.clear_in_flight();
+    // Calls served from the spool never sweep pg_wal; after a restart, this process does.
+    let swept = crate::archive::sweep_stale_temps(&server.pg_wal());
+    if swept > 0 {
+        tracing::info!(
+            "removed {swept} temp files of interrupted wal-fetch calls from {}",
+            server.pg_wal().display()
+        );
+    }
     let seg_size = match ctx.archive.read_meta().await {
         Ok(Some(m)) => m.wal_segment_size,
         _ => super::name::DEFAULT_SEGMENT_SIZE,
