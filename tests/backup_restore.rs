@@ -478,6 +478,16 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     child.wait().unwrap();
     let listed = list_json(&cfg);
     assert_eq!(listed["backups"].as_array().unwrap().len(), 0, "{listed}");
+    // backup-list says what it left behind, which takes space but is never restored from.
+    let unfinished = listed["unfinished"].as_array().unwrap().clone();
+    assert_eq!(unfinished.len(), 1, "{listed}");
+    assert!(unfinished[0]["objects"].as_u64().unwrap() >= 1, "{listed}");
+    let text = ok(&run(&cfg, &["backup-list".into()], base.path()));
+    assert!(
+        text.contains("1 unfinished backup(s)")
+            && text.contains(unfinished[0]["id"].as_str().unwrap()),
+        "{text}"
+    );
 
     // Archiving paused (an empty archive_command): refused before anything is uploaded, rather
     // than failing at the end waiting for WAL that never comes.
@@ -507,6 +517,9 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
 
     // The next backup works.
     let id = ok(&backup_push(&cfg, &primary, &[]));
+    let listed = list_json(&cfg);
+    assert_eq!(listed["backups"][0]["id"], id.as_str(), "{listed}");
+    assert_eq!(listed["unfinished"], serde_json::Value::Array(unfinished));
     primary.stop();
 
     // A target older than every backup: a clear error, nothing written.

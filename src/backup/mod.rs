@@ -91,19 +91,66 @@ pub async fn read_manifest(
     Ok(m)
 }
 
-/// Ids of every complete backup (one with a manifest), oldest first.
-pub async fn list_ids(archive: &Archive) -> Result<Vec<String>, BackupError> {
+/// What is under `backups/`, from one listing.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    /// Ids of complete backups (those with a manifest), oldest first.
+    pub complete: Vec<String>,
+    /// Backup directories without a manifest, oldest first.
+    pub unfinished: Vec<Unfinished>,
+}
+
+/// A backup directory without a manifest: a backup killed or failed part-way, or one still
+/// running. walship never restores from it; its objects stay until someone deletes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unfinished {
+    pub id: String,
+    pub objects: usize,
+    pub stored_bytes: u64,
+    /// When its newest object was stored (Unix seconds, the storage's clock), if known.
+    pub last_stored_at: Option<i64>,
+}
+
+pub async fn inventory(archive: &Archive) -> Result<Inventory, BackupError> {
     let objects = archive
         .store()
         .list(layout::BACKUPS_PREFIX)
         .await
         .map_err(ArchiveError::from)?;
-    let mut ids: Vec<String> = objects
-        .iter()
-        .filter_map(|o| layout::id_of_manifest_key(o.key.as_str()).map(str::to_string))
-        .collect();
-    ids.sort();
-    Ok(ids)
+    let mut dirs: std::collections::BTreeMap<&str, (bool, Unfinished)> = Default::default();
+    for o in &objects {
+        let Some((id, _)) = layout::split_backup_key(o.key.as_str()) else {
+            continue;
+        };
+        let (has_manifest, u) = dirs.entry(id).or_insert_with(|| {
+            (
+                false,
+                Unfinished {
+                    id: id.to_string(),
+                    objects: 0,
+                    stored_bytes: 0,
+                    last_stored_at: None,
+                },
+            )
+        });
+        *has_manifest |= layout::id_of_manifest_key(o.key.as_str()).is_some();
+        u.objects += 1;
+        u.stored_bytes += o.size;
+        u.last_stored_at = u.last_stored_at.max(o.stored_at);
+    }
+    let mut inv = Inventory::default();
+    for (_, (has_manifest, u)) in dirs {
+        match has_manifest {
+            true => inv.complete.push(u.id),
+            false => inv.unfinished.push(u),
+        }
+    }
+    Ok(inv)
+}
+
+/// Ids of every complete backup (one with a manifest), oldest first.
+pub async fn list_ids(archive: &Archive) -> Result<Vec<String>, BackupError> {
+    Ok(inventory(archive).await?.complete)
 }
 
 /// Every complete backup's summary, oldest first. A backup made before summaries existed is
@@ -112,8 +159,17 @@ pub async fn summaries(
     archive: &Archive,
     ids: Option<&Arc<Identities>>,
 ) -> Result<Vec<BackupSummary>, BackupError> {
+    summaries_of(archive, ids, list_ids(archive).await?).await
+}
+
+/// The summaries of the complete backups `complete` (from an `Inventory`).
+pub async fn summaries_of(
+    archive: &Archive,
+    ids: Option<&Arc<Identities>>,
+    complete: Vec<String>,
+) -> Result<Vec<BackupSummary>, BackupError> {
     let mut out = Vec::new();
-    for id in list_ids(archive).await? {
+    for id in complete {
         match archive.store().get(&layout::summary_key(&id)).await {
             Ok(bytes) => {
                 out.push(
@@ -155,4 +211,44 @@ pub async fn resolve(
         return read_manifest(archive, ids, id).await;
     }
     read_manifest(archive, ids, which).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::fs::FsStore;
+    use crate::storage::ObjectKey;
+
+    #[tokio::test]
+    async fn backups_without_a_manifest_are_unfinished_and_only_those() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::new(Arc::new(FsStore::new(dir.path())));
+        let put = |key: &str, len: usize| {
+            let archive = archive.clone();
+            let key = ObjectKey::new(key).unwrap();
+            async move {
+                archive
+                    .store()
+                    .put_if_absent(&key, vec![7u8; len].into())
+                    .await
+                    .unwrap();
+            }
+        };
+        put("backups/20261124T070000Z/part-000000", 100).await;
+        put("backups/20261124T070000Z/manifest", 10).await;
+        put("backups/20261124T080000Z/part-000000", 100).await;
+        put("backups/20261124T080000Z/part-000001", 50).await;
+        put("backups/not-a-backup/part-000000", 1).await;
+        put("wal/0000000100000000/000000010000000000000001", 1).await;
+
+        let inv = inventory(&archive).await.unwrap();
+        assert_eq!(inv.complete, vec!["20261124T070000Z".to_string()]);
+        assert_eq!(inv.unfinished.len(), 1, "{inv:?}");
+        let u = &inv.unfinished[0];
+        assert_eq!(
+            (u.id.as_str(), u.objects, u.stored_bytes),
+            ("20261124T080000Z", 2, 150)
+        );
+        assert!(u.last_stored_at.is_some(), "file mtimes are known");
+    }
 }

@@ -282,7 +282,9 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
         Err(crate::config::ConfigError::NoIdentity) => None,
         Err(e) => return Err(e.into()),
     };
-    let backups = backup::summaries(&archive, ids.as_ref()).await?;
+    let inventory = backup::inventory(&archive).await?;
+    let unfinished = inventory.unfinished;
+    let backups = backup::summaries_of(&archive, ids.as_ref(), inventory.complete).await?;
     let newest_end = match backups.last() {
         Some(m) => archive_end(&archive, &m.start_wal, m.wal_segment_size).await?,
         None => None,
@@ -307,12 +309,17 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
                 "last_segment": e.last_segment,
                 "stored_at": e.stored_at.map(|t| epoch_rfc3339(t as f64)),
             })),
+            "unfinished": unfinished.iter().map(|u| serde_json::json!({
+                "id": u.id, "objects": u.objects, "stored_size": u.stored_bytes,
+                "last_stored_at": u.last_stored_at.map(|t| epoch_rfc3339(t as f64)),
+            })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
         return Ok(());
     }
     if backups.is_empty() {
         println!("no backups in {}", archive.store().describe());
+        print_unfinished(&unfinished);
         return Ok(());
     }
     println!(
@@ -349,7 +356,34 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
         ),
         None => println!("the newest backup's WAL is not in the archive yet"),
     }
+    print_unfinished(&unfinished);
     Ok(())
+}
+
+/// Backups without a manifest take space but are never used: say so, and what to do.
+fn print_unfinished(unfinished: &[backup::Unfinished]) {
+    if unfinished.is_empty() {
+        return;
+    }
+    println!(
+        "{} unfinished backup(s), without a manifest (killed, failed, or still running); never restored from:",
+        unfinished.len()
+    );
+    for u in unfinished {
+        println!(
+            "  {}: {} object{}, {}{}",
+            u.id,
+            u.objects,
+            if u.objects == 1 { "" } else { "s" },
+            human(u.stored_bytes),
+            u.last_stored_at
+                .map(|t| format!(", last written {}", epoch_rfc3339(t as f64)))
+                .unwrap_or_default()
+        );
+    }
+    println!(
+        "  delete backups/<id>/ of these once no backup-push is running (with the maintainer's credentials: the archiver's cannot delete)"
+    );
 }
 
 fn fetch_options(r: &RestoreCommon) -> Result<FetchOptions, BackupError> {

@@ -41,11 +41,16 @@ pub fn summary_key(id: &str) -> ObjectKey {
     ObjectKey::new(format!("{BACKUPS_PREFIX}{id}/{SUMMARY_NAME}")).expect("valid key")
 }
 
-/// The backup id a manifest key belongs to, if it is one.
-pub fn id_of_manifest_key(key: &str) -> Option<&str> {
+/// The backup id and object name of a key under `backups/`, if it is one.
+pub fn split_backup_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix(BACKUPS_PREFIX)?;
     let (id, name) = rest.split_once('/')?;
-    (name == MANIFEST_NAME && valid_id(id)).then_some(id)
+    valid_id(id).then_some((id, name))
+}
+
+/// The backup id a manifest key belongs to, if it is one.
+pub fn id_of_manifest_key(key: &str) -> Option<&str> {
+    split_backup_key(key).and_then(|(id, name)| (name == MANIFEST_NAME).then_some(id))
 }
 
 /// Backup ids are the UTC start time, `YYYYMMDDTHHMMSSZ`: sortable and readable.
