@@ -100,13 +100,8 @@ fn run(cli: Cli, standby: bool) -> i32 {
             let lines = runtime().block_on(cli::check::run(&cfg));
             let mut ok = true;
             for l in &lines {
-                println!(
-                    "{:<12} {:<4} {}",
-                    l.what,
-                    if l.ok { "ok" } else { "FAIL" },
-                    l.text
-                );
-                ok &= l.ok;
+                println!("{:<12} {:<4} {}", l.what, l.status.label(), l.text);
+                ok &= l.status != cli::check::Status::Fail;
             }
             if ok {
                 exit::OK

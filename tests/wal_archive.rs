@@ -71,6 +71,30 @@ fn assert_no_gap(archived: &[String], what: &str) {
     }
 }
 
+/// A bucket with versioning left off, made with the SDK directly (minio-test turns it on).
+async fn create_bucket(server: &S3Server, name: &str) {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let conf = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(server.endpoint())
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            &server.env["AWS_ACCESS_KEY_ID"],
+            &server.env["AWS_SECRET_ACCESS_KEY"],
+            None,
+            None,
+            "test",
+        ))
+        .build();
+    aws_sdk_s3::Client::from_conf(conf)
+        .create_bucket()
+        .bucket(name)
+        .send()
+        .await
+        .unwrap();
+}
+
 fn segment_count(c: &Cluster) -> u64 {
     c.psql("select (pg_current_wal_lsn() - '0/0'::pg_lsn) / (16*1024*1024)")
         .parse::<f64>()
@@ -226,6 +250,66 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     let pg_wal = primary.data.join("pg_wal");
     let scratch = base.path().join("scratch");
     std::fs::create_dir_all(&scratch).unwrap();
+
+    // `walship check` says what works and what does not, and fails only for what would fail.
+    let cfg_text = std::fs::read_to_string(&cfg).unwrap();
+    let check = |name: &str, from: &str, to: &str| {
+        let path = base.path().join(format!("check-{name}.toml"));
+        std::fs::write(&path, cfg_text.replace(from, to)).unwrap();
+        let out = walship(&path, &["check"], base.path());
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+        )
+    };
+    let (code, report) = check("good", "", "");
+    assert_eq!(code, Some(0), "{report}");
+    for want in [
+        "repository   ok",
+        "versioning   ok   enabled",
+        "metadata     ok   system",
+        "identity     ok   matches",
+        // The fixture's secret key file is 0644: a warning, not a failure.
+        "s3 secret    warn",
+    ] {
+        assert!(report.contains(want), "{want:?} in:\n{report}");
+    }
+    let wrong_secret = base.path().join("wrong-secret");
+    std::fs::write(&wrong_secret, "not-the-secret").unwrap();
+    let secret_line = cfg_text
+        .lines()
+        .find(|l| l.starts_with("secret_access_key_file"))
+        .unwrap();
+    let (code, report) = check(
+        "denied",
+        secret_line,
+        &format!("secret_access_key_file = \"{}\"", wrong_secret.display()),
+    );
+    assert_eq!(code, Some(6), "{report}");
+    assert!(
+        report.contains("repository   FAIL") && report.contains("access denied"),
+        "{report}"
+    );
+    let bucket = format!("s3://{}/", server.bucket());
+    let (code, report) = check("no-bucket", &bucket, "s3://no-such-bucket/");
+    assert_eq!(code, Some(6), "{report}");
+    assert!(report.contains("does not exist"), "{report}");
+    std::fs::create_dir(base.path().join("other-keys")).unwrap();
+    let other_keys = common::keygen(&base.path().join("other-keys"));
+    let (code, report) = check(
+        "other-identity",
+        keys.identity.to_str().unwrap(),
+        other_keys.identity.to_str().unwrap(),
+    );
+    assert_eq!(code, Some(6), "{report}");
+    assert!(
+        report.contains("identity     FAIL does not match"),
+        "{report}"
+    );
+    rt.block_on(create_bucket(&server, "walship-unversioned"));
+    let (code, report) = check("unversioned", &bucket, "s3://walship-unversioned/");
+    assert_eq!(code, Some(6), "{report}");
+    assert!(report.contains("versioning   FAIL OFF"), "{report}");
 
     // The same segment again: exit 0 with a warning.
     let same = scratch.join(&seg);

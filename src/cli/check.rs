@@ -1,5 +1,7 @@
 //! `walship check`: can this host use the repository, and do the keys fit it?
 
+use std::path::Path;
+
 use crate::archive::Archive;
 use crate::codec;
 use crate::config::Config;
@@ -7,13 +9,66 @@ use crate::config::Config;
 /// One line of the report: what, how it stands, and a hint when it is a problem.
 pub struct Line {
     pub what: &'static str,
-    pub ok: bool,
+    pub status: Status,
     pub text: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Works, but should be fixed; `check` still exits 0.
+    Warn,
+    /// Would make a command fail; `check` exits non-zero.
+    Fail,
+}
+
+impl Status {
+    fn of(ok: bool) -> Self {
+        if ok {
+            Status::Ok
+        } else {
+            Status::Fail
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Warn => "warn",
+            Status::Fail => "FAIL",
+        }
+    }
+}
+
+/// A secret file others can read, by PostgreSQL's rule for its TLS key file: no access for
+/// other users, and for the group only when root owns it (`0640 root:postgres`).
+pub fn loose_secret_file(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    let mode = m.mode() & 0o777;
+    let allowed_group = if m.uid() == 0 { 0o040 } else { 0 };
+    (mode & 0o077 & !allowed_group != 0).then(|| {
+        format!(
+            "{} has mode {mode:04o}: other users can read it; chmod {} it",
+            path.display(),
+            if m.uid() == 0 {
+                "0640 (or 0600)"
+            } else {
+                "0600"
+            }
+        )
+    })
 }
 
 pub async fn run(cfg: &Config) -> Vec<Line> {
     let mut out = Vec::new();
-    let mut line = |what, ok, text: String| out.push(Line { what, ok, text });
+    let mut line = |what, ok: bool, text: String| {
+        out.push(Line {
+            what,
+            status: Status::of(ok),
+            text,
+        })
+    };
     let archive = match Archive::open(cfg, 2).await {
         Ok(a) => a,
         Err(e) => {
@@ -141,5 +196,47 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
             "not configured (needed only where WAL is fetched)".into(),
         );
     }
+    let secrets = [
+        (
+            "identity",
+            &cfg.identity_file,
+            "it decrypts the whole archive",
+        ),
+        ("s3 secret", &cfg.s3_secret_file, "it is the S3 secret key"),
+    ];
+    for (what, path, why) in secrets {
+        if let Some(w) = path.as_deref().and_then(loose_secret_file) {
+            out.push(Line {
+                what,
+                status: Status::Warn,
+                text: format!("{w} ({why})"),
+            });
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn secret_files_follow_postgresqls_key_file_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("identity.txt");
+        std::fs::write(&f, b"AGE-SECRET-KEY-1...").unwrap();
+        let with_mode = |mode| {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            loose_secret_file(&f)
+        };
+        assert_eq!(with_mode(0o600), None);
+        assert_eq!(with_mode(0o400), None);
+        let world = with_mode(0o644).expect("world-readable is loose");
+        assert!(world.contains("mode 0644"), "{world}");
+        // Group-readable is fine only for a file root owns (0640 root:postgres).
+        let root_owned = std::fs::metadata(&f).unwrap().uid() == 0;
+        assert_eq!(with_mode(0o640).is_none(), root_owned);
+        assert_eq!(loose_secret_file(&dir.path().join("missing")), None);
+    }
 }
