@@ -66,9 +66,22 @@ fn run(cli: Cli, standby: bool) -> i32 {
                 println!("{public}");
                 exit::OK
             }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => fail(
+                "keygen",
+                &format!(
+                    "{} already exists: not overwriting it, since it may be the only key that \
+                     decrypts an archive; choose another --output",
+                    args.output.display()
+                ),
+                exit::LOCAL_IO,
+            ),
             Err(e) => fail(
                 "keygen",
-                &format!("cannot create {}: {e}", args.output.display()),
+                &format!(
+                    "cannot create {}: {e}{}",
+                    args.output.display(),
+                    walship::io_hint::suffix(&e)
+                ),
                 exit::LOCAL_IO,
             ),
         };

@@ -296,6 +296,16 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     assert!(report.contains("does not exist"), "{report}");
     std::fs::create_dir(base.path().join("other-keys")).unwrap();
     let other_keys = common::keygen(&base.path().join("other-keys"));
+    // keygen never overwrites a key: it may be the only one that decrypts an archive.
+    let before = std::fs::read(&other_keys.identity).unwrap();
+    let again = std::process::Command::new(common::WALSHIP)
+        .args(["keygen", "--output"])
+        .arg(&other_keys.identity)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(7));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists: not overwriting"));
+    assert_eq!(std::fs::read(&other_keys.identity).unwrap(), before);
     let (code, report) = check(
         "other-identity",
         keys.identity.to_str().unwrap(),
