@@ -201,8 +201,12 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     );
     assert!(ok(&out).starts_with("before_batch "), "prints name and LSN");
     std::thread::sleep(Duration::from_millis(1100));
-    let between = primary
-        .psql("select to_char(now() at time zone 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'");
+    // Written as a local time with a zone name (one without clock changes, so the test never
+    // meets a repeated hour); walship hands PostgreSQL the offset it stands for.
+    let between = primary.psql(
+        "select to_char(now() at time zone 'Asia/Kolkata', 'YYYY-MM-DD HH24:MI:SS.US') \
+         || ' Asia/Kolkata'",
+    );
     std::thread::sleep(Duration::from_millis(1100));
     primary.psql("update pgbench_accounts set abalance = abalance - 1000 where aid <= 1000");
     primary.psql("insert into marks (note) values ('batch job')");
@@ -317,6 +321,14 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
             ),
         ],
     ));
+    let settings = std::fs::read_to_string(at_time.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        settings.contains(&format!(
+            "recovery_target_time = '{}+05:30'",
+            between.trim_end_matches(" Asia/Kolkata")
+        )),
+        "{settings}"
+    );
     let c = start_restored(base.path(), &at_time, "at-time");
     assert_eq!(
         marks(&c),

@@ -99,7 +99,7 @@ pub struct RestoreArgs {
     /// Restore this backup rather than the newest one that reaches the target
     #[arg(long)]
     pub backup: Option<String>,
-    /// Recover to this time (with a zone, e.g. '2026-11-24 12:44:59+00')
+    /// Recover to this time, with a zone: '2026-11-24 12:44:59+00' or '2026-11-24 13:44:59 Europe/Berlin'
     #[arg(long, group = "target")]
     pub target_time: Option<String>,
     /// Recover to this named restore point
@@ -457,10 +457,10 @@ pub async fn restore(
     let archive = Archive::open(cfg, 5).await?;
     let ids = identities(cfg)?;
     let target = if let Some(t) = &args.target_time {
-        let epoch = restore::parse_target_time(t).map_err(BackupError::Invalid)?;
+        let time = restore::parse_target_time(t).map_err(BackupError::Invalid)?;
         Target::Time {
-            text: t.clone(),
-            epoch,
+            text: time.text,
+            epoch: time.epoch,
         }
     } else if let Some(n) = &args.target_name {
         let point = read_restore_point(&archive, &ids, n).await?;

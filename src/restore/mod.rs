@@ -53,18 +53,30 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// Parse `YYYY-MM-DD HH:MM:SS[.frac]` followed by `Z`, `UTC` or an offset (`+01`, `-05:30`,
-/// `+0100`) into seconds since the epoch. A time without a zone is refused: PostgreSQL would read
-/// it in the server's TimeZone, which may not be what the person meant.
-pub fn parse_target_time(s: &str) -> Result<f64, String> {
+/// A parsed `--target-time`: the instant, and the text for `recovery_target_time`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetTime {
+    /// Seconds since the epoch.
+    pub epoch: f64,
+    /// What PostgreSQL gets: the time as given, except that a zone name is replaced by the
+    /// offset it had then, so walship's choice of backup and PostgreSQL's stop use the same
+    /// instant whatever time zone data the server has.
+    pub text: String,
+}
+
+/// Parse `YYYY-MM-DD HH:MM:SS[.frac]` followed by `Z`, `UTC`, an offset (`+01`, `-05:30`,
+/// `+0100`) or an IANA zone name (`Europe/Berlin`, from this host's time zone database). A time
+/// without a zone is refused: PostgreSQL would read it in the server's TimeZone, which may not be
+/// what the person meant; so is a local time that a clock change skipped or repeated.
+pub fn parse_target_time(s: &str) -> Result<TargetTime, String> {
     let bad = || {
         format!(
             "'{s}' is not a time walship understands; use 'YYYY-MM-DD HH:MM:SS' with a zone, \
-             e.g. '2026-11-24 12:44:59+00' or '2026-11-24T12:44:59Z'"
+             e.g. '2026-11-24 12:44:59+00', '2026-11-24T12:44:59Z' or '2026-11-24 13:44:59 Europe/Berlin'"
         )
     };
     let t = s.trim();
-    if t.len() < 19 {
+    if t.len() < 19 || !t.is_char_boundary(10) {
         return Err(bad());
     }
     let (date, rest) = t.split_at(10);
@@ -87,12 +99,16 @@ pub fn parse_target_time(s: &str) -> Result<f64, String> {
     let h: i64 = hms[0].parse().map_err(|_| bad())?;
     let mi: i64 = hms[1].parse().map_err(|_| bad())?;
     let sec: f64 = hms[2].parse().map_err(|_| bad())?;
+    if !(1..=12).contains(&d[1]) || !(1..=31).contains(&d[2]) || h > 23 || mi > 59 || sec >= 61.0 {
+        return Err(bad());
+    }
     let zone = zone.trim();
+    let mut text = t.to_string();
     let offset = match zone {
         "" => {
             return Err(format!(
-                "'{s}' has no time zone; add one (e.g. '+00' or 'Z'), so the target cannot be \
-                 read in the wrong zone"
+                "'{s}' has no time zone; add one (e.g. '+00', 'Z' or 'Europe/Berlin'), so the \
+                 target cannot be read in the wrong zone"
             ))
         }
         "Z" | "UTC" | "z" => 0,
@@ -108,13 +124,67 @@ pub fn parse_target_time(s: &str) -> Result<f64, String> {
             let mm: i64 = mm.parse().map_err(|_| bad())?;
             sign * (hh * 3600 + mm * 60)
         }
-        _ => return Err(bad()),
+        name => {
+            let offset = zone_offset(s, name, (date, clock), (d[0], d[1], d[2]), (h, mi, sec))?;
+            text = format!("{date} {clock}{}", format_offset(offset));
+            offset
+        }
     };
-    if !(1..=12).contains(&d[1]) || !(1..=31).contains(&d[2]) || h > 23 || mi > 59 || sec >= 61.0 {
-        return Err(bad());
-    }
     let days = days_from_civil(d[0], d[1], d[2]);
-    Ok((days * 86_400 + h * 3600 + mi * 60 - offset) as f64 + sec)
+    Ok(TargetTime {
+        epoch: (days * 86_400 + h * 3600 + mi * 60 - offset) as f64 + sec,
+        text,
+    })
+}
+
+/// The UTC offset, in seconds, that the civil time had in the IANA zone `name`.
+fn zone_offset(
+    s: &str,
+    name: &str,
+    (date, clock): (&str, &str),
+    (y, mo, d): (i64, i64, i64),
+    (h, mi, sec): (i64, i64, f64),
+) -> Result<i64, String> {
+    use jiff::tz::{AmbiguousOffset, TimeZone};
+    let tz = TimeZone::get(name).map_err(|_| {
+        format!(
+            "'{s}': '{name}' is not a time zone this host knows; use an IANA name such as \
+             Europe/Berlin (install tzdata if there are none) or an offset such as +01"
+        )
+    })?;
+    let civil = jiff::civil::DateTime::new(
+        i16::try_from(y).map_err(|_| format!("'{s}': year out of range"))?,
+        mo as i8,
+        d as i8,
+        h as i8,
+        mi as i8,
+        sec.min(59.0) as i8,
+        0,
+    )
+    .map_err(|e| format!("'{s}' is not a valid time: {e}"))?;
+    let at =
+        |o: jiff::tz::Offset| format!("'{date} {clock}{}'", format_offset(i64::from(o.seconds())));
+    match tz.to_ambiguous_timestamp(civil).offset() {
+        AmbiguousOffset::Unambiguous { offset } => Ok(i64::from(offset.seconds())),
+        AmbiguousOffset::Gap { before, after } => Err(format!(
+            "'{s}' never happened: the clocks in {name} skipped it; give the time with an offset, {} or {}",
+            at(before),
+            at(after)
+        )),
+        AmbiguousOffset::Fold { before, after } => Err(format!(
+            "'{s}' happened twice: the clocks in {name} went back; say which with its offset, {} \
+             (the first) or {} (the second)",
+            at(before),
+            at(after)
+        )),
+    }
+}
+
+/// `+01:00`, `-05:30`, `+00:00`.
+fn format_offset(seconds: i64) -> String {
+    let sign = if seconds < 0 { '-' } else { '+' };
+    let m = seconds.abs() / 60;
+    format!("{sign}{:02}:{:02}", m / 60, m % 60)
 }
 
 /// The newest backup that can reach `target`: one that ended (became consistent) before it.
@@ -253,21 +323,54 @@ mod tests {
 
     #[test]
     fn target_times_need_a_zone_and_mean_one_instant() {
-        let utc = parse_target_time("2026-11-24 12:44:59+00").unwrap();
+        let epoch = |t: &str| parse_target_time(t).unwrap().epoch;
+        let utc = epoch("2026-11-24 12:44:59+00");
         assert_eq!(utc, 1_795_524_299.0);
-        assert_eq!(parse_target_time("2026-11-24T12:44:59Z").unwrap(), utc);
-        assert_eq!(parse_target_time("2026-11-24 13:44:59+01").unwrap(), utc);
-        assert_eq!(parse_target_time("2026-11-24 07:14:59-05:30").unwrap(), utc);
-        assert_eq!(
-            parse_target_time("2026-11-24 12:44:59.25 UTC").unwrap(),
-            utc + 0.25
-        );
+        assert_eq!(epoch("2026-11-24T12:44:59Z"), utc);
+        assert_eq!(epoch("2026-11-24 13:44:59+01"), utc);
+        assert_eq!(epoch("2026-11-24 07:14:59-05:30"), utc);
+        assert_eq!(epoch("2026-11-24 12:44:59.25 UTC"), utc + 0.25);
+        // Offsets go to PostgreSQL as given.
+        let t = parse_target_time("2026-11-24 13:44:59+01").unwrap();
+        assert_eq!(t.text, "2026-11-24 13:44:59+01");
         assert!(parse_target_time("2026-11-24 12:44:59")
             .unwrap_err()
             .contains("no time zone"));
         assert!(parse_target_time("yesterday").is_err());
         assert!(parse_target_time("2026-13-24 12:44:59Z").is_err());
-        assert_eq!(parse_target_time("1970-01-01 00:00:00Z").unwrap(), 0.0);
+        assert_eq!(epoch("1970-01-01 00:00:00Z"), 0.0);
+    }
+
+    #[test]
+    fn zone_names_become_the_offset_they_had_then() {
+        // Winter (CET, +01) and summer (CEST, +02) in Berlin; PostgreSQL gets the offset.
+        let winter = parse_target_time("2026-11-24 13:44:59 Europe/Berlin").unwrap();
+        assert_eq!(winter.epoch, 1_795_524_299.0);
+        assert_eq!(winter.text, "2026-11-24 13:44:59+01:00");
+        let summer = parse_target_time("2026-07-01 14:00:00.5 Europe/Berlin").unwrap();
+        assert_eq!(
+            summer.epoch,
+            parse_target_time("2026-07-01 12:00:00.5Z").unwrap().epoch
+        );
+        assert_eq!(summer.text, "2026-07-01 14:00:00.5+02:00");
+        let kolkata = parse_target_time("2026-11-24T18:14:59 Asia/Kolkata").unwrap();
+        assert_eq!(kolkata.epoch, 1_795_524_299.0);
+        assert_eq!(kolkata.text, "2026-11-24 18:14:59+05:30");
+        // 2026-10-25 02:30 happened twice in Berlin, 2026-03-29 02:30 not at all.
+        let twice = parse_target_time("2026-10-25 02:30:00 Europe/Berlin").unwrap_err();
+        assert!(
+            twice.contains("happened twice")
+                && twice.contains("'2026-10-25 02:30:00+02:00' (the first)")
+                && twice.contains("'2026-10-25 02:30:00+01:00' (the second)"),
+            "{twice}"
+        );
+        let never = parse_target_time("2026-03-29 02:30:00 Europe/Berlin").unwrap_err();
+        assert!(never.contains("never happened"), "{never}");
+        let unknown = parse_target_time("2026-11-24 12:44:59 Mars/Olympus").unwrap_err();
+        assert!(
+            unknown.contains("not a time zone this host knows"),
+            "{unknown}"
+        );
     }
 
     #[test]
