@@ -246,7 +246,6 @@ pub fn sweep_stale_temps(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
-    let me = std::process::id();
     let mut removed = 0;
     for e in entries.flatten() {
         let n = e.file_name();
@@ -258,11 +257,7 @@ pub fn sweep_stale_temps(dir: &Path) -> usize {
         else {
             continue;
         };
-        let gone = pid != me
-            && rustix::process::Pid::from_raw(pid as i32).is_some_and(|p| {
-                rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH)
-            });
-        if gone && std::fs::remove_file(e.path()).is_ok() {
+        if crate::storage::fs::process_gone(pid) && std::fs::remove_file(e.path()).is_ok() {
             removed += 1;
         }
     }

@@ -51,6 +51,55 @@ fn io_error(path: &Path, e: io::Error) -> StorageError {
     }
 }
 
+/// Whether no process with this pid exists on this host (a pid that is ours, or that we may not
+/// signal, exists). For temp files named by their writer's pid.
+pub fn process_gone(pid: u32) -> bool {
+    pid != std::process::id()
+        && i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .is_some_and(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH))
+}
+
+fn host_name() -> String {
+    rustix::system::uname()
+        .nodename()
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Temp files a put of `name` killed part-way left in `dir`, named `.tmp.<name>.<pid>.<n>.<host>`:
+/// removed when their writer is gone from this host, or, from another host sharing the directory
+/// (NFS) or an older walship without the host in the name, once they are a day old. The next
+/// put of the same name (PostgreSQL retries a failed segment) is when this runs.
+fn sweep_dead_temps(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".tmp.{name}.");
+    let host = host_name();
+    for e in entries.flatten() {
+        let file_name = e.file_name();
+        let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let mut parts = rest.splitn(3, '.');
+        let (pid, _n, writer_host) = (parts.next(), parts.next(), parts.next());
+        let dead_here = writer_host == Some(host.as_str())
+            && pid.and_then(|p| p.parse().ok()).is_some_and(process_gone);
+        let old = || {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(24 * 3600))
+        };
+        if dead_here || old() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
 /// fsync a directory so a new entry in it survives a crash.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
@@ -66,19 +115,21 @@ fn put_blocking(
         .parent()
         .expect("object path has a parent")
         .to_path_buf();
-    if path.exists() {
-        return Ok(PutOutcome::AlreadyExists);
-    }
-    fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let name = path
         .file_name()
         .expect("object has a file name")
         .to_string_lossy()
         .into_owned();
+    sweep_dead_temps(&dir, &name);
+    if path.exists() {
+        return Ok(PutOutcome::AlreadyExists);
+    }
+    fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
     let tmp = dir.join(format!(
-        ".tmp.{name}.{}.{}",
+        ".tmp.{name}.{}.{}.{}",
         std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
+        host_name()
     ));
     let result = (|| {
         let mut f = File::create(&tmp)?;
@@ -253,5 +304,45 @@ mod tests {
         fs::create_dir_all(dir.path().join("wal")).unwrap();
         fs::write(dir.path().join("wal/.tmp.seg.1.0"), b"half").unwrap();
         assert!(store.list("wal/").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_put_removes_what_killed_puts_of_the_same_name_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsStore::new(dir.path());
+        let wal = dir.path().join("wal");
+        fs::create_dir_all(&wal).unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let (me, host) = (std::process::id(), host_name());
+        let names = [
+            format!(".tmp.seg.{dead}.0.{host}"),     // killed here: removed
+            format!(".tmp.seg.{dead}.1.other.host"), // another host's, fresh: kept
+            format!(".tmp.seg.{dead}.2.other.host"), // another host's, two days old: removed
+            format!(".tmp.seg.{dead}.3"),            // no host in the name, fresh: kept
+            format!(".tmp.seg.{me}.4.{host}"),       // a writer still running: kept
+            format!(".tmp.seg2.{dead}.5.{host}"),    // another object: not this put's business
+        ];
+        for n in &names {
+            fs::write(wal.join(n), b"half").unwrap();
+        }
+        let two_days_ago =
+            std::time::SystemTime::now() - std::time::Duration::from_secs(2 * 86_400);
+        File::options()
+            .write(true)
+            .open(wal.join(&names[2]))
+            .unwrap()
+            .set_modified(two_days_ago)
+            .unwrap();
+        let key = ObjectKey::new("wal/seg").unwrap();
+        store
+            .put_if_absent(&key, Bytes::from_static(b"whole"))
+            .await
+            .unwrap();
+        let left: Vec<bool> = names.iter().map(|n| wal.join(n).exists()).collect();
+        assert_eq!(left, [false, true, false, true, true, true]);
+        // The put's own temp file is gone too.
+        assert_eq!(fs::read_dir(&wal).unwrap().count(), names.len() - 2 + 1);
     }
 }
