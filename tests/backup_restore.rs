@@ -576,8 +576,10 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let out = backup_fetch(&cfg, &id, &small.dir.join("data"));
     assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
     assert!(
-        stderr(&out).contains("not enough space to restore into"),
-        "{}",
+        stderr(&out).contains("not enough space to restore into")
+            && stderr(&out).contains("free some space or restore elsewhere")
+            && !stderr(&out).contains("the file system is full"),
+        "one piece of advice: {}",
         stderr(&out)
     );
     assert_eq!(

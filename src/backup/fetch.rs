@@ -132,15 +132,13 @@ fn check_space(
         Some((_, free, place, bytes)) => Err(BackupError::local(
             "not enough space to restore into",
             place,
-            std::io::Error::new(
-                std::io::ErrorKind::StorageFull,
-                format!(
-                    "the backup needs {} on that file system and {} is free; free some space \
+            // Not StorageFull: the message already says what to do (see io_hint).
+            std::io::Error::other(format!(
+                "the backup needs {} on that file system and {} is free; free some space \
                      or restore elsewhere",
-                    indicatif::HumanBytes(bytes),
-                    indicatif::HumanBytes(free)
-                ),
-            ),
+                indicatif::HumanBytes(bytes),
+                indicatif::HumanBytes(free)
+            )),
         )),
         None => Ok(()),
     }
