@@ -177,6 +177,7 @@ fn run(cli: Cli, standby: bool) -> i32 {
         },
         Command::Restore(args) => {
             match runtime().block_on(cli::backup::restore(&cfg, &cli.global, args)) {
+                Ok(_) if args.dry_run => exit::OK,
                 Ok(m) => {
                     eprintln!(
                         "walship: restored backup {} into {} and wrote the recovery settings to postgresql.auto.conf; start PostgreSQL on it to recover",

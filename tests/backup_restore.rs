@@ -301,8 +301,33 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     );
     c.stop();
 
-    // To a time between the restore point and the batch job.
+    // To a time between the restore point and the batch job: first a dry run, which says what it
+    // would do and leaves the directory alone.
     let at_time = base.path().join("at-time");
+    let ts_map = format!(
+        "{}={}",
+        ts_dir.display(),
+        base.path().join("ts-2").display()
+    );
+    let plan = ok(&restore(
+        &cfg,
+        &at_time,
+        &[
+            "--target-time",
+            &between,
+            "--tablespace-map",
+            &ts_map,
+            "--dry-run",
+        ],
+    ));
+    assert!(
+        plan.starts_with("would restore backup ")
+            && plan.contains("to download in")
+            && plan.contains("recovery_target_time = '")
+            && plan.contains("restore_command = '"),
+        "{plan}"
+    );
+    assert!(!at_time.exists(), "a dry run writes nothing");
     ok(&restore(
         &cfg,
         &at_time,
@@ -569,6 +594,9 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(!out.status.success());
     assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
     assert!(busy.join("keep-me").exists());
+    let out = restore(&cfg, &busy, &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is not empty"), "{}", stderr(&out));
 
     // A file system too small for the backup: refused before any data is written, rather than
     // on a full disk part-way through.

@@ -54,24 +54,29 @@ fn is_empty_dir(dir: &Path) -> std::io::Result<bool> {
     }
 }
 
-/// Make `dir` an empty directory, refusing to touch a non-empty one unless `force`.
-fn prepare_empty(dir: &Path, force: bool, what: &str) -> Result<(), BackupError> {
+/// Whether `dir` is absent or empty; a non-empty one is refused unless `force`.
+fn check_empty(dir: &Path, force: bool, what: &str) -> Result<bool, BackupError> {
     let empty = is_empty_dir(dir).map_err(|e| BackupError::local("cannot read", dir, e))?;
-    if !empty {
-        if !force && dir.join(INCOMPLETE_MARKER).exists() {
+    if !empty && !force {
+        if dir.join(INCOMPLETE_MARKER).exists() {
             return Err(BackupError::TargetNotEmpty(format!(
                 "{what} {} holds a restore that did not finish ({INCOMPLETE_MARKER}); pass \
                  --force to delete it and restore again",
                 dir.display()
             )));
         }
-        if !force {
-            return Err(BackupError::TargetNotEmpty(format!(
-                "{what} {} is not empty; restore into an empty directory, or pass --force to \
-                 delete what is there first",
-                dir.display()
-            )));
-        }
+        return Err(BackupError::TargetNotEmpty(format!(
+            "{what} {} is not empty; restore into an empty directory, or pass --force to \
+             delete what is there first",
+            dir.display()
+        )));
+    }
+    Ok(empty)
+}
+
+/// Make `dir` an empty directory, refusing to touch a non-empty one unless `force`.
+fn prepare_empty(dir: &Path, force: bool, what: &str) -> Result<(), BackupError> {
+    if !check_empty(dir, force, what)? {
         for e in fs::read_dir(dir).map_err(|e| BackupError::local("cannot read", dir, e))? {
             let p = e
                 .map_err(|e| BackupError::local("cannot read", dir, e))?
@@ -144,6 +149,29 @@ fn check_space(
     }
 }
 
+/// The file system a place is (or, not yet created, will be) on, and the bytes free there.
+fn file_system_of(place: &Path) -> Option<(u64, u64)> {
+    let existing = place.ancestors().find(|p| p.exists())?;
+    let st = rustix::fs::statvfs(existing).ok()?;
+    let dev = fs::metadata(existing).ok()?.dev();
+    Some((dev, st.f_bavail.saturating_mul(st.f_frsize)))
+}
+
+/// What `fetch` checks before writing anything, without writing anything (`restore --dry-run`):
+/// the target and tablespace directories are empty or absent (or `force`), and their file
+/// systems can hold the backup. With `force`, what is there now still counts as used.
+pub fn preflight(m: &BackupManifest, dest: &Path, opts: &FetchOptions) -> Result<(), BackupError> {
+    check_empty(dest, opts.force, "target directory")?;
+    let mut links = HashMap::new();
+    for t in &m.tablespaces {
+        let loc = tablespace_location(opts, t.oid, &t.location);
+        check_empty(&loc, opts.force, "tablespace directory")?;
+        links.insert(format!("pg_tblspc/{}", t.oid), loc);
+    }
+    let files = m.files.iter().map(|f| (f.path.as_str(), f.size));
+    check_space(&space_needed(files, dest, &links), file_system_of)
+}
+
 /// The rewritten `tablespace_map` for the new locations.
 fn remap_tablespace_map(m: &BackupManifest, opts: &FetchOptions) -> Option<String> {
     m.tablespace_map.as_ref()?;
@@ -211,11 +239,7 @@ pub async fn fetch(
         locations.push(loc);
     }
     let files = m.files.iter().map(|f| (f.path.as_str(), f.size));
-    check_space(&space_needed(files, dest, &links), |p| {
-        let st = rustix::fs::statvfs(p).ok()?;
-        let dev = fs::metadata(p).ok()?.dev();
-        Some((dev, st.f_bavail.saturating_mul(st.f_frsize)))
-    })?;
+    check_space(&space_needed(files, dest, &links), file_system_of)?;
     for d in &m.dirs {
         let path = dest.join(&d.path);
         if let Some(loc) = links.get(&d.path) {

@@ -134,6 +134,10 @@ pub struct RestoreArgs {
     /// timelines stay out of this repository); preserve: keep the backup's setting
     #[arg(long, value_parser = ["preserve", "off"], default_value = "preserve")]
     pub archive_mode: String,
+    /// Check everything and print the backup it would restore and the recovery settings it
+    /// would write, then stop: nothing is downloaded and the directory is not touched
+    #[arg(long)]
+    pub dry_run: bool,
     #[command(flatten)]
     pub restore: RestoreCommon,
 }
@@ -503,19 +507,6 @@ pub async fn restore(
     if own_timeline && !args.standby {
         check_reachable(&archive, &chosen, &target).await?;
     }
-    tracing::info!(
-        "restoring backup {} (ended {})",
-        chosen.id,
-        chosen.stop_time
-    );
-    backup::fetch::fetch(
-        &archive,
-        &ids,
-        &chosen,
-        &args.dir,
-        &fetch_options(&args.restore)?,
-    )
-    .await?;
     let opts = RecoveryOptions {
         target,
         action: args.target_action.clone(),
@@ -529,11 +520,56 @@ pub async fn restore(
         archive_off: args.archive_mode == "off",
     };
     let settings = restore::recovery_settings(&opts, &restore_command(global, cfg), &chosen.id);
+    let fetch_opts = fetch_options(&args.restore)?;
+    if args.dry_run {
+        backup::fetch::preflight(&chosen, &args.dir, &fetch_opts)?;
+        print_restore_plan(&chosen, &args.dir, &settings, args.standby);
+        return Ok(chosen);
+    }
+    tracing::info!(
+        "restoring backup {} (ended {})",
+        chosen.id,
+        chosen.stop_time
+    );
+    backup::fetch::fetch(&archive, &ids, &chosen, &args.dir, &fetch_opts).await?;
     restore::write_recovery(&args.dir, &settings, args.standby)?;
     for w in restore_command_warnings(global, cfg, &args.dir) {
         tracing::warn!("{w}");
     }
     Ok(chosen)
+}
+
+/// `restore --dry-run`: what a restore would do, once every check before the download passed.
+fn print_restore_plan(m: &BackupManifest, dir: &std::path::Path, settings: &str, standby: bool) {
+    println!(
+        "would restore backup {} (taken {} to {}, LSN {} to {}, timeline {}{})",
+        m.id,
+        m.start_time,
+        m.stop_time,
+        m.start_lsn,
+        m.stop_lsn,
+        m.timeline,
+        if m.from_standby { ", on a standby" } else { "" }
+    );
+    println!(
+        "  {} in {} files; {} to download in {} parts",
+        human(m.original_size()),
+        m.files.len(),
+        human(m.stored_size()),
+        m.parts.len()
+    );
+    println!(
+        "into {}, then add to its postgresql.auto.conf (and create {}):",
+        dir.display(),
+        if standby {
+            "standby.signal"
+        } else {
+            "recovery.signal"
+        }
+    );
+    for line in settings.lines().filter(|l| !l.trim().is_empty()) {
+        println!("  {line}");
+    }
 }
 
 /// What would stop the restore_command just written from working once PostgreSQL runs it, as the
