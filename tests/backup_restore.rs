@@ -416,6 +416,45 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     );
     assert_eq!(standby.psql("select pg_is_in_recovery()"), "t");
 
+    // The standby's directory read with a connection to the primary (one cluster, so the system
+    // identifiers match): the files and the backup label would come from two servers, and the
+    // backup would restore into an inconsistent database. Refused before anything is uploaded.
+    let pgdata = |dir: &Path| ["--pgdata", dir.to_str().unwrap()].map(String::from);
+    let out = backup_push(
+        &cfg,
+        &primary,
+        &pgdata(&standby_dir).each_ref().map(String::as_str),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("they are different servers"),
+        "{}",
+        stderr(&out)
+    );
+    // A copy of the primary's directory that no server runs on.
+    let copy = base.path().join("copy");
+    std::fs::create_dir_all(copy.join("global")).unwrap();
+    for f in ["PG_VERSION", "global/pg_control"] {
+        std::fs::copy(primary.data.join(f), copy.join(f)).unwrap();
+    }
+    let out = backup_push(
+        &cfg,
+        &primary,
+        &pgdata(&copy).each_ref().map(String::as_str),
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no server is running"),
+        "{}",
+        stderr(&out)
+    );
+    let listed = list_json(&cfg);
+    assert!(
+        listed["backups"].as_array().unwrap().is_empty()
+            && listed["unfinished"].as_array().unwrap().is_empty(),
+        "nothing uploaded: {listed}"
+    );
+
     let id = ok(&backup_push(&cfg, &standby, &[]));
     let listed = list_json(&cfg);
     assert_eq!(listed["backups"][0]["id"], id.as_str());

@@ -57,6 +57,11 @@ struct ServerFacts {
     archiver: String,
     /// The archiver's last failure (`<file> at <time>`) when it is more recent than its last success.
     archiver_failing: Option<String>,
+    port: u16,
+    /// `pg_postmaster_start_time()`, in seconds since the epoch.
+    started: f64,
+    /// The server's address on this connection; `None` over a Unix socket.
+    address: Option<std::net::IpAddr>,
 }
 
 async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
@@ -71,7 +76,10 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
                     current_setting('archive_command') || current_setting('archive_library'), \
                     (SELECT last_failed_wal || ' at ' || last_failed_time::text \
                        FROM pg_stat_archiver \
-                      WHERE last_failed_time > coalesce(last_archived_time, '-infinity'))",
+                      WHERE last_failed_time > coalesce(last_archived_time, '-infinity')), \
+                    current_setting('port')::int4, \
+                    extract(epoch FROM pg_postmaster_start_time())::float8, \
+                    host(inet_server_addr())",
             &[],
         )
         .await
@@ -87,7 +95,102 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
         archive_mode: row.get(5),
         archiver: row.get(6),
         archiver_failing: row.get(7),
+        port: row.get::<_, i32>(8) as u16,
+        started: row.get(9),
+        address: row
+            .get::<_, Option<String>>(10)
+            .and_then(|a| a.parse().ok()),
     })
+}
+
+/// What this host's copy of the data directory says about the server running on it.
+struct LocalDir {
+    /// The system identifier in `global/pg_control`.
+    system_identifier: Option<u64>,
+    /// `postmaster.pid`'s start time (seconds) and port, when a server runs on the directory.
+    running: Option<(f64, u16)>,
+}
+
+impl LocalDir {
+    fn read(pgdata: &std::path::Path) -> Self {
+        let system_identifier = std::fs::read(pgdata.join("global/pg_control"))
+            .ok()
+            .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)));
+        let running = std::fs::read_to_string(pgdata.join("postmaster.pid"))
+            .ok()
+            .and_then(|t| {
+                let lines: Vec<&str> = t.lines().collect();
+                Some((
+                    lines.get(2)?.trim().parse().ok()?,
+                    lines.get(3)?.trim().parse().ok()?,
+                ))
+            });
+        Self {
+            system_identifier,
+            running,
+        }
+    }
+}
+
+/// Whether `addr` belongs to this host (a socket can be bound to it).
+fn is_local_address(addr: std::net::IpAddr) -> bool {
+    addr.is_loopback() || std::net::UdpSocket::bind((addr, 0)).is_ok()
+}
+
+/// Refuse to back up a directory that is not the data directory of the server walship is
+/// connected to: the files would be copied from one server and the backup label taken from
+/// another, and the backup would restore into a silently inconsistent database. It happens with
+/// `--pg-host` of another host (a standby's directory at the same path here), `--pgdata` of
+/// another cluster, or another server's port.
+fn check_data_directory(
+    pgdata: &std::path::Path,
+    facts: &ServerFacts,
+    local: &LocalDir,
+    is_local: impl Fn(std::net::IpAddr) -> bool,
+) -> Result<(), BackupError> {
+    let dir = pgdata.display();
+    let connected = match facts.address {
+        Some(a) => format!(
+            "the server walship is connected to ({a} port {})",
+            facts.port
+        ),
+        None => format!("the server walship is connected to (port {})", facts.port),
+    };
+    let hint = "run backup-push on the database host, connected to the server whose data \
+                directory it reads (--pg-host, --pg-port; --pgdata where that directory is mounted)";
+    if let Some(sysid) = local.system_identifier {
+        if sysid.to_string() != facts.system_identifier {
+            return Err(BackupError::Invalid(format!(
+                "{dir} belongs to the cluster with system identifier {sysid}, but {connected} is \
+                 {}; {hint}",
+                facts.system_identifier
+            )));
+        }
+    }
+    let Some((started, port)) = local.running else {
+        return Err(BackupError::Invalid(format!(
+            "no server is running on {dir} (no postmaster.pid there), so it is not the data \
+             directory of {connected}; {hint}"
+        )));
+    };
+    if port != facts.port {
+        return Err(BackupError::Invalid(format!(
+            "the server running on {dir} listens on port {port}, {connected} on port {}: they are \
+             different servers; {hint}",
+            facts.port
+        )));
+    }
+    // Same port on this host is the same server; from another host, the start times tell.
+    let elsewhere = facts.address.is_some_and(|a| !is_local(a));
+    if elsewhere && (started - facts.started).abs() > 30.0 {
+        return Err(BackupError::Invalid(format!(
+            "the server running on {dir} started at {}, {connected} at {}: it is another server, \
+             on another host; {hint}",
+            epoch_rfc3339(started),
+            epoch_rfc3339(facts.started)
+        )));
+    }
+    Ok(())
 }
 
 /// Refuse a backup whose WAL could never reach the repository, before any data is copied: the
@@ -192,6 +295,7 @@ pub async fn push(
             pgdata.display()
         )));
     }
+    check_data_directory(&pgdata, &facts, &LocalDir::read(&pgdata), is_local_address)?;
 
     // An id nobody used: the start time, to the second.
     let (id, start_epoch) = loop {
@@ -622,17 +726,82 @@ mod tests {
         assert!(layout::valid_id(&id_of(&epoch_rfc3339(1_795_000_000.4))));
     }
 
-    #[test]
-    fn a_backup_whose_wal_cannot_be_archived_is_refused_before_it_starts() {
-        let facts = |mode: &str, archiver: &str, standby: bool, failing: bool| ServerFacts {
+    /// A primary on port 5432, started at 1000 s, reached over a Unix socket.
+    fn server() -> ServerFacts {
+        ServerFacts {
             version_num: 150000,
             data_directory: "/x".into(),
             wal_segment_size: 16 << 20,
             system_identifier: "1".into(),
+            in_recovery: false,
+            archive_mode: "on".into(),
+            archiver: "walship wal-push %p".into(),
+            archiver_failing: None,
+            port: 5432,
+            started: 1000.0,
+            address: None,
+        }
+    }
+
+    #[test]
+    fn a_data_directory_of_another_server_is_refused() {
+        let dir = std::path::Path::new("/var/lib/postgresql/15/main");
+        let ours = LocalDir {
+            system_identifier: Some(1),
+            running: Some((1000.4, 5432)),
+        };
+        let check = |facts: &ServerFacts, local: &LocalDir, here: bool| {
+            check_data_directory(dir, facts, local, |_| here)
+        };
+        let refused = |r: Result<(), BackupError>| match r {
+            Err(BackupError::Invalid(why)) => why,
+            other => panic!("{other:?}"),
+        };
+        assert!(check(&server(), &ours, true).is_ok());
+        // Another cluster's directory.
+        let other = LocalDir {
+            system_identifier: Some(2),
+            ..ours
+        };
+        assert!(refused(check(&server(), &other, true)).contains("system identifier 2"));
+        // A copy no server runs on.
+        let stopped = LocalDir {
+            running: None,
+            ..ours
+        };
+        assert!(refused(check(&server(), &stopped, true)).contains("no server is running"));
+        // Another server on this host (a standby on its own port).
+        let standby = LocalDir {
+            running: Some((1500.0, 5433)),
+            ..ours
+        };
+        assert!(refused(check(&server(), &standby, true)).contains("port 5433"));
+        // Over TCP to this host: same port, same server, whatever the start times.
+        let tcp = ServerFacts {
+            address: Some("10.0.0.5".parse().unwrap()),
+            started: 900.0,
+            ..server()
+        };
+        assert!(check(&tcp, &ours, true).is_ok());
+        // To another host, with a same-port server here: only the same start time passes.
+        assert!(refused(check(&tcp, &ours, false)).contains("another host"));
+        let same_start = ServerFacts {
+            started: 1001.0,
+            ..tcp
+        };
+        assert!(check(&same_start, &ours, false).is_ok());
+        assert!(is_local_address("127.0.0.1".parse().unwrap()));
+        assert!(!is_local_address("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_backup_whose_wal_cannot_be_archived_is_refused_before_it_starts() {
+        let facts = |mode: &str, archiver: &str, standby: bool, failing: bool| ServerFacts {
             in_recovery: standby,
             archive_mode: mode.into(),
             archiver: archiver.into(),
             archiver_failing: failing.then(|| "000000010000000000000003 at 12:00".into()),
+            ..server()
         };
         let cmd = "walship wal-push %p";
         let refused = |f: &ServerFacts| match check_archiving(f) {
