@@ -86,7 +86,16 @@ pub async fn fetch(
     dest: &Path,
 ) -> Result<(), WalError> {
     let name = WalFileName::parse(name)?;
-    let report = fetch::fetch(&fetch_context(cfg).await?, &name, dest).await?;
+    // The prefetcher starts before this download rather than after it: at the start of recovery
+    // it gets a segment's download time ahead, and the next call finds its segment under way.
+    // Only where a server runs (PostgreSQL calls from its data directory).
+    let started = Path::new("postmaster.pid").is_file()
+        && fetch::prefetch_ahead(&cfg.wal, &cfg.repo_url, &name, dest)
+            .is_some_and(|spool| try_start_prefetcher(global, cfg, &spool));
+    let mut report = fetch::fetch(&fetch_context(cfg).await?, &name, dest).await?;
+    if started {
+        report.start_prefetcher = None;
+    }
     finish_fetch(global, cfg, &name, report);
     Ok(())
 }
@@ -101,8 +110,17 @@ fn finish_fetch(global: &GlobalArgs, cfg: &Config, name: &WalFileName, report: F
         FetchOutcome::Downloaded => tracing::info!("{name}: downloaded"),
     }
     if let Some(spool) = report.start_prefetcher {
-        if let Err(e) = start_prefetcher(global, cfg, &spool) {
+        try_start_prefetcher(global, cfg, &spool);
+    }
+}
+
+/// Start the prefetcher, or say why not; recovery goes on without it either way.
+fn try_start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> bool {
+    match start_prefetcher(global, cfg, spool) {
+        Ok(started) => started,
+        Err(e) => {
             tracing::warn!("cannot start the prefetcher (recovery goes on without it): {e}");
+            false
         }
     }
 }
@@ -113,12 +131,13 @@ fn finish_fetch(global: &GlobalArgs, cfg: &Config, name: &WalFileName, report: F
 /// PostgreSQL runs restore_command in the data directory; the prefetcher is tied to the postmaster
 /// named in its `postmaster.pid` and stops as soon as that server stops, so no prefetcher is left
 /// writing under `pg_wal` when pg_rewind or a base backup copy of a stopped cluster runs.
-fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io::Result<()> {
+/// `Ok(false)` when there is no `postmaster.pid` here (not a call from a server).
+fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io::Result<bool> {
     use std::os::unix::process::CommandExt;
     let pid_file = std::env::current_dir()?.join("postmaster.pid");
     if !pid_file.is_file() {
         tracing::debug!("no postmaster.pid in the working directory: not starting a prefetcher");
-        return Ok(());
+        return Ok(false);
     }
     let state_dir = spool
         .dir()
@@ -143,7 +162,7 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
         .stderr(log)
         .process_group(0);
     cmd.spawn()?;
-    Ok(())
+    Ok(true)
 }
 
 pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result<(), WalError> {

@@ -120,6 +120,24 @@ pub fn from_recovery(dest: &Path) -> bool {
     dest.file_name().and_then(|n| n.to_str()) == Some(RECOVERY_TARGET_NAME)
 }
 
+/// Before a call from recovery downloads `name` itself: tell the prefetcher where recovery is,
+/// and hand back the spool when no prefetcher runs there yet, so that one can be started to work
+/// on the next segments while this call downloads its own. Quiet: when the spool cannot be
+/// written, the call's own outcome says enough.
+pub fn prefetch_ahead(
+    settings: &WalSettings,
+    repo_id: &str,
+    name: &WalFileName,
+    dest: &Path,
+) -> Option<Spool> {
+    if settings.prefetch == 0 || name.kind() != WalFileKind::Segment || !from_recovery(dest) {
+        return None;
+    }
+    let spool = spool_for(settings, dest);
+    spool.set_want(name.as_str(), repo_id).ok()?;
+    (!spool.prefetcher_running()).then_some(spool)
+}
+
 fn after(
     settings: &WalSettings,
     repo_id: &str,
