@@ -137,22 +137,38 @@ def reset_status(data, names):
     shutil.rmtree(data / "pg_wal" / ".walship", ignore_errors=True)
 
 
+def prefetchers():
+    """Pids of running wal-prefetch processes."""
+    pids = []
+    for pid in os.listdir("/proc"):
+        try:
+            if pid.isdigit() and b"wal-prefetch" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
 def prefetcher_hwm():
     """Peak RSS (KiB) of running wal-prefetch processes."""
     best = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in prefetchers():
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-            if b"wal-prefetch" not in cmd:
-                continue
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
                     best = max(best, int(line.split()[1]))
         except OSError:
             pass
     return best
+
+
+def wait_prefetchers_gone(timeout=30):
+    """The prefetcher empties its spool as it exits: wait for that before removing the directory."""
+    deadline = time.monotonic() + timeout
+    while prefetchers():
+        if time.monotonic() > deadline:
+            sys.exit("the prefetcher did not exit after its server stopped")
+        time.sleep(0.05)
 
 
 def bench_fetch(label, walship, cfg, work, names, env, prefetch, digests=None):
@@ -188,6 +204,7 @@ def bench_fetch(label, walship, cfg, work, names, env, prefetch, digests=None):
     total = time.perf_counter() - t0
     hwm = prefetcher_hwm()
     (data / "postmaster.pid").unlink()  # the "server" stops: the prefetcher exits
+    wait_prefetchers_gone()
     if digests:
         for x in names:
             got = hashlib.sha256((keep / x).read_bytes()).hexdigest()
