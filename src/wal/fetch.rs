@@ -122,8 +122,10 @@ pub fn from_recovery(dest: &Path) -> bool {
 
 /// Before a call from recovery downloads `name` itself: tell the prefetcher where recovery is,
 /// and hand back the spool when no prefetcher runs there yet, so that one can be started to work
-/// on the next segments while this call downloads its own. Quiet: when the spool cannot be
-/// written, the call's own outcome says enough.
+/// on the next segments while this call downloads its own. Not when recovery asks for the
+/// segment it asked for last: a standby at the end of the archive asks for the next segment every
+/// few seconds, and would otherwise start a prefetcher each time the last one went idle. Quiet:
+/// when the spool cannot be written, the call's own outcome says enough.
 pub fn prefetch_ahead(
     settings: &WalSettings,
     repo_id: &str,
@@ -134,6 +136,9 @@ pub fn prefetch_ahead(
         return None;
     }
     let spool = spool_for(settings, dest);
+    if spool.want().as_ref() == Some(name) {
+        return None;
+    }
     spool.set_want(name.as_str(), repo_id).ok()?;
     (!spool.prefetcher_running()).then_some(spool)
 }
@@ -176,5 +181,42 @@ mod tests {
         // pg_rewind --restore-target-wal restores straight to the segment's own name.
         assert!(!from_recovery(Path::new("pg_wal/000000010000000000000003")));
         assert!(!from_recovery(Path::new("pg_wal/RECOVERYHISTORY")));
+    }
+
+    #[test]
+    fn a_prefetcher_starts_ahead_of_a_download_once_per_segment_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = WalSettings {
+            lookahead: 0,
+            upload_concurrency: 1,
+            prefetch: 16,
+            download_concurrency: 4,
+            state_dir: None,
+            fetch_attempts: 1,
+            prefetch_idle: Duration::from_secs(60),
+            prefetch_min_free: 0,
+        };
+        let dest = dir.path().join("RECOVERYXLOG");
+        let seg = |n: &str| WalFileName::parse(n).unwrap();
+        let (a, b) = (
+            seg("000000010000000000000003"),
+            seg("000000010000000000000004"),
+        );
+        let ahead = |name: &WalFileName| prefetch_ahead(&settings, "repo", name, &dest);
+        assert!(ahead(&a).is_some(), "recovery moved on: start one");
+        assert_eq!(spool_for(&settings, &dest).want(), Some(a.clone()));
+        // The same segment again (a standby polling at the end of the archive): not again.
+        assert!(ahead(&a).is_none());
+        assert!(ahead(&b).is_some());
+        // Not for history files, pg_rewind's restores, or with prefetch off.
+        assert!(ahead(&seg("00000002.history")).is_none());
+        let rewind = dir.path().join("000000010000000000000005");
+        let five = seg("000000010000000000000005");
+        assert!(prefetch_ahead(&settings, "repo", &five, &rewind).is_none());
+        let off = WalSettings {
+            prefetch: 0,
+            ..settings.clone()
+        };
+        assert!(prefetch_ahead(&off, "repo", &seg("000000010000000000000006"), &dest).is_none());
     }
 }

@@ -131,7 +131,8 @@ impl Spool {
         fs::rename(tmp, self.dir.join(".want"))
     }
 
-    fn want(&self) -> Option<WalFileName> {
+    /// The segment recovery asked for last.
+    pub fn want(&self) -> Option<WalFileName> {
         let s = fs::read_to_string(self.dir.join(".want")).ok()?;
         WalFileName::parse(s.trim())
             .ok()
