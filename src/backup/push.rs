@@ -112,23 +112,28 @@ struct LocalDir {
 }
 
 impl LocalDir {
-    fn read(pgdata: &std::path::Path) -> Self {
+    /// A `postmaster.pid` that is there but cannot be read is an error, not "no server".
+    fn read(pgdata: &std::path::Path) -> Result<Self, BackupError> {
         let system_identifier = std::fs::read(pgdata.join("global/pg_control"))
             .ok()
             .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)));
-        let running = std::fs::read_to_string(pgdata.join("postmaster.pid"))
-            .ok()
-            .and_then(|t| {
-                let lines: Vec<&str> = t.lines().collect();
-                Some((
-                    lines.get(2)?.trim().parse().ok()?,
-                    lines.get(3)?.trim().parse().ok()?,
-                ))
-            });
-        Self {
+        let pid_file = pgdata.join("postmaster.pid");
+        let text = match std::fs::read_to_string(&pid_file) {
+            Ok(t) => Some(t),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(BackupError::local("cannot read", &pid_file, e)),
+        };
+        let running = text.and_then(|t| {
+            let lines: Vec<&str> = t.lines().collect();
+            Some((
+                lines.get(2)?.trim().parse().ok()?,
+                lines.get(3)?.trim().parse().ok()?,
+            ))
+        });
+        Ok(Self {
             system_identifier,
             running,
-        }
+        })
     }
 }
 
@@ -295,7 +300,7 @@ pub async fn push(
             pgdata.display()
         )));
     }
-    check_data_directory(&pgdata, &facts, &LocalDir::read(&pgdata), is_local_address)?;
+    check_data_directory(&pgdata, &facts, &LocalDir::read(&pgdata)?, is_local_address)?;
 
     // An id nobody used: the start time, to the second.
     let (id, start_epoch) = loop {
@@ -792,6 +797,24 @@ mod tests {
         assert!(check(&same_start, &ours, false).is_ok());
         assert!(is_local_address("127.0.0.1".parse().unwrap()));
         assert!(!is_local_address("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn postmaster_pid_is_read_or_its_absence_told_from_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("postmaster.pid");
+        assert_eq!(LocalDir::read(dir.path()).unwrap().running, None);
+        std::fs::write(&pid_file, "4242\n/data\n1795505738\n5433\n/tmp\n*\n").unwrap();
+        assert_eq!(
+            LocalDir::read(dir.path()).unwrap().running,
+            Some((1_795_505_738.0, 5433))
+        );
+        std::fs::remove_file(&pid_file).unwrap();
+        std::fs::create_dir(&pid_file).unwrap(); // there, but not readable as a file
+        assert!(matches!(
+            LocalDir::read(dir.path()),
+            Err(BackupError::Local { .. })
+        ));
     }
 
     #[test]
