@@ -61,11 +61,18 @@ pub fn process_gone(pid: u32) -> bool {
             .is_some_and(|p| rustix::process::test_kill_process(p) == Err(rustix::io::Errno::SRCH))
 }
 
+/// This host's name, as it goes into temp file names: Linux allows any byte in a host name,
+/// a file name allows neither `/` nor NUL.
 fn host_name() -> String {
     rustix::system::uname()
         .nodename()
         .to_string_lossy()
-        .into_owned()
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '_',
+        })
+        .collect()
 }
 
 /// Temp files a put of `name` killed part-way left in `dir`, named `.tmp.<name>.<pid>.<n>.<host>`:
