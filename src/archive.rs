@@ -280,7 +280,6 @@ pub fn decode_to_file(
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    sweep_stale_temps(&dir);
     let tmp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
     let result = (|| {
         let mut f =

@@ -79,12 +79,11 @@ fn host_name() -> String {
 /// removed when their writer is gone from this host, or, from another host sharing the directory
 /// (NFS) or an older walship without the host in the name, once they are a day old. The next
 /// put of the same name (PostgreSQL retries a failed segment) is when this runs.
-fn sweep_dead_temps(dir: &Path, name: &str) {
+fn sweep_dead_temps(dir: &Path, name: &str, host: &str) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
     let prefix = format!(".tmp.{name}.");
-    let host = host_name();
     for e in entries.flatten() {
         let file_name = e.file_name();
         let Some(rest) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
@@ -92,8 +91,8 @@ fn sweep_dead_temps(dir: &Path, name: &str) {
         };
         let mut parts = rest.splitn(3, '.');
         let (pid, _n, writer_host) = (parts.next(), parts.next(), parts.next());
-        let dead_here = writer_host == Some(host.as_str())
-            && pid.and_then(|p| p.parse().ok()).is_some_and(process_gone);
+        let dead_here =
+            writer_host == Some(host) && pid.and_then(|p| p.parse().ok()).is_some_and(process_gone);
         let old = || {
             e.metadata()
                 .and_then(|m| m.modified())
@@ -127,7 +126,8 @@ fn put_blocking(
         .expect("object has a file name")
         .to_string_lossy()
         .into_owned();
-    sweep_dead_temps(&dir, &name);
+    let host = host_name();
+    sweep_dead_temps(&dir, &name, &host);
     if path.exists() {
         return Ok(PutOutcome::AlreadyExists);
     }
@@ -136,7 +136,7 @@ fn put_blocking(
         ".tmp.{name}.{}.{}.{}",
         std::process::id(),
         TMP_COUNTER.fetch_add(1, Ordering::Relaxed),
-        host_name()
+        host
     ));
     let result = (|| {
         let mut f = File::create(&tmp)?;

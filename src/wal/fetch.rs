@@ -86,6 +86,9 @@ pub async fn fetch(
     name: &WalFileName,
     dest: &Path,
 ) -> Result<FetchReport, WalError> {
+    // What calls killed before they could clean up left beside `dest` (one small directory read
+    // before a 16 MiB download; calls served from the spool leave it to the prefetcher's start).
+    crate::archive::sweep_stale_temps(&parent_dir(dest));
     let placed = ctx
         .archive
         .fetch_to(
