@@ -123,6 +123,12 @@ pub fn from_recovery(dest: &Path) -> bool {
     dest.file_name().and_then(|n| n.to_str()) == Some(RECOVERY_TARGET_NAME)
 }
 
+/// Whether recovery's segments at `dest` go through the prefetch spool: segments (not history
+/// files), restored by recovery proper (not pg_rewind), with prefetch on.
+fn prefetched(settings: &WalSettings, name: &WalFileName, dest: &Path) -> bool {
+    settings.prefetch > 0 && name.kind() == WalFileKind::Segment && from_recovery(dest)
+}
+
 /// Before a call from recovery downloads `name` itself: tell the prefetcher where recovery is,
 /// and hand back the spool when no prefetcher runs there yet, so that one can be started to work
 /// on the next segments while this call downloads its own. Not when recovery asks for the
@@ -135,7 +141,7 @@ pub fn prefetch_ahead(
     name: &WalFileName,
     dest: &Path,
 ) -> Option<Spool> {
-    if settings.prefetch == 0 || name.kind() != WalFileKind::Segment || !from_recovery(dest) {
+    if !prefetched(settings, name, dest) {
         return None;
     }
     let spool = spool_for(settings, dest);
@@ -158,7 +164,7 @@ fn after(
         outcome,
         start_prefetcher: None,
     };
-    if settings.prefetch == 0 || name.kind() != WalFileKind::Segment || !from_recovery(dest) {
+    if !prefetched(settings, name, dest) {
         return done;
     }
     if let Err(e) = spool.set_want(name.as_str(), repo_id) {
