@@ -2,4 +2,5 @@
 //! nothing of storage.
 
 pub mod conn;
+pub mod page;
 pub mod walpage;
