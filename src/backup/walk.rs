@@ -50,6 +50,9 @@ pub struct WalkedFile {
     pub size: u64,
     pub mode: u32,
     pub mtime: i64,
+    /// For a relation's file (whose pages carry checksums when the cluster has them): which
+    /// segment of the relation it is, `0` for `<relfilenode>`, `n` for `<relfilenode>.<n>`.
+    pub relation_segment: Option<u32>,
 }
 
 #[derive(Debug, Default)]
@@ -91,6 +94,15 @@ fn relation_file(name: &str) -> Option<(&str, &str)> {
     let (node, fork) = base.split_once('_').unwrap_or((base, "main"));
     let node_ok = !node.is_empty() && node.bytes().all(|c| c.is_ascii_digit());
     (node_ok && ["main", "fsm", "vm", "init"].contains(&fork)).then_some((node, fork))
+}
+
+/// The segment number of a relation's file name (see `relation_file`).
+fn relation_segment(name: &str) -> Option<u32> {
+    relation_file(name)?;
+    match name.split_once('.') {
+        Some((_, seg)) => seg.parse().ok(),
+        None => Some(0),
+    }
 }
 
 /// Whether `name` is a temporary relation's file: `t<backend>_<relfilenode>[_<fork>][.<segment>]`.
@@ -172,7 +184,10 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()
         .iter()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    let db_skip = is_db_dir(rel).then(|| db_dir_skips(&names));
+    let db_dir = is_db_dir(rel);
+    let db_skip = db_dir.then(|| db_dir_skips(&names));
+    // Shared catalogs live in `global`, which is not a database directory but holds relations.
+    let relations = db_dir || rel == "global";
     for (e, name) in entries.iter().zip(names.iter().cloned()) {
         if skipped_name(&name)
             || (top && TOP_FILES_SKIPPED.contains(&name.as_str()))
@@ -217,6 +232,7 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()
                 size: meta.len(),
                 mode,
                 mtime: meta.mtime(),
+                relation_segment: relations.then(|| relation_segment(&name)).flatten(),
             });
         }
     }
@@ -352,6 +368,36 @@ mod tests {
                 "pg_tblspc/16400/PG_15_202209061/5/16501",
             ]
         );
+        // Relations' files, in databases, tablespaces and `global`, are known by their segment.
+        let segments: Vec<_> = w.files.iter().map(|f| f.relation_segment).collect();
+        assert_eq!(
+            segments,
+            [
+                Some(0),
+                Some(1),
+                Some(0),
+                Some(0),
+                Some(0),
+                Some(0),
+                None,
+                None,
+                Some(0),
+                Some(0),
+                Some(0),
+                Some(0),
+            ]
+        );
+        fs::write(data.join("global/pg_control"), b"x").unwrap();
+        fs::write(data.join("PG_VERSION"), b"15").unwrap();
+        fs::create_dir_all(data.join("pg_xact")).unwrap();
+        fs::write(data.join("pg_xact/0000"), b"x").unwrap();
+        let w = walk(&data).unwrap();
+        for f in &w.files {
+            let outside = !f.path.starts_with("base/") && !f.path.starts_with("pg_tblspc/");
+            if outside && f.path != "global/16390" && f.path != "global/16390_init" {
+                assert_eq!(f.relation_segment, None, "{}", f.path);
+            }
+        }
     }
 
     #[test]
@@ -360,6 +406,9 @@ mod tests {
         assert_eq!(relation_file("16384.12"), Some(("16384", "main")));
         assert_eq!(relation_file("16384_init"), Some(("16384", "init")));
         assert_eq!(relation_file("16384_vm.1"), Some(("16384", "vm")));
+        assert_eq!(relation_segment("16384"), Some(0));
+        assert_eq!(relation_segment("16384_fsm.3"), Some(3));
+        assert_eq!(relation_segment("pg_filenode.map"), None);
         for other in [
             "16384_",
             "16384.",
