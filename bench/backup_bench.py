@@ -55,7 +55,9 @@ def make_cluster(work, walship, configs, scale):
     """A cluster archiving through walship into every repository, with pgbench data loaded."""
     data, sock = work / "pg", work / "sock"
     pushes = " && ".join(f"{walship} --config {cfg} wal-push %p" for cfg in configs.values())
-    run(as_pg([PGBIN / "initdb", "-A", "trust", "-U", "postgres", "--no-sync", "-D", data]),
+    # With data checksums (PostgreSQL 18's default), so backup-push checks every page it reads.
+    run(as_pg([PGBIN / "initdb", "-A", "trust", "-U", "postgres", "--no-sync", "--data-checksums",
+               "-D", data]),
         stdout=subprocess.DEVNULL)
     with open(data / "postgresql.conf", "a") as f:
         f.write(f"\nlisten_addresses = ''\nunix_socket_directories = '{sock}'\nport = {PORT}\n"
@@ -209,9 +211,12 @@ def bench(args, work, walship, configs, env, data, sock, level):
             "--pg-user", "postgres"], env=env)
         stored = json.loads(run([walship, "--config", cfg, "backup-list", "--json"],
                                 capture_output=True, text=True).stdout)["backups"][-1]
+        pages = stored.get("page_checks") or {}
         out.append(row(f"push: `backup-push` → {label}", (secs, kib), pg_bytes, base,
                        f"{stored['original_size'] / stored['stored_size']:.1f}:1; "
-                       f"{os.cpu_count()} threads, 4 uploads (defaults)"))
+                       f"{os.cpu_count()} threads, 4 uploads (defaults); "
+                       f"{pages.get('verified', 0)} page checksums verified, "
+                       f"{pages.get('bad', 0)} bad"))
 
     # ---- fetch
     dest = work / "restored"

@@ -186,6 +186,14 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     let id = ok(&backup_push(&cfg, &primary, &["--part-size-mb", "4"]));
     load.join().unwrap();
     assert_eq!(id.len(), 16, "backup-push prints the id: {id}");
+    // Every page was checked against its checksum while pgbench rewrote pages: none is bad (a
+    // read racing a write is told from corruption).
+    let listed = list_json(&cfg);
+    let checks = &listed["backups"][0]["page_checks"];
+    assert!(
+        checks["verified"].as_u64().unwrap() > 1000 && checks["bad"] == 0,
+        "{listed}"
+    );
 
     // The bank's story: good work, a restore point, a time, then the faulty batch job.
     primary.psql("insert into marks (note) values ('good work')");
@@ -489,11 +497,16 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
     let base = common::shared_tempdir("backup-s3-faults");
     let keys = common::keygen(base.path());
     let cfg = server.config(base.path(), "faults", &keys);
-    let primary = Cluster::init(base.path(), "primary");
+    let primary = Cluster::init_without_checksums(base.path(), "primary");
     primary.append_conf(&archiving_conf(&cfg));
     primary.start();
     primary.pgbench(&["-i", "-s", "1", "-q"]);
     let id = ok(&backup_push(&cfg, &primary, &[]));
+    // Without data checksums there is nothing to check pages against, and the listing says so.
+    let listed = list_json(&cfg);
+    assert!(listed["backups"][0]["page_checks"].is_null(), "{listed}");
+    let text = ok(&run(&cfg, &["backup-list".into()], base.path()));
+    assert!(text.contains("not checked"), "{text}");
 
     // The store goes away: one clear line, exit 3, and no new backup once it is back.
     server.kill();
@@ -596,6 +609,44 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let listed = list_json(&cfg);
     assert_eq!(listed["backups"][0]["id"], id.as_str(), "{listed}");
     assert_eq!(listed["unfinished"], serde_json::Value::Array(unfinished));
+    assert_eq!(listed["backups"][0]["page_checks"]["bad"], 0, "{listed}");
+
+    // A page the disk corrupted: the backup is taken (it is as good as the server), and says
+    // which block of which file is bad, the same one PostgreSQL's pg_checksums names.
+    let accounts_file = primary.psql("select pg_relation_filepath('pgbench_accounts')");
+    primary.stop();
+    let path = primary.data.join(&accounts_file);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[5 * 8192 + 4000] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+    let pg_checksums = common::as_postgres("pg_checksums")
+        .args(["--check", "-D"])
+        .arg(&primary.data)
+        .output()
+        .unwrap();
+    let theirs = String::from_utf8_lossy(&pg_checksums.stderr).into_owned();
+    assert!(
+        theirs.contains(&format!("\"{}\", block 5", path.display())),
+        "{theirs}"
+    );
+    primary.start();
+    let out = backup_push(&cfg, &primary, &[]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let warned: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("failed their checksum"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{err}");
+    assert!(
+        warned[0].contains(&format!(": {accounts_file} block 5. ")) && warned[0].contains(" 1 of "),
+        "{err}"
+    );
+    let listed = list_json(&cfg);
+    let newest = listed["backups"].as_array().unwrap().last().unwrap();
+    assert_eq!(newest["page_checks"]["bad"], 1, "{listed}");
+    let text = ok(&run(&cfg, &["backup-list".into()], base.path()));
+    assert!(text.contains("1 BAD"), "{text}");
     primary.stop();
 
     // A target older than every backup: a clear error, nothing written.
@@ -683,6 +734,11 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         .filter(|l| l.contains("who cannot read"))
         .collect();
     assert_eq!(cannot_read.len(), 2, "{err}");
+    // The newest backup holds the corrupt page: the restore says so.
+    assert!(
+        err.contains("holds 1 page(s) in 1 file(s) that failed their checksum"),
+        "{err}"
+    );
     assert!(cannot_read[0].contains("root-only-identity.txt"), "{err}");
     assert!(cannot_read[1].contains("root-only/repo"), "{err}");
 

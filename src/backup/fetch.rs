@@ -212,6 +212,16 @@ pub async fn fetch(
             return Err(bad(format!("unsafe path {:?}", f.path)));
         }
     }
+    if let Some(c) = m.page_checks.filter(|c| c.bad > 0) {
+        let files = m.files.iter().filter(|f| !f.bad_blocks.is_empty()).count();
+        tracing::warn!(
+            "backup {} holds {} page(s) in {files} file(s) that failed their checksum when it was \
+             taken: the server was corrupt there, and the restored cluster will report them when \
+             it reads them, unless WAL replay rewrites them; an older backup may not have them",
+            m.id,
+            c.bad
+        );
+    }
 
     // Decided before the target is touched: its owner then is the fallback.
     let chown = Chown::for_restore(m.owner.as_ref(), dest);

@@ -26,8 +26,10 @@ use super::BackupError;
 use crate::archive::{Archive, ArchiveError, Stored};
 use crate::codec::{self, Recipients};
 use crate::pg::conn::PgError;
+use crate::pg::page;
 use crate::repo::backup::{
-    self as layout, BackupManifest, BackupSummary, FileEntry, PartEntry, MANIFEST_FORMAT,
+    self as layout, BackupManifest, BackupSummary, FileEntry, PageChecks, PartEntry,
+    MANIFEST_FORMAT,
 };
 use crate::repo::{self, RepoMeta};
 use crate::storage::StorageError;
@@ -62,6 +64,11 @@ struct ServerFacts {
     started: f64,
     /// The server's address on this connection; `None` over a Unix socket.
     address: Option<std::net::IpAddr>,
+    /// Whether pages carry checksums (`initdb --data-checksums`), and the page geometry.
+    data_checksums: bool,
+    block_size: u64,
+    /// Blocks per relation segment file (`segment_size`).
+    relseg_blocks: u64,
 }
 
 async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
@@ -79,7 +86,10 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
                       WHERE last_failed_time > coalesce(last_archived_time, '-infinity')), \
                     current_setting('port')::int4, \
                     extract(epoch FROM pg_postmaster_start_time())::float8, \
-                    host(inet_server_addr())",
+                    host(inet_server_addr()), \
+                    current_setting('data_checksums') = 'on', \
+                    current_setting('block_size')::int8, \
+                    (SELECT setting::int8 FROM pg_settings WHERE name = 'segment_size')",
             &[],
         )
         .await
@@ -100,7 +110,35 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
         address: row
             .get::<_, Option<String>>(10)
             .and_then(|a| a.parse().ok()),
+        data_checksums: row.get(11),
+        block_size: row.get::<_, i64>(12) as u64,
+        relseg_blocks: row.get::<_, i64>(13) as u64,
     })
+}
+
+/// What backup-push needs to check pages against their checksums.
+#[derive(Debug, Clone, Copy)]
+struct PageGeometry {
+    block_size: u64,
+    relseg_blocks: u64,
+    /// Pages whose LSN is at or past this changed since the backup started: not judged.
+    start_lsn: u64,
+}
+
+/// What the page checks of one part found: counts, and the bad pages as (file index, block).
+#[derive(Debug, Default)]
+struct PageFindings {
+    checks: PageChecks,
+    bad: Vec<(usize, u32)>,
+}
+
+impl PageFindings {
+    fn add(&mut self, other: PageFindings) {
+        self.checks.verified += other.checks.verified;
+        self.checks.changed += other.checks.changed;
+        self.checks.bad += other.checks.bad;
+        self.bad.extend(other.bad);
+    }
 }
 
 /// What this host's copy of the data directory says about the server running on it.
@@ -350,17 +388,36 @@ pub async fn push(
         total,
         walked.tablespaces.len()
     );
+    let pages = match facts.data_checksums {
+        true => Some(PageGeometry {
+            block_size: facts.block_size,
+            relseg_blocks: facts.relseg_blocks,
+            start_lsn: parse_lsn(&start_lsn)
+                .ok_or_else(|| PgError::Unexpected(format!("bad start LSN {start_lsn}")))?,
+        }),
+        false => {
+            tracing::info!(
+                "backup {id}: the cluster has no data checksums, so pages cannot be verified \
+                 (pg_checksums --enable, on a stopped cluster, turns them on)"
+            );
+            None
+        }
+    };
     let progress = Arc::new(Progress::new("backup-push", total));
-    let (files, parts) = upload_parts(
+    let (files, parts, page_checks) = upload_parts(
         archive,
         recipients.clone(),
         &id,
         walked.files,
         opts,
+        pages,
         progress.clone(),
     )
     .await?;
     progress.finish();
+    if let Some(checks) = page_checks {
+        report_pages(&id, &files, checks);
+    }
 
     let row = pg
         .query_one(
@@ -440,6 +497,7 @@ pub async fn push(
         parts,
         compression_level: opts.compression_level,
         walship_version: env!("CARGO_PKG_VERSION").to_string(),
+        page_checks,
     };
     manifest.pieces().map_err(|why| BackupError::BadManifest {
         id: id.clone(),
@@ -509,9 +567,10 @@ async fn upload_parts(
     id: &str,
     files: Vec<WalkedFile>,
     opts: &PushOptions,
+    pages: Option<PageGeometry>,
     progress: Arc<Progress>,
-) -> Result<(Vec<FileEntry>, Vec<PartEntry>), BackupError> {
-    let (entries, plan) = plan_parts(&files, opts.part_size as u64);
+) -> Result<(Vec<FileEntry>, Vec<PartEntry>, Option<PageChecks>), BackupError> {
+    let (mut entries, plan) = plan_parts(&files, opts.part_size as u64);
     let files = Arc::new(files);
     let threads = opts.threads.max(1);
     let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
@@ -520,6 +579,7 @@ async fn upload_parts(
     let in_memory = Arc::new(Semaphore::new(threads + opts.upload_concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
     let mut parts = Vec::new();
+    let mut found = PageFindings::default();
     let mut failed: Option<BackupError> = None;
     for (index, pieces) in plan.into_iter().enumerate() {
         let held = in_memory.clone().acquire_owned().await.expect("open");
@@ -538,9 +598,10 @@ async fn upload_parts(
             let _held = held;
             let plain_size = pieces.iter().map(|p| p.len).sum::<u64>();
             let key_s = key.to_string();
-            let enc = tokio::task::spawn_blocking(move || {
-                let reader = PartReader::new(&files, &pieces, &progress);
-                codec::encode(reader, &recipients, level)
+            let (enc, found) = tokio::task::spawn_blocking(move || {
+                let mut reader = PartReader::new(&files, &pieces, &progress, pages);
+                let enc = codec::encode(&mut reader, &recipients, level);
+                enc.map(|enc| (enc, reader.found))
             })
             .await
             .expect("encode does not panic")
@@ -553,17 +614,21 @@ async fn upload_parts(
                 Stored::Created { version_id, .. } => version_id,
                 Stored::AlreadyThere => None,
             };
-            Ok::<_, BackupError>(PartEntry {
+            let part = PartEntry {
                 index,
                 plain_size,
                 stored_size,
                 sha256,
                 version_id,
-            })
+            };
+            Ok::<_, BackupError>((part, found))
         });
         while let Some(done) = tasks.try_join_next() {
             match done.expect("part task does not panic") {
-                Ok(p) => parts.push(p),
+                Ok((p, f)) => {
+                    parts.push(p);
+                    found.add(f);
+                }
                 Err(e) => failed = failed.or(Some(e)),
             }
         }
@@ -573,7 +638,10 @@ async fn upload_parts(
     }
     while let Some(done) = tasks.join_next().await {
         match done.expect("part task does not panic") {
-            Ok(p) => parts.push(p),
+            Ok((p, f)) => {
+                parts.push(p);
+                found.add(f);
+            }
             Err(e) => failed = failed.or(Some(e)),
         }
     }
@@ -581,7 +649,65 @@ async fn upload_parts(
         return Err(e);
     }
     parts.sort_by_key(|p| p.index);
-    Ok((entries, parts))
+    for (file, block) in found.bad {
+        entries[file].bad_blocks.push(block);
+    }
+    for e in entries.iter_mut() {
+        e.bad_blocks.sort_unstable();
+    }
+    Ok((entries, parts, pages.map(|_| found.checks)))
+}
+
+/// Say what the page checks found; corrupt pages as a warning naming them, as PostgreSQL would
+/// when it read them.
+fn report_pages(id: &str, files: &[FileEntry], checks: PageChecks) {
+    if checks.bad == 0 {
+        tracing::info!(
+            "backup {id}: {} page checksums verified ({} pages changed since the start were not \
+             judged: replay rewrites them)",
+            checks.verified,
+            checks.changed
+        );
+        return;
+    }
+    let bad: Vec<&FileEntry> = files.iter().filter(|f| !f.bad_blocks.is_empty()).collect();
+    const SHOWN: usize = 10;
+    let mut named: Vec<String> = bad
+        .iter()
+        .take(SHOWN)
+        .map(|f| {
+            let blocks: Vec<String> = f
+                .bad_blocks
+                .iter()
+                .take(SHOWN)
+                .map(u32::to_string)
+                .collect();
+            let more = f.bad_blocks.len().saturating_sub(SHOWN);
+            let more = if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            };
+            let word = if f.bad_blocks.len() == 1 {
+                "block"
+            } else {
+                "blocks"
+            };
+            format!("{} {word} {}{more}", f.path, blocks.join(", "))
+        })
+        .collect();
+    if bad.len() > SHOWN {
+        named.push(format!("and {} more files", bad.len() - SHOWN));
+    }
+    tracing::warn!(
+        "backup {id}: {} of the {} pages checked failed their checksum: {}. The data directory has \
+         corrupt pages and this backup holds them as they were read. Find the cause (storage, \
+         memory, file system), check the cluster with pg_amcheck, and keep the older backups until \
+         it is repaired",
+        checks.bad,
+        checks.verified,
+        named.join("; ")
+    );
 }
 
 /// A stretch of one file inside a part.
@@ -606,6 +732,7 @@ fn plan_parts(files: &[WalkedFile], part_size: u64) -> (Vec<FileEntry>, Vec<Vec<
             mtime: f.mtime,
             part,
             offset,
+            bad_blocks: Vec::new(),
         });
         let mut done = 0;
         while done < f.size {
@@ -631,21 +758,33 @@ fn plan_parts(files: &[WalkedFile], part_size: u64) -> (Vec<FileEntry>, Vec<Vec<
 
 /// Reads one part's pieces in order. A file that shrank or vanished since the walk reads as zeros
 /// up to the size the walk saw, as pg_basebackup pads it: WAL replay truncates or removes it again.
+///
+/// With `pages`, every page of a relation file whose first byte this part holds is checked
+/// against its checksum as it passes (see [`check_pages`]).
 struct PartReader<'a> {
     files: &'a [WalkedFile],
     pieces: &'a [PlannedPiece],
     progress: &'a Progress,
+    pages: Option<PageGeometry>,
+    found: PageFindings,
     piece: usize,
     at: u64,
     open: Option<(usize, Option<File>)>,
 }
 
 impl<'a> PartReader<'a> {
-    fn new(files: &'a [WalkedFile], pieces: &'a [PlannedPiece], progress: &'a Progress) -> Self {
+    fn new(
+        files: &'a [WalkedFile],
+        pieces: &'a [PlannedPiece],
+        progress: &'a Progress,
+        pages: Option<PageGeometry>,
+    ) -> Self {
         Self {
             files,
             pieces,
             progress,
+            pages,
+            found: PageFindings::default(),
             piece: 0,
             at: 0,
             open: None,
@@ -679,9 +818,22 @@ impl Read for PartReader<'_> {
         let Some(p) = self.pieces.get(self.piece).cloned() else {
             return Ok(0);
         };
-        let want = buf.len().min((p.len - self.at) as usize);
+        let mut want = buf.len().min((p.len - self.at) as usize);
         let pos = p.file_offset + self.at;
         let files = self.files;
+        let paged = self
+            .pages
+            .zip(files[p.file].relation_segment)
+            .filter(|(g, _)| g.block_size > 0);
+        if let Some((g, _)) = paged {
+            // End on a page boundary when one lies inside the read, so that pages are checked
+            // straight from `buf`.
+            let end = pos + want as u64;
+            let aligned = end - end % g.block_size;
+            if aligned > pos {
+                want = (aligned - pos) as usize;
+            }
+        }
         let n = match self.file(p.file)? {
             Some(f) => loop {
                 match f.read_at(&mut buf[..want], pos) {
@@ -697,6 +849,14 @@ impl Read for PartReader<'_> {
             buf[..want].fill(0);
             want
         } else {
+            if let (Some((g, segment)), Some((_, Some(file)))) = (paged, self.open.as_ref()) {
+                let at = PageAt {
+                    file: p.file,
+                    segment,
+                    pos,
+                };
+                check_pages(&g, file, at, &buf[..n], &mut self.found);
+            }
             n
         };
         self.at += n as u64;
@@ -707,6 +867,69 @@ impl Read for PartReader<'_> {
         self.progress.inc(n as u64);
         Ok(n)
     }
+}
+
+/// Where a read of a relation file starts.
+struct PageAt {
+    /// Index of the file in the walk.
+    file: usize,
+    /// The file's segment number in its relation.
+    segment: u32,
+    /// The read's offset in the file.
+    pos: u64,
+}
+
+/// Check the pages that start inside `bytes`, read from `file` at `at.pos`, against their
+/// checksums. A page that runs past `bytes` (at the end of a part or of a short read) is read
+/// whole from the file. A page that fails is read again: a read racing PostgreSQL's write of the
+/// page sees parts of two versions, and the second read then shows the newer, changed since the
+/// backup started. Only a page that fails twice counts as bad.
+fn check_pages(g: &PageGeometry, file: &File, at: PageAt, bytes: &[u8], found: &mut PageFindings) {
+    let bs = g.block_size;
+    let end = at.pos + bytes.len() as u64;
+    let mut page_at = at.pos.div_ceil(bs) * bs;
+    while page_at < end {
+        let blkno = (u64::from(at.segment) * g.relseg_blocks + page_at / bs) as u32;
+        let off = (page_at - at.pos) as usize;
+        let reread;
+        let page = match bytes.get(off..off + bs as usize) {
+            Some(p) => Some(p),
+            None => {
+                reread = read_page(file, page_at, bs);
+                reread.as_deref()
+            }
+        };
+        // A page the file no longer has whole was truncated since: replay truncates it too.
+        let mut verdict = page.map_or(page::Verdict::ChangedSinceStart, |p| {
+            page::verify(p, blkno, g.start_lsn)
+        });
+        if matches!(
+            verdict,
+            page::Verdict::Mismatch { .. } | page::Verdict::NotZeroed
+        ) {
+            verdict = read_page(file, page_at, bs).map_or(page::Verdict::ChangedSinceStart, |p| {
+                page::verify(&p, blkno, g.start_lsn)
+            });
+        }
+        match verdict {
+            page::Verdict::Valid => found.checks.verified += 1,
+            page::Verdict::ChangedSinceStart => found.checks.changed += 1,
+            page::Verdict::Mismatch { .. } | page::Verdict::NotZeroed => {
+                found.checks.verified += 1;
+                found.checks.bad += 1;
+                found.bad.push((at.file, blkno));
+            }
+        }
+        page_at += bs;
+    }
+}
+
+/// The whole page at `offset`, or `None` when the file no longer has it whole.
+fn read_page(file: &File, offset: u64, len: u64) -> Option<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut page = vec![0u8; len as usize];
+    file.read_exact_at(&mut page, offset).ok()?;
+    Some(page)
 }
 
 #[cfg(test)]
@@ -745,6 +968,9 @@ mod tests {
             port: 5432,
             started: 1000.0,
             address: None,
+            data_checksums: true,
+            block_size: 8192,
+            relseg_blocks: 131072,
         }
     }
 
@@ -866,6 +1092,7 @@ mod tests {
             size,
             mode: 0o600,
             mtime: 0,
+            relation_segment: None,
         }
     }
 
@@ -911,7 +1138,7 @@ mod tests {
         let mut read = Vec::new();
         for pieces in &plan {
             let mut part = Vec::new();
-            PartReader::new(&files, pieces, &progress)
+            PartReader::new(&files, pieces, &progress, None)
                 .read_to_end(&mut part)
                 .unwrap();
             assert!(part.len() <= 8);
@@ -921,5 +1148,79 @@ mod tests {
         want.extend([3, 3, 3, 3, 0, 0, 0]);
         want.extend([0; 5]);
         assert_eq!(read, want);
+    }
+
+    /// A real page from a PostgreSQL 15 cluster with data checksums, made block `blkno` with
+    /// LSN `lsn` and its checksum set to fit.
+    fn page_for(blkno: u32, lsn: u64) -> Vec<u8> {
+        let mut p = include_bytes!("../../tests/fixtures/pg15-page-1259-0").to_vec();
+        p[..4].copy_from_slice(&((lsn >> 32) as u32).to_ne_bytes());
+        p[4..8].copy_from_slice(&(lsn as u32).to_ne_bytes());
+        let sum = page::checksum(&p, blkno);
+        p[8..10].copy_from_slice(&sum.to_ne_bytes());
+        p
+    }
+
+    #[test]
+    fn pages_are_checked_across_part_boundaries_and_bad_ones_named_by_block() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segment 1 of a relation with 4 blocks per segment: blocks 4 to 8.
+        let (lead, rel) = (dir.path().join("lead"), dir.path().join("16384.1"));
+        std::fs::write(&lead, vec![7u8; 100]).unwrap();
+        let mut bytes = Vec::new();
+        bytes.extend(page_for(4, 0x10));
+        let mut bad = page_for(5, 0x10);
+        bad[6000] ^= 0x01; // a bit flipped on the disk
+        bytes.extend(bad);
+        let mut changed = page_for(6, 0x5000); // rewritten after the start: not judged
+        changed[300] ^= 0x01;
+        bytes.extend(changed);
+        bytes.extend(vec![0u8; 8192]); // new, all zeros: fine
+        let mut dirty_new = vec![0u8; 8192]; // says new, but is not zeros
+        dirty_new[8000] = 9;
+        bytes.extend(dirty_new);
+        std::fs::write(&rel, &bytes).unwrap();
+        let mut rel_file = walked(&rel, bytes.len() as u64);
+        rel_file.relation_segment = Some(1);
+        let files = vec![walked(&lead, 100), rel_file];
+        let g = PageGeometry {
+            block_size: 8192,
+            relseg_blocks: 4,
+            start_lsn: 0x4000,
+        };
+        let total = 100 + bytes.len() as u64;
+        let progress = Progress::new("test", total);
+        // Parts of 3 pages: every part boundary cuts a page of the relation file in two.
+        for part_size in [3 * 8192, 20_000, total] {
+            let (entries, plan) = plan_parts(&files, part_size);
+            let mut found = PageFindings::default();
+            let mut read = Vec::new();
+            for pieces in &plan {
+                let mut reader = PartReader::new(&files, pieces, &progress, Some(g));
+                reader.read_to_end(&mut read).unwrap();
+                found.add(reader.found);
+            }
+            assert_eq!(read.len() as u64, total);
+            assert_eq!(
+                found.checks,
+                PageChecks {
+                    verified: 4,
+                    changed: 1,
+                    bad: 2
+                },
+                "parts of {part_size}"
+            );
+            found.bad.sort();
+            assert_eq!(found.bad, vec![(1, 5), (1, 8)], "parts of {part_size}");
+            assert_eq!(entries.len(), 2);
+        }
+        // Not a relation file: not checked.
+        let plain = vec![walked(&rel, bytes.len() as u64)];
+        let (_, plan) = plan_parts(&plain, 8192);
+        for pieces in &plan {
+            let mut reader = PartReader::new(&plain, pieces, &progress, Some(g));
+            reader.read_to_end(&mut Vec::new()).unwrap();
+            assert_eq!(reader.found.checks, PageChecks::default());
+        }
     }
 }

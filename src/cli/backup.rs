@@ -13,7 +13,7 @@ use crate::cli::GlobalArgs;
 use crate::codec;
 use crate::config::{Config, RepoLocation};
 use crate::pg::conn::{self, PgError, PgSettings};
-use crate::repo::backup::{self as layout, BackupManifest, RestorePoint};
+use crate::repo::backup::{self as layout, BackupManifest, PageChecks, RestorePoint};
 use crate::restore::{self, RecoveryOptions, Target};
 use crate::storage::StorageError;
 use crate::time::epoch_rfc3339;
@@ -302,6 +302,7 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
                     "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "timeline": m.timeline,
                     "original_size": m.original_size, "stored_size": m.stored_size,
                     "pg_version_num": m.pg_version_num, "from_standby": m.from_standby,
+                    "page_checks": m.page_checks,
                 })
             })
             .collect();
@@ -327,12 +328,12 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
         return Ok(());
     }
     println!(
-        "{:<17} {:<21} {:<21} {:<12} {:<12} {:>3} {:>10} {:>10} {:>7}",
+        "{:<17} {:<21} {:<21} {:<12} {:<12} {:>3} {:>10} {:>10} {:>7}  pages",
         "id", "start", "stop", "start lsn", "stop lsn", "tli", "size", "stored", "pg"
     );
     for m in &backups {
         println!(
-            "{:<17} {:<21} {:<21} {:<12} {:<12} {:>3} {:>10} {:>10} {:>7}",
+            "{:<17} {:<21} {:<21} {:<12} {:<12} {:>3} {:>10} {:>10} {:>7}  {}",
             m.id,
             m.start_time,
             m.stop_time,
@@ -341,7 +342,8 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
             m.timeline,
             human(m.original_size),
             human(m.stored_size),
-            m.pg_version_num
+            m.pg_version_num,
+            pages_column(m.page_checks)
         );
     }
     let oldest = &backups[0];
@@ -362,6 +364,15 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
     }
     print_unfinished(&unfinished);
     Ok(())
+}
+
+/// What `backup-list` says of a backup's page checks.
+fn pages_column(checks: Option<PageChecks>) -> String {
+    match checks {
+        None => "not checked".into(),
+        Some(c) if c.bad == 0 => "verified".into(),
+        Some(c) => format!("{} BAD", c.bad),
+    }
 }
 
 /// Backups without a manifest take space but are never used: say so, and what to do.

@@ -103,6 +103,22 @@ pub struct FileEntry {
     /// Where the file's first byte is (see the module docs).
     pub part: u32,
     pub offset: u64,
+    /// Blocks of this relation file (numbered in the relation, as PostgreSQL's own messages
+    /// number them) whose page checksum failed when the backup read them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bad_blocks: Vec<u32>,
+}
+
+/// What a backup found when it checked its pages against their checksums (clusters with data
+/// checksums only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageChecks {
+    /// Pages whose checksum was verified, good or bad.
+    pub verified: u64,
+    /// Pages not judged: changed since the backup started, so replay rewrites them.
+    pub changed: u64,
+    /// Pages whose checksum failed: the data directory was corrupt where they lie.
+    pub bad: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +163,10 @@ pub struct BackupManifest {
     pub parts: Vec<PartEntry>,
     pub compression_level: i32,
     pub walship_version: String,
+    /// `None` when pages were not checked: the cluster has no data checksums, or an older
+    /// walship made the backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_checks: Option<PageChecks>,
 }
 
 /// What `backup-list` shows of a backup, stored in plain text beside the encrypted manifest: no
@@ -174,6 +194,8 @@ pub struct BackupSummary {
     pub files: usize,
     pub parts: usize,
     pub walship_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub page_checks: Option<PageChecks>,
 }
 
 impl BackupSummary {
@@ -199,6 +221,7 @@ impl BackupSummary {
             files: m.files.len(),
             parts: m.parts.len(),
             walship_version: m.walship_version.clone(),
+            page_checks: m.page_checks,
         }
     }
 }
@@ -313,6 +336,7 @@ mod tests {
                     mtime: 0,
                     part,
                     offset,
+                    bad_blocks: vec![],
                 })
                 .collect(),
             parts: parts
@@ -328,7 +352,29 @@ mod tests {
                 .collect(),
             compression_level: 1,
             walship_version: String::new(),
+            page_checks: None,
         }
+    }
+
+    #[test]
+    fn page_check_findings_are_optional_in_manifests_and_summaries() {
+        let mut m = manifest(&[(8192, 0, 0)], &[8192]);
+        // Written without them (no data checksums, or an older walship): read as not checked.
+        let json = serde_json::to_value(&m).unwrap();
+        assert!(json.get("page_checks").is_none());
+        assert!(json["files"][0].get("bad_blocks").is_none());
+        let back: BackupManifest = serde_json::from_value(json).unwrap();
+        assert_eq!(back.page_checks, None);
+        m.page_checks = Some(PageChecks {
+            verified: 1,
+            changed: 0,
+            bad: 1,
+        });
+        m.files[0].bad_blocks = vec![0];
+        let back: BackupManifest =
+            serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(BackupSummary::of(&m).page_checks, m.page_checks);
     }
 
     #[test]

@@ -388,15 +388,27 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// initdb a new cluster under `base` (owned by postgres).
+    /// initdb a new cluster under `base` (owned by postgres), with data checksums, as
+    /// PostgreSQL 18's initdb makes them by default.
     pub fn init(base: &Path, name: &str) -> Self {
+        Self::init_with(base, name, &["--data-checksums"])
+    }
+
+    /// initdb a cluster without data checksums, PostgreSQL 15's default.
+    pub fn init_without_checksums(base: &Path, name: &str) -> Self {
+        Self::init_with(base, name, &[])
+    }
+
+    fn init_with(base: &Path, name: &str, initdb_args: &[&str]) -> Self {
         let data = base.join(name);
         let sock = base.join(format!("{name}-sock"));
         std::fs::create_dir_all(&sock).unwrap();
         chown_postgres(&sock);
         run_ok(
             as_postgres("initdb")
-                .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+                .args(["-A", "trust", "-U", "postgres", "--no-sync"])
+                .args(initdb_args)
+                .arg("-D")
                 .arg(&data),
         );
         Self {
