@@ -705,6 +705,21 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         vec!["data/walship-restore-incomplete".to_string()],
         "nothing but the marker written"
     );
+    // An old copy fills a file system the backup fits on once the copy is gone: --force deletes
+    // it first, and a dry run counts what --force would delete as free.
+    let tight = SmallFs::mount(&base.path().join("tight"), 80);
+    let again = tight.dir.join("data");
+    std::fs::create_dir(&again).unwrap();
+    std::fs::write(again.join("old-copy"), vec![1u8; 40 << 20]).unwrap();
+    let out = restore(&cfg, &again, &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let out = restore(&cfg, &again, &["--dry-run", "--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(again.join("old-copy").exists(), "a dry run deletes nothing");
+    let out = restore(&cfg, &again, &["--force"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!again.join("old-copy").exists() && again.join("global/pg_control").exists());
+    drop(tight);
 
     // A key only root can read, and the repository reached through a directory only root can
     // enter: the restore itself works, and says that PostgreSQL's restore_command, which runs as

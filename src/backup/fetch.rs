@@ -159,17 +159,46 @@ fn file_system_of(place: &Path) -> Option<(u64, u64)> {
 
 /// What `fetch` checks before writing anything, without writing anything (`restore --dry-run`):
 /// the target and tablespace directories are empty or absent (or `force`), and their file
-/// systems can hold the backup. With `force`, what is there now still counts as used.
+/// systems can hold the backup. With `force`, what is there now counts as free, as it will be
+/// once `fetch` has emptied the directories.
 pub fn preflight(m: &BackupManifest, dest: &Path, opts: &FetchOptions) -> Result<(), BackupError> {
-    check_empty(dest, opts.force, "target directory")?;
+    let mut emptied = vec![(
+        dest.to_path_buf(),
+        !check_empty(dest, opts.force, "target directory")?,
+    )];
     let mut links = HashMap::new();
     for t in &m.tablespaces {
         let loc = tablespace_location(opts, t.oid, &t.location);
-        check_empty(&loc, opts.force, "tablespace directory")?;
+        let full = !check_empty(&loc, opts.force, "tablespace directory")?;
+        emptied.push((loc.clone(), full));
         links.insert(format!("pg_tblspc/{}", t.oid), loc);
     }
+    let mut freed: HashMap<u64, u64> = HashMap::new();
+    for (dir, _) in emptied.iter().filter(|(_, full)| *full) {
+        if let Some((dev, _)) = file_system_of(dir) {
+            *freed.entry(dev).or_default() += used_under(dir);
+        }
+    }
     let files = m.files.iter().map(|f| (f.path.as_str(), f.size));
-    check_space(&space_needed(files, dest, &links), file_system_of)
+    check_space(&space_needed(files, dest, &links), |place| {
+        file_system_of(place).map(|(dev, free)| (dev, free + freed.get(&dev).copied().unwrap_or(0)))
+    })
+}
+
+/// The bytes the files under `dir` take on disk, not following symbolic links: what emptying it
+/// frees (less what other hard links keep).
+fn used_under(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.path().symlink_metadata() {
+            Ok(m) if m.is_dir() => m.blocks() * 512 + used_under(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 /// The rewritten `tablespace_map` for the new locations.
