@@ -332,7 +332,8 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         plan.starts_with("would restore backup ")
             && plan.contains("to download in")
             && plan.contains("recovery_target_time = '")
-            && plan.contains("restore_command = '"),
+            && plan.contains("restore_command = '")
+            && plan.contains(" page checksums verified when it was taken"),
         "{plan}"
     );
     assert!(!at_time.exists(), "a dry run writes nothing");
@@ -715,6 +716,14 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     let out = restore(&cfg, &again, &["--dry-run", "--force"]);
     assert!(out.status.success(), "{}", stderr(&out));
+    // The newest backup is the one with the corrupt page: the plan says so.
+    let plan = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        plan.contains(&format!(
+            "pages failed their checksum when it was taken: {accounts_file} (1 block)"
+        )),
+        "{plan}"
+    );
     assert!(again.join("old-copy").exists(), "a dry run deletes nothing");
     let out = restore(&cfg, &again, &["--force"]);
     assert!(out.status.success(), "{}", stderr(&out));

@@ -569,6 +569,27 @@ fn print_restore_plan(m: &BackupManifest, dir: &std::path::Path, settings: &str,
         human(m.stored_size()),
         m.parts.len()
     );
+    let bad: Vec<String> = m
+        .files
+        .iter()
+        .filter(|f| !f.bad_blocks.is_empty())
+        .map(|f| match f.bad_blocks.len() {
+            1 => format!("{} (1 block)", f.path),
+            n => format!("{} ({n} blocks)", f.path),
+        })
+        .collect();
+    match m.page_checks {
+        None => println!("  pages not checked when it was taken (no data checksums)"),
+        Some(c) if c.bad == 0 => {
+            println!("  {} page checksums verified when it was taken", c.verified)
+        }
+        Some(c) => println!(
+            "  {} of {} pages failed their checksum when it was taken: {}",
+            c.bad,
+            c.verified,
+            bad.join(", ")
+        ),
+    }
     println!(
         "into {}, then add to its postgresql.auto.conf (and create {}):",
         dir.display(),
