@@ -1,6 +1,6 @@
 //! `walship keygen`: write a new age identity file and print its public key.
 
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{DirBuilder, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
@@ -28,7 +28,7 @@ pub fn run(args: &KeygenArgs) -> std::io::Result<String> {
         .open(&args.output)?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    File::open(&dir)?.sync_all()?;
+    crate::storage::fs::sync_dir(&dir)?;
     Ok(public)
 }
 
