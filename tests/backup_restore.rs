@@ -612,13 +612,16 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert_eq!(listed["unfinished"], serde_json::Value::Array(unfinished));
     assert_eq!(listed["backups"][0]["page_checks"]["bad"], 0, "{listed}");
 
-    // A page the disk corrupted: the backup is taken (it is as good as the server), and says
-    // which block of which file is bad, the same one PostgreSQL's pg_checksums names.
+    // Pages the disk corrupted: the backup is taken (it is as good as the server), and says
+    // which blocks of which file are bad, the same ones PostgreSQL's pg_checksums names. One has
+    // a flipped bit; the other had its LSN hit, which puts it far past the backup's start, where
+    // only the stop point shows it cannot be a page PostgreSQL was writing.
     let accounts_file = primary.psql("select pg_relation_filepath('pgbench_accounts')");
     primary.stop();
     let path = primary.data.join(&accounts_file);
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[5 * 8192 + 4000] ^= 0x01;
+    bytes[9 * 8192..9 * 8192 + 4].copy_from_slice(&0xA5B7_2E0Fu32.to_ne_bytes());
     std::fs::write(&path, bytes).unwrap();
     let pg_checksums = common::as_postgres("pg_checksums")
         .args(["--check", "-D"])
@@ -626,10 +629,12 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         .output()
         .unwrap();
     let theirs = String::from_utf8_lossy(&pg_checksums.stderr).into_owned();
-    assert!(
-        theirs.contains(&format!("\"{}\", block 5", path.display())),
-        "{theirs}"
-    );
+    for block in [5, 9] {
+        assert!(
+            theirs.contains(&format!("\"{}\", block {block}", path.display())),
+            "{theirs}"
+        );
+    }
     primary.start();
     let out = backup_push(&cfg, &primary, &[]);
     let err = stderr(&out);
@@ -640,14 +645,15 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         .collect();
     assert_eq!(warned.len(), 1, "{err}");
     assert!(
-        warned[0].contains(&format!(": {accounts_file} block 5. ")) && warned[0].contains(" 1 of "),
+        warned[0].contains(&format!(": {accounts_file} blocks 5, 9. "))
+            && warned[0].contains(" 2 of "),
         "{err}"
     );
     let listed = list_json(&cfg);
     let newest = listed["backups"].as_array().unwrap().last().unwrap();
-    assert_eq!(newest["page_checks"]["bad"], 1, "{listed}");
+    assert_eq!(newest["page_checks"]["bad"], 2, "{listed}");
     let text = ok(&run(&cfg, &["backup-list".into()], base.path()));
-    assert!(text.contains("1 BAD"), "{text}");
+    assert!(text.contains("2 BAD"), "{text}");
     primary.stop();
 
     // A target older than every backup: a clear error, nothing written.
@@ -720,7 +726,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let plan = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         plan.contains(&format!(
-            "pages failed their checksum when it was taken: {accounts_file} (1 block)"
+            "pages failed their checksum when it was taken: {accounts_file} (2 blocks)"
         )),
         "{plan}"
     );
@@ -760,7 +766,7 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert_eq!(cannot_read.len(), 2, "{err}");
     // The newest backup holds the corrupt page: the restore says so.
     assert!(
-        err.contains("holds 1 page(s) in 1 file(s) that failed their checksum"),
+        err.contains("holds 2 page(s) in 1 file(s) that failed their checksum"),
         "{err}"
     );
     assert!(cannot_read[0].contains("root-only-identity.txt"), "{err}");

@@ -121,15 +121,19 @@ async fn server_facts(pg: &Client) -> Result<ServerFacts, BackupError> {
 struct PageGeometry {
     block_size: u64,
     relseg_blocks: u64,
-    /// Pages whose LSN is at or past this changed since the backup started: not judged.
+    /// A failing page whose LSN is at or past this may have changed since the backup started:
+    /// judged at the stop point.
     start_lsn: u64,
 }
 
-/// What the page checks of one part found: counts, and the bad pages as (file index, block).
+/// What the page checks of one part found: counts, the bad pages as (file index, block), and
+/// the failing pages whose LSN is at or past the start as (file index, block, LSN), which the
+/// stop point settles.
 #[derive(Debug, Default)]
 struct PageFindings {
     checks: PageChecks,
     bad: Vec<(usize, u32)>,
+    unsettled: Vec<(usize, u32, u64)>,
 }
 
 impl PageFindings {
@@ -138,6 +142,32 @@ impl PageFindings {
         self.checks.changed += other.checks.changed;
         self.checks.bad += other.checks.bad;
         self.bad.extend(other.bad);
+        self.unsettled.extend(other.unsettled);
+    }
+
+    /// Judge the failing pages that carried an LSN at or past the start, now that the backup's
+    /// stop point is known: a page is written to disk only after the WAL up to its LSN, so one
+    /// read before the stop with an LSN past it was corrupted there (the torn read of a page
+    /// PostgreSQL was writing has a real LSN, and replay rewrites that page). Then record the
+    /// bad blocks in the files' entries.
+    fn settle(mut self, stop_lsn: u64, entries: &mut [FileEntry]) -> PageChecks {
+        for (file, block, lsn) in std::mem::take(&mut self.unsettled) {
+            match lsn > stop_lsn {
+                true => {
+                    self.checks.verified += 1;
+                    self.checks.bad += 1;
+                    self.bad.push((file, block));
+                }
+                false => self.checks.changed += 1,
+            }
+        }
+        for (file, block) in self.bad {
+            entries[file].bad_blocks.push(block);
+        }
+        for e in entries.iter_mut() {
+            e.bad_blocks.sort_unstable();
+        }
+        self.checks
     }
 }
 
@@ -404,7 +434,7 @@ pub async fn push(
         }
     };
     let progress = Arc::new(Progress::new("backup-push", total));
-    let (files, parts, page_checks) = upload_parts(
+    let (mut files, parts, page_findings) = upload_parts(
         archive,
         recipients.clone(),
         &id,
@@ -415,9 +445,6 @@ pub async fn push(
     )
     .await?;
     progress.finish();
-    if let Some(checks) = page_checks {
-        report_pages(&id, &files, checks);
-    }
 
     let row = pg
         .query_one(
@@ -437,6 +464,10 @@ pub async fn push(
     })?;
     let stop = parse_lsn(&stop_lsn)
         .ok_or_else(|| PgError::Unexpected(format!("bad stop LSN {stop_lsn}")))?;
+    let page_checks = page_findings.map(|found| found.settle(stop, &mut files));
+    if let Some(checks) = page_checks {
+        report_pages(&id, &files, checks);
+    }
     // The last segment recovery needs: the one holding the byte before the stop point.
     let stop_wal =
         SegmentId::containing(timeline, stop.saturating_sub(1), facts.wal_segment_size).file_name();
@@ -569,8 +600,8 @@ async fn upload_parts(
     opts: &PushOptions,
     pages: Option<PageGeometry>,
     progress: Arc<Progress>,
-) -> Result<(Vec<FileEntry>, Vec<PartEntry>, Option<PageChecks>), BackupError> {
-    let (mut entries, plan) = plan_parts(&files, opts.part_size as u64);
+) -> Result<(Vec<FileEntry>, Vec<PartEntry>, Option<PageFindings>), BackupError> {
+    let (entries, plan) = plan_parts(&files, opts.part_size as u64);
     let files = Arc::new(files);
     let threads = opts.threads.max(1);
     let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
@@ -649,13 +680,7 @@ async fn upload_parts(
         return Err(e);
     }
     parts.sort_by_key(|p| p.index);
-    for (file, block) in found.bad {
-        entries[file].bad_blocks.push(block);
-    }
-    for e in entries.iter_mut() {
-        e.bad_blocks.sort_unstable();
-    }
-    Ok((entries, parts, pages.map(|_| found.checks)))
+    Ok((entries, parts, pages.map(|_| found)))
 }
 
 /// Say what the page checks found; corrupt pages as a warning naming them, as PostgreSQL would
@@ -663,8 +688,8 @@ async fn upload_parts(
 fn report_pages(id: &str, files: &[FileEntry], checks: PageChecks) {
     if checks.bad == 0 {
         tracing::info!(
-            "backup {id}: {} page checksums verified ({} pages changed since the start were not \
-             judged: replay rewrites them)",
+            "backup {id}: {} page checksums verified ({} pages read while PostgreSQL wrote them \
+             were not judged: replay rewrites them)",
             checks.verified,
             checks.changed
         );
@@ -882,8 +907,9 @@ struct PageAt {
 /// Check the pages that start inside `bytes`, read from `file` at `at.pos`, against their
 /// checksums. A page that runs past `bytes` (at the end of a part or of a short read) is read
 /// whole from the file. A page that fails is read again: a read racing PostgreSQL's write of the
-/// page sees parts of two versions, and the second read then shows the newer, changed since the
-/// backup started. Only a page that fails twice counts as bad.
+/// page sees parts of two versions, and the second read then shows the newer, whole. A page that
+/// fails twice is bad, unless its LSN says it changed since the backup started: the stop point
+/// settles those ([`PageFindings::settle`]).
 fn check_pages(g: &PageGeometry, file: &File, at: PageAt, bytes: &[u8], found: &mut PageFindings) {
     let bs = g.block_size;
     let end = at.pos + bytes.len() as u64;
@@ -899,22 +925,18 @@ fn check_pages(g: &PageGeometry, file: &File, at: PageAt, bytes: &[u8], found: &
                 reread.as_deref()
             }
         };
-        // A page the file no longer has whole was truncated since: replay truncates it too.
-        let mut verdict = page.map_or(page::Verdict::ChangedSinceStart, |p| {
-            page::verify(p, blkno, g.start_lsn)
-        });
-        if matches!(
-            verdict,
-            page::Verdict::Mismatch { .. } | page::Verdict::NotZeroed
-        ) {
-            verdict = read_page(file, page_at, bs).map_or(page::Verdict::ChangedSinceStart, |p| {
-                page::verify(&p, blkno, g.start_lsn)
-            });
+        let mut verdict = page.map(|p| page::verify(p, blkno, g.start_lsn));
+        if !matches!(verdict, None | Some(page::Verdict::Valid)) {
+            verdict = read_page(file, page_at, bs).map(|p| page::verify(&p, blkno, g.start_lsn));
         }
         match verdict {
-            page::Verdict::Valid => found.checks.verified += 1,
-            page::Verdict::ChangedSinceStart => found.checks.changed += 1,
-            page::Verdict::Mismatch { .. } | page::Verdict::NotZeroed => {
+            // A page the file no longer has whole was truncated since: replay truncates it too.
+            None => found.checks.changed += 1,
+            Some(page::Verdict::Valid) => found.checks.verified += 1,
+            Some(page::Verdict::FailedSinceStart { lsn }) => {
+                found.unsettled.push((at.file, blkno, lsn))
+            }
+            Some(page::Verdict::Mismatch { .. } | page::Verdict::NotZeroed) => {
                 found.checks.verified += 1;
                 found.checks.bad += 1;
                 found.bad.push((at.file, blkno));
@@ -1172,13 +1194,16 @@ mod tests {
         let mut bad = page_for(5, 0x10);
         bad[6000] ^= 0x01; // a bit flipped on the disk
         bytes.extend(bad);
-        let mut changed = page_for(6, 0x5000); // rewritten after the start: not judged
+        // Fails with an LSN past the start: torn by a concurrent write, or corrupt; the stop
+        // point decides.
+        let mut changed = page_for(6, 0x5000);
         changed[300] ^= 0x01;
         bytes.extend(changed);
         bytes.extend(vec![0u8; 8192]); // new, all zeros: fine
         let mut dirty_new = vec![0u8; 8192]; // says new, but is not zeros
         dirty_new[8000] = 9;
         bytes.extend(dirty_new);
+        bytes.extend(page_for(9, 0x5000)); // changed since the start, and whole: verified
         std::fs::write(&rel, &bytes).unwrap();
         let mut rel_file = walked(&rel, bytes.len() as u64);
         rel_file.relation_segment = Some(1);
@@ -1192,7 +1217,7 @@ mod tests {
         let progress = Progress::new("test", total);
         // Parts of 3 pages: every part boundary cuts a page of the relation file in two.
         for part_size in [3 * 8192, 20_000, total] {
-            let (entries, plan) = plan_parts(&files, part_size);
+            let (mut entries, plan) = plan_parts(&files, part_size);
             let mut found = PageFindings::default();
             let mut read = Vec::new();
             for pieces in &plan {
@@ -1204,15 +1229,37 @@ mod tests {
             assert_eq!(
                 found.checks,
                 PageChecks {
-                    verified: 4,
-                    changed: 1,
+                    verified: 5,
+                    changed: 0,
                     bad: 2
                 },
                 "parts of {part_size}"
             );
             found.bad.sort();
             assert_eq!(found.bad, vec![(1, 5), (1, 8)], "parts of {part_size}");
+            assert_eq!(
+                found.unsettled,
+                vec![(1, 6, 0x5000)],
+                "parts of {part_size}"
+            );
             assert_eq!(entries.len(), 2);
+            // Stopped past its LSN: a page PostgreSQL was writing, which replay rewrites. Stopped
+            // before it: an LSN no page on disk could have yet, so the page is corrupt.
+            let (stop, checks, blocks) = match part_size == total {
+                false => (0x6000, (5, 1, 2), vec![5, 8]),
+                true => (0x4fff, (6, 0, 3), vec![5, 6, 8]),
+            };
+            let (verified, changed, bad) = checks;
+            assert_eq!(
+                found.settle(stop, &mut entries),
+                PageChecks {
+                    verified,
+                    changed,
+                    bad
+                }
+            );
+            assert_eq!(entries[1].bad_blocks, blocks);
+            assert!(entries[0].bad_blocks.is_empty());
         }
         // Not a relation file: not checked.
         let plain = vec![walked(&rel, bytes.len() as u64)];

@@ -108,10 +108,13 @@ pub fn stored_checksum(page: &[u8]) -> u16 {
 pub enum Verdict {
     /// The checksum matches, or the page is new and all zeros.
     Valid,
-    /// Changed since the backup started (its LSN is at or past the start): replay rewrites it from
-    /// the full-page image the first change after the backup's checkpoint logged, so a page torn by
-    /// a concurrent write is no fault, and its checksum proves nothing.
-    ChangedSinceStart,
+    /// The page fails, but its LSN is at or past the backup's start. Either the read raced
+    /// PostgreSQL's write of a page changed since the start (replay rewrites it from the
+    /// full-page image the first change after the backup's checkpoint logged, so that is no
+    /// fault), or the corruption hit the LSN itself. Which one is settled when the backup stops:
+    /// no page on disk can carry an LSN past the WAL written so far, so an LSN past the stop
+    /// point is corruption.
+    FailedSinceStart { lsn: u64 },
     /// A page whose header says new (`pd_upper` 0) but whose bytes are not all zeros.
     NotZeroed,
     /// The checksum does not match.
@@ -123,20 +126,20 @@ pub enum Verdict {
 /// less the header sanity checks.
 pub fn verify(page: &[u8], blkno: u32, start_lsn: u64) -> Verdict {
     let upper = u16::from_ne_bytes([page[UPPER_AT], page[UPPER_AT + 1]]);
-    if upper == 0 {
-        return match page.iter().all(|&b| b == 0) {
-            true => Verdict::Valid,
-            false if lsn(page) >= start_lsn => Verdict::ChangedSinceStart,
-            false => Verdict::NotZeroed,
-        };
-    }
-    if lsn(page) >= start_lsn {
-        return Verdict::ChangedSinceStart;
-    }
-    let (stored, computed) = (stored_checksum(page), checksum(page, blkno));
-    match stored == computed {
-        true => Verdict::Valid,
-        false => Verdict::Mismatch { stored, computed },
+    let failed = match upper {
+        0 if page.iter().all(|&b| b == 0) => return Verdict::Valid,
+        0 => Verdict::NotZeroed,
+        _ => {
+            let (stored, computed) = (stored_checksum(page), checksum(page, blkno));
+            if stored == computed {
+                return Verdict::Valid;
+            }
+            Verdict::Mismatch { stored, computed }
+        }
+    };
+    match lsn(page) {
+        lsn if lsn >= start_lsn => Verdict::FailedSinceStart { lsn },
+        _ => failed,
     }
 }
 
@@ -188,12 +191,23 @@ mod tests {
     }
 
     #[test]
-    fn pages_changed_since_the_backup_started_are_not_judged() {
+    fn a_failing_page_changed_since_the_start_is_left_to_the_stop_point() {
         let mut page = PG_CLASS_BLOCK_0.to_vec();
         let at = lsn(&page);
         assert!(at > 0);
+        // Whole and changed since the start: its checksum still holds, so it is verified.
+        assert_eq!(verify(&page, 0, at), Verdict::Valid);
         page[4096] ^= 0xff;
-        assert_eq!(verify(&page, 0, at), Verdict::ChangedSinceStart);
+        assert_eq!(verify(&page, 0, at), Verdict::FailedSinceStart { lsn: at });
         assert!(matches!(verify(&page, 0, at + 1), Verdict::Mismatch { .. }));
+        // Corruption of the LSN's high word: the checksum fails and the LSN lies far ahead.
+        let mut lsn_hit = PG_CLASS_BLOCK_0.to_vec();
+        lsn_hit[..4].copy_from_slice(&0xA5B7_2E0Fu32.to_ne_bytes());
+        assert_eq!(
+            verify(&lsn_hit, 0, at + 1),
+            Verdict::FailedSinceStart {
+                lsn: (0xA5B7_2E0F << 32) | (at & 0xffff_ffff)
+            }
+        );
     }
 }

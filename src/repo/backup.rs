@@ -115,7 +115,8 @@ pub struct FileEntry {
 pub struct PageChecks {
     /// Pages whose checksum was verified, good or bad.
     pub verified: u64,
-    /// Pages not judged: changed since the backup started, so replay rewrites them.
+    /// Pages not judged: they failed as read while PostgreSQL wrote them (their LSN lies between
+    /// the backup's start and stop), or the file was truncated since, and replay rewrites them.
     pub changed: u64,
     /// Pages whose checksum failed: the data directory was corrupt where they lie.
     pub bad: u64,
