@@ -242,7 +242,7 @@ pub async fn fetch(
         }
     }
     if let Some(c) = m.page_checks.filter(|c| c.bad > 0) {
-        let files = m.files.iter().filter(|f| !f.bad_blocks.is_empty()).count();
+        let files = m.files.iter().filter(|f| f.bad_block_count() > 0).count();
         tracing::warn!(
             "backup {} holds {} page(s) in {files} file(s) that failed their checksum when it was \
              taken: the server was corrupt there, and the restored cluster will report them when \

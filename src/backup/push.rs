@@ -126,23 +126,72 @@ struct PageGeometry {
     start_lsn: u64,
 }
 
-/// What the page checks of one part found: counts, the bad pages as (file index, block), and
-/// the failing pages whose LSN is at or past the start as (file index, block, LSN), which the
-/// stop point settles.
+/// The most bad blocks a backup names, in memory and in its manifest; the rest are counted per
+/// file. A disk that returned garbage would otherwise list every block of it.
+const LISTED_BAD_BLOCKS: usize = 100_000;
+/// The most failing pages with an LSN past the start held for the stop point to judge (16 to 24
+/// bytes each). Only pages PostgreSQL was writing as they were read are legitimately among them,
+/// a handful at most; more are corruption.
+const HELD_UNSETTLED: usize = 500_000;
+
+/// What the page checks found: counts, the bad pages as (file index, block) up to
+/// [`LISTED_BAD_BLOCKS`] and per-file counts beyond, and the failing pages whose LSN is at or
+/// past the start as (file index, block, LSN), which the stop point settles.
 #[derive(Debug, Default)]
 struct PageFindings {
     checks: PageChecks,
     bad: Vec<(usize, u32)>,
+    unlisted: std::collections::BTreeMap<usize, u64>,
     unsettled: Vec<(usize, u32, u64)>,
+    /// Failing pages past the start that were not held (past [`HELD_UNSETTLED`], those with
+    /// the lowest LSNs): how many per file, and the highest LSN among them.
+    shed: std::collections::BTreeMap<usize, u64>,
+    shed_max_lsn: u64,
 }
 
 impl PageFindings {
+    fn bad_page(&mut self, file: usize, block: u32) {
+        self.checks.verified += 1;
+        self.checks.bad += 1;
+        self.list_bad(file, block);
+    }
+
+    fn list_bad(&mut self, file: usize, block: u32) {
+        match self.bad.len() < LISTED_BAD_BLOCKS {
+            true => self.bad.push((file, block)),
+            false => *self.unlisted.entry(file).or_default() += 1,
+        }
+    }
+
     fn add(&mut self, other: PageFindings) {
         self.checks.verified += other.checks.verified;
         self.checks.changed += other.checks.changed;
         self.checks.bad += other.checks.bad;
-        self.bad.extend(other.bad);
+        for (file, block) in other.bad {
+            self.list_bad(file, block);
+        }
+        for (file, n) in other.unlisted {
+            *self.unlisted.entry(file).or_default() += n;
+        }
         self.unsettled.extend(other.unsettled);
+        for (file, n) in other.shed {
+            *self.shed.entry(file).or_default() += n;
+        }
+        self.shed_max_lsn = self.shed_max_lsn.max(other.shed_max_lsn);
+        if self.unsettled.len() > HELD_UNSETTLED {
+            self.shed_lowest(HELD_UNSETTLED / 2);
+        }
+    }
+
+    /// Keep the `keep` failing pages with the highest LSNs: a corrupted LSN lands far in the
+    /// future, among them.
+    fn shed_lowest(&mut self, keep: usize) {
+        self.unsettled
+            .select_nth_unstable_by_key(keep, |&(_, _, lsn)| std::cmp::Reverse(lsn));
+        for (file, _, lsn) in self.unsettled.drain(keep..) {
+            *self.shed.entry(file).or_default() += 1;
+            self.shed_max_lsn = self.shed_max_lsn.max(lsn);
+        }
     }
 
     /// Judge the failing pages that carried an LSN at or past the start, now that the backup's
@@ -150,19 +199,32 @@ impl PageFindings {
     /// read before the stop with an LSN past it was corrupted there (the torn read of a page
     /// PostgreSQL was writing has a real LSN, and replay rewrites that page). Then record the
     /// bad blocks in the files' entries.
+    ///
+    /// The pages shed to bound memory were not judged one by one: when even the highest of
+    /// their LSNs is past the stop, they all count as bad, unlisted (so many failing pages are
+    /// corruption, not reads racing writes); otherwise all as changed.
     fn settle(mut self, stop_lsn: u64, entries: &mut [FileEntry]) -> PageChecks {
         for (file, block, lsn) in std::mem::take(&mut self.unsettled) {
             match lsn > stop_lsn {
-                true => {
-                    self.checks.verified += 1;
-                    self.checks.bad += 1;
-                    self.bad.push((file, block));
-                }
+                true => self.bad_page(file, block),
                 false => self.checks.changed += 1,
+            }
+        }
+        for (file, n) in std::mem::take(&mut self.shed) {
+            match self.shed_max_lsn > stop_lsn {
+                true => {
+                    self.checks.verified += n;
+                    self.checks.bad += n;
+                    *self.unlisted.entry(file).or_default() += n;
+                }
+                false => self.checks.changed += n,
             }
         }
         for (file, block) in self.bad {
             entries[file].bad_blocks.push(block);
+        }
+        for (file, n) in self.unlisted {
+            entries[file].bad_blocks_unlisted = n;
         }
         for e in entries.iter_mut() {
             e.bad_blocks.sort_unstable();
@@ -695,30 +757,25 @@ fn report_pages(id: &str, files: &[FileEntry], checks: PageChecks) {
         );
         return;
     }
-    let bad: Vec<&FileEntry> = files.iter().filter(|f| !f.bad_blocks.is_empty()).collect();
+    let bad: Vec<&FileEntry> = files.iter().filter(|f| f.bad_block_count() > 0).collect();
     const SHOWN: usize = 10;
     let mut named: Vec<String> = bad
         .iter()
         .take(SHOWN)
         .map(|f| {
+            let count = f.bad_block_count();
+            let word = if count == 1 { "block" } else { "blocks" };
             let blocks: Vec<String> = f
                 .bad_blocks
                 .iter()
                 .take(SHOWN)
                 .map(u32::to_string)
                 .collect();
-            let more = f.bad_blocks.len().saturating_sub(SHOWN);
-            let more = if more > 0 {
-                format!(" and {more} more")
-            } else {
-                String::new()
-            };
-            let word = if f.bad_blocks.len() == 1 {
-                "block"
-            } else {
-                "blocks"
-            };
-            format!("{} {word} {}{more}", f.path, blocks.join(", "))
+            match count - blocks.len() as u64 {
+                0 => format!("{} {word} {}", f.path, blocks.join(", ")),
+                more if blocks.is_empty() => format!("{} ({more} {word})", f.path),
+                more => format!("{} {word} {} and {more} more", f.path, blocks.join(", ")),
+            }
         })
         .collect();
     if bad.len() > SHOWN {
@@ -758,6 +815,7 @@ fn plan_parts(files: &[WalkedFile], part_size: u64) -> (Vec<FileEntry>, Vec<Vec<
             part,
             offset,
             bad_blocks: Vec::new(),
+            bad_blocks_unlisted: 0,
         });
         let mut done = 0;
         while done < f.size {
@@ -937,9 +995,7 @@ fn check_pages(g: &PageGeometry, file: &File, at: PageAt, bytes: &[u8], found: &
                 found.unsettled.push((at.file, blkno, lsn))
             }
             Some(page::Verdict::Mismatch { .. } | page::Verdict::NotZeroed) => {
-                found.checks.verified += 1;
-                found.checks.bad += 1;
-                found.bad.push((at.file, blkno));
+                found.bad_page(at.file, blkno)
             }
         }
         page_at += bs;
@@ -1269,5 +1325,55 @@ mod tests {
             reader.read_to_end(&mut Vec::new()).unwrap();
             assert_eq!(reader.found.checks, PageChecks::default());
         }
+    }
+
+    #[test]
+    fn bad_blocks_named_and_failing_pages_held_stay_bounded() {
+        let dir = std::path::Path::new("/nonexistent");
+        let files = vec![
+            walked(&dir.join("a"), 1 << 30),
+            walked(&dir.join("b"), 1 << 30),
+        ];
+        let held = HELD_UNSETTLED as u64;
+        let settled = |stop: u64| {
+            let (mut entries, _) = plan_parts(&files, 1 << 30);
+            let mut total = PageFindings::default();
+            let mut part = PageFindings::default();
+            for block in 0..LISTED_BAD_BLOCKS + 5 {
+                part.bad_page(0, block as u32);
+            }
+            total.add(part);
+            let mut part = PageFindings::default();
+            part.bad_page(1, 7);
+            // Failing pages past the start, more than are held: LSNs 100 to 100 + held.
+            part.unsettled = (0..=held).map(|i| (1, i as u32, 100 + i)).collect();
+            total.add(part);
+            assert_eq!(total.bad.len(), LISTED_BAD_BLOCKS);
+            assert!(total.unsettled.len() <= HELD_UNSETTLED);
+            // The highest LSNs are the ones held.
+            let shed = held + 1 - total.unsettled.len() as u64;
+            assert_eq!(total.shed[&1], shed);
+            assert_eq!(total.shed_max_lsn, 100 + shed - 1);
+            let checks = total.settle(stop, &mut entries);
+            (checks, entries, shed)
+        };
+        // Stopped just below the ten highest LSNs: those ten are bad, and the rest (held or
+        // shed) were pages changed since the start.
+        let (checks, entries, _) = settled(100 + held - 10);
+        assert_eq!(checks.bad, LISTED_BAD_BLOCKS as u64 + 5 + 1 + 10);
+        assert_eq!(checks.changed, held + 1 - 10);
+        assert_eq!(
+            entries[0].bad_blocks.len() as u64 + entries[1].bad_blocks.len() as u64,
+            LISTED_BAD_BLOCKS as u64
+        );
+        assert_eq!(entries[0].bad_block_count(), LISTED_BAD_BLOCKS as u64 + 5);
+        assert_eq!(entries[1].bad_block_count(), 11);
+        assert_eq!(entries[0].bad_blocks_unlisted, 5);
+        // Stopped below every one of them: all bad, those shed too, counted if not named.
+        let (checks, entries, shed) = settled(50);
+        assert_eq!(checks.bad, LISTED_BAD_BLOCKS as u64 + 5 + 1 + held + 1);
+        assert_eq!(checks.changed, 0);
+        assert_eq!(entries[1].bad_block_count(), 1 + held + 1);
+        assert!(entries[1].bad_blocks_unlisted >= shed);
     }
 }

@@ -572,8 +572,8 @@ fn print_restore_plan(m: &BackupManifest, dir: &std::path::Path, settings: &str,
     let bad: Vec<String> = m
         .files
         .iter()
-        .filter(|f| !f.bad_blocks.is_empty())
-        .map(|f| match f.bad_blocks.len() {
+        .filter(|f| f.bad_block_count() > 0)
+        .map(|f| match f.bad_block_count() {
             1 => format!("{} (1 block)", f.path),
             n => format!("{} ({n} blocks)", f.path),
         })

@@ -107,6 +107,21 @@ pub struct FileEntry {
     /// number them) whose page checksum failed when the backup read them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub bad_blocks: Vec<u32>,
+    /// Bad blocks of this file beyond those listed: a backup names at most a bounded number of
+    /// bad blocks, so a disk that returned garbage does not blow up the manifest.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bad_blocks_unlisted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl FileEntry {
+    /// How many of this file's pages failed their checksum, listed or not.
+    pub fn bad_block_count(&self) -> u64 {
+        self.bad_blocks.len() as u64 + self.bad_blocks_unlisted
+    }
 }
 
 /// What a backup found when it checked its pages against their checksums (clusters with data
@@ -338,6 +353,7 @@ mod tests {
                     part,
                     offset,
                     bad_blocks: vec![],
+                    bad_blocks_unlisted: 0,
                 })
                 .collect(),
             parts: parts
@@ -364,6 +380,7 @@ mod tests {
         let json = serde_json::to_value(&m).unwrap();
         assert!(json.get("page_checks").is_none());
         assert!(json["files"][0].get("bad_blocks").is_none());
+        assert!(json["files"][0].get("bad_blocks_unlisted").is_none());
         let back: BackupManifest = serde_json::from_value(json).unwrap();
         assert_eq!(back.page_checks, None);
         m.page_checks = Some(PageChecks {
@@ -372,6 +389,7 @@ mod tests {
             bad: 1,
         });
         m.files[0].bad_blocks = vec![0];
+        m.files[0].bad_blocks_unlisted = 3;
         let back: BackupManifest =
             serde_json::from_slice(&serde_json::to_vec(&m).unwrap()).unwrap();
         assert_eq!(back, m);
