@@ -109,6 +109,23 @@ fn fingerprint(c: &Cluster) -> String {
     )
 }
 
+/// SIGKILL every prefetcher working for the server in `data_dir`.
+fn kill_prefetchers_of(data_dir: &Path) {
+    let pid_file = data_dir.join("postmaster.pid");
+    let wanted = ["--postmaster-pid-file", &pid_file.to_string_lossy()].join("\0");
+    for proc in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = proc.file_name().to_str().and_then(|p| p.parse().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.contains("\0wal-prefetch\0") && cmdline.contains(&wanted) {
+            let pid = rustix::process::Pid::from_raw(pid).unwrap();
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+}
+
 #[test]
 fn archive_with_wal_push_and_recover_with_wal_fetch() {
     let server = S3Server::start();
@@ -202,6 +219,26 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
         "most segments come from the spool, got {spooled}:\n{log}"
     );
 
+    // A prefetcher killed (SIGKILL: the OOM killer, a container limit) leaves its spool beside
+    // pg_wal, which nothing on a promoted server reads again: wal-push sweeps it.
+    let state = restored.join("pg_wal/.walship");
+    kill_prefetchers_of(&restored);
+    let spool = state.join("spool");
+    common::wait_until(
+        "the killed prefetcher's lock",
+        Duration::from_secs(10),
+        || {
+            let lock = std::fs::File::create(spool.join(".lock")).unwrap();
+            lock.try_lock().is_ok()
+        },
+    );
+    std::fs::write(spool.join("000000010000000000000063"), vec![1u8; 1 << 20]).unwrap();
+    std::fs::write(
+        spool.join(".000000010000000000000064.walship-tmp.99999"),
+        vec![1u8; 1 << 20],
+    )
+    .unwrap();
+
     // The promoted cluster archives its new timeline's history file into the same repository,
     // and its WAL: timeline 2 forks off timeline 1.
     let hist = ObjectKey::new("wal/history/00000002.history").unwrap();
@@ -215,6 +252,16 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
     let last2 = recovered.switch_wal();
     assert!(last2.starts_with("00000002"), "{last2}");
     recovered.wait_archived(&last2);
+    let mut left: Vec<String> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| ![".lock", ".repo", ".boot"].contains(&n.as_str()))
+        .collect();
+    left.sort();
+    assert!(
+        left.is_empty(),
+        "the killed prefetcher's spool is swept: {left:?}"
+    );
     recovered.stop();
 
     // The second copy follows the archive across the switch to timeline 2 (the default target

@@ -381,6 +381,15 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
         }
     }
     let (outcome, _) = own?;
+    let spool = super::spool::Spool::new(&state_dir(ctx.settings.state_dir.as_deref(), &pg_wal));
+    let (files, bytes) = spool.sweep_abandoned();
+    if files > 0 {
+        tracing::info!(
+            "removed {files} files ({} MiB) that a killed prefetcher left in {}",
+            bytes >> 20,
+            spool.dir().display()
+        );
+    }
     if outcome == PushOutcome::AlreadyArchived {
         report.warnings.push(format!(
             "{name} was already archived with the same content (sha256 and size match); nothing to do"

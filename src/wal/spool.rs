@@ -139,14 +139,18 @@ impl Spool {
             .filter(|n| n.kind() == WalFileKind::Segment)
     }
 
-    /// Whether a prefetcher holds the lock now.
-    pub fn prefetcher_running(&self) -> bool {
-        let Ok(f) = File::options()
+    /// The lock a running prefetcher holds, created when missing.
+    fn open_lock(&self) -> io::Result<File> {
+        File::options()
             .create(true)
             .truncate(false)
             .write(true)
             .open(self.dir.join(".lock"))
-        else {
+    }
+
+    /// Whether a prefetcher holds the lock now.
+    pub fn prefetcher_running(&self) -> bool {
+        let Ok(f) = self.open_lock() else {
             return false;
         };
         match f.try_lock() {
@@ -170,6 +174,38 @@ impl Spool {
             }
         }
         Ok(())
+    }
+
+    /// Empty a spool no prefetcher works on: what a killed prefetcher left behind (one that
+    /// exits empties its spool). `wal-push` calls this, since on a promoted server nothing else
+    /// would look at the spool again, and up to `prefetch` segments and the downloads it had
+    /// under way would stay beside pg_wal for good. The prefetcher's lock is held while
+    /// emptying, so a prefetcher starting meanwhile leaves the spool to this call and the next
+    /// `wal-fetch` starts another. Returns how many files and bytes it removed.
+    pub fn sweep_abandoned(&self) -> (usize, u64) {
+        const KEPT: [&str; 3] = [".lock", ".repo", ".boot"];
+        let Ok(rd) = fs::read_dir(&self.dir) else {
+            return (0, 0);
+        };
+        let left: Vec<(String, u64)> = rd
+            .flatten()
+            .map(|e| {
+                let size = e.metadata().map_or(0, |m| m.len());
+                (e.file_name().to_string_lossy().into_owned(), size)
+            })
+            .filter(|(n, _)| !KEPT.contains(&n.as_str()))
+            .collect();
+        if left.is_empty() {
+            return (0, 0);
+        }
+        let Ok(lock) = self.open_lock() else {
+            return (0, 0);
+        };
+        if lock.try_lock().is_err() {
+            return (0, 0); // a prefetcher works here
+        }
+        let _ = self.clear();
+        (left.len(), left.iter().map(|(_, size)| size).sum())
     }
 
     /// Segment names currently spooled.
@@ -236,11 +272,7 @@ pub async fn run_prefetcher(
     server: ServerWatch,
 ) -> io::Result<()> {
     fs::create_dir_all(spool.dir())?;
-    let lock = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(spool.dir().join(".lock"))?;
+    let lock = spool.open_lock()?;
     if lock.try_lock().is_err() {
         return Ok(()); // another prefetcher is running
     }
@@ -462,6 +494,46 @@ mod tests {
             .set_want("000000010000000000000003", "repo-b")
             .unwrap();
         assert!(spool.entries().is_empty());
+    }
+
+    #[test]
+    fn a_spool_no_prefetcher_holds_is_swept_and_a_held_one_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        assert_eq!(spool.sweep_abandoned(), (0, 0), "no spool at all");
+        spool
+            .set_want("000000010000000000000001", "repo-a")
+            .unwrap();
+        assert!(spool.dir().join(".repo").exists() && spool.dir().join(".boot").exists());
+        let leave = |spool: &Spool| {
+            fs::write(spool.dir().join("000000010000000000000002"), vec![1; 100]).unwrap();
+            fs::write(spool.dir().join(".000000010000000000000003.inflight"), b"").unwrap();
+            fs::write(
+                spool.dir().join(".000000010000000000000003.walship-tmp.9"),
+                vec![1; 50],
+            )
+            .unwrap();
+        };
+        leave(&spool);
+        // A prefetcher holds the lock: its spool is its own.
+        let held = File::create(spool.dir().join(".lock")).unwrap();
+        held.try_lock().unwrap();
+        assert_eq!(spool.sweep_abandoned(), (0, 0));
+        assert_eq!(spool.entries().len(), 1);
+        // Killed: the lock is free, and what it left goes (the .want too), the markers stay.
+        drop(held);
+        assert_eq!(
+            spool.sweep_abandoned(),
+            (4, 100 + 50 + 24),
+            "with the .want"
+        );
+        let mut left: Vec<String> = fs::read_dir(spool.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".boot", ".lock", ".repo"]);
+        assert_eq!(spool.sweep_abandoned(), (0, 0), "nothing left to sweep");
     }
 
     #[test]
