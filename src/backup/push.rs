@@ -129,8 +129,8 @@ struct PageGeometry {
 /// The most bad blocks a backup names, in memory and in its manifest; the rest are counted per
 /// file. A disk that returned garbage would otherwise list every block of it.
 const LISTED_BAD_BLOCKS: usize = 100_000;
-/// The most failing pages with an LSN past the start held for the stop point to judge (16 to 24
-/// bytes each). Only pages PostgreSQL was writing as they were read are legitimately among them,
+/// The most failing pages with an LSN past the start held for the stop point to judge (24 bytes
+/// each). Only pages PostgreSQL was writing as they were read are legitimately among them,
 /// a handful at most; more are corruption.
 const HELD_UNSETTLED: usize = 500_000;
 
