@@ -543,7 +543,7 @@ pub async fn push(
     } else {
         tracing::info!("backup {id}: stopped at {stop_lsn}; waiting for {stop_wal} in the archive");
     }
-    wait_archived(archive, &stop_wal, opts.wal_wait)
+    wait_archived(archive, &stop_wal, opts.wal_wait, Awaited::BackupEnd)
         .await
         .map_err(|e| match e {
             BackupError::WalNotArchived(why) if facts.in_recovery => {
@@ -621,12 +621,24 @@ pub async fn push(
     Ok(manifest)
 }
 
+/// What a segment waited for holds, and what to run again once archiving works.
+#[derive(Debug, Clone, Copy)]
+pub enum Awaited {
+    BackupEnd,
+    RestorePoint,
+}
+
 /// Wait until `name` is in the archive.
 pub async fn wait_archived(
     archive: &Archive,
     name: &WalFileName,
     limit: Duration,
+    awaited: Awaited,
 ) -> Result<(), BackupError> {
+    let (holds, again) = match awaited {
+        Awaited::BackupEnd => ("which the backup needs", "take the backup again"),
+        Awaited::RestorePoint => ("which holds the restore point", "run restore-point again"),
+    };
     let key = repo::wal_key(name);
     let since = Instant::now();
     loop {
@@ -637,9 +649,9 @@ pub async fn wait_archived(
         }
         if since.elapsed() >= limit {
             return Err(BackupError::WalNotArchived(format!(
-                "WAL segment {name}, which the backup needs, did not reach {} within {} s; \
-                 check that archive_mode is on and archive_command is `walship wal-push %p` \
-                 (PostgreSQL's log shows archiver failures), then take the backup again",
+                "WAL segment {name}, {holds}, did not reach {} within {} s; check that \
+                 archive_mode is on and archive_command is `walship wal-push %p` with this \
+                 repository (PostgreSQL's log shows archiver failures), then {again}",
                 archive.store().describe(),
                 limit.as_secs()
             )));

@@ -17,7 +17,7 @@ use crate::repo::backup::{self as layout, BackupManifest, PageChecks, RestorePoi
 use crate::restore::{self, RecoveryOptions, Target};
 use crate::storage::StorageError;
 use crate::time::epoch_rfc3339;
-use crate::wal::name::{format_lsn, parse_lsn, SegmentId};
+use crate::wal::name::{format_lsn, parse_lsn, WalFileName};
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "PostgreSQL connection")]
@@ -693,36 +693,46 @@ pub async fn restore_point(
     let recipients = cfg.recipients()?;
     let archive = Archive::open(cfg, 5).await?;
     let pg = conn::connect(&args.pg.settings()).await?;
+    // The segment and timeline come from pg_walfile_name, which uses the timeline the server
+    // writes now: pg_control_checkpoint() still names the old one after a promotion until the
+    // first checkpoint on the new timeline ends, minutes later with a spread checkpoint. The LSN
+    // is where the point's record ends; pg_walfile_name names the segment holding the byte
+    // before it, so a record ending on a segment boundary is waited for in the right segment.
     let row = pg
         .query_one(
-            "SELECT pg_create_restore_point($1)::text, \
-                    (SELECT timeline_id FROM pg_control_checkpoint()), \
-                    extract(epoch FROM clock_timestamp())::float8, \
-                    (SELECT setting::int8 FROM pg_settings WHERE name = 'wal_segment_size')",
+            "WITH p AS MATERIALIZED (SELECT pg_create_restore_point($1) AS lsn) \
+             SELECT lsn::text, pg_walfile_name(lsn), extract(epoch FROM clock_timestamp())::float8 \
+               FROM p",
             &[&args.name],
         )
         .await
         .map_err(PgError::query("pg_create_restore_point"))?;
     let lsn_text: String = row.get(0);
-    let timeline = row.get::<_, i32>(1) as u32;
+    let seg_text: String = row.get(1);
     let epoch: f64 = row.get(2);
-    let seg_size = row.get::<_, i64>(3) as u64;
     let lsn =
         parse_lsn(&lsn_text).ok_or_else(|| PgError::Unexpected(format!("bad LSN {lsn_text}")))?;
+    let seg = WalFileName::parse(&seg_text)
+        .map_err(|_| PgError::Unexpected(format!("bad WAL file name {seg_text}")))?;
+    let timeline = seg.timeline();
     // Close the segment holding the point so it is archived now, not when it fills.
     pg.execute("SELECT pg_switch_wal()", &[])
         .await
         .map_err(PgError::query("pg_switch_wal"))?;
-    let seg = SegmentId::containing(timeline, lsn, seg_size).file_name();
-    backup::push::wait_archived(&archive, &seg, Duration::from_secs(args.wal_wait_secs))
-        .await
-        .map_err(|e| match e {
-            BackupError::WalNotArchived(why) => BackupError::WalNotArchived(format!(
-                "restore point '{}' was created at {lsn_text}, but it is not recoverable yet: {why}",
-                args.name
-            )),
-            e => e,
-        })?;
+    backup::push::wait_archived(
+        &archive,
+        &seg,
+        Duration::from_secs(args.wal_wait_secs),
+        backup::push::Awaited::RestorePoint,
+    )
+    .await
+    .map_err(|e| match e {
+        BackupError::WalNotArchived(why) => BackupError::WalNotArchived(format!(
+            "restore point '{}' was created at {lsn_text}, but it is not recoverable yet: {why}",
+            args.name
+        )),
+        e => e,
+    })?;
     let point = RestorePoint {
         name: args.name.clone(),
         lsn: format_lsn(lsn),
