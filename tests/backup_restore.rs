@@ -473,8 +473,67 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     let want = accounts(&primary);
     let last = primary.switch_wal();
     primary.wait_archived(&last);
-    standby.stop();
+    common::wait_until(
+        "the standby to replay the second mark",
+        Duration::from_secs(60),
+        || standby.try_psql("select count(*) from marks").as_deref() == Some("2"),
+    );
+
+    // Failover: the primary goes away and the standby, which archives with the same settings,
+    // is promoted to timeline 2. A restore point made right away names timeline 2's segment (the
+    // server's checkpoint record still says timeline 1 until its first checkpoint ends).
     primary.stop();
+    assert_eq!(standby.psql("select pg_promote()"), "t");
+    standby.psql("insert into marks (note) values ('after failover')");
+    let out = run(
+        &cfg,
+        &[
+            vec![
+                "restore-point".into(),
+                "after_failover".into(),
+                "--wal-wait-secs".into(),
+                "60".into(),
+            ],
+            pg_args(&standby),
+        ]
+        .concat(),
+        base.path(),
+    );
+    assert!(ok(&out).starts_with("after_failover "), "{}", stderr(&out));
+    standby.psql("insert into marks (note) values ('after the point')");
+    let last = standby.switch_wal();
+    standby.wait_archived(&last);
+    standby.stop();
+    let listed = ok(&run(&cfg, &["backup-list".into()], base.path()));
+    assert!(listed.contains("through timeline 2"), "{listed}");
+
+    // The backup (timeline 1) restored to the point on timeline 2: walship follows the failover
+    // without being told, since timeline 1's archived WAL ends where timeline 2 forked.
+    let at_point = base.path().join("at-point");
+    let out = restore(
+        &cfg,
+        &at_point,
+        &[
+            "--target-name",
+            "after_failover",
+            "--target-action",
+            "promote",
+            "--archive-mode",
+            "off",
+        ],
+    );
+    ok(&out);
+    assert!(
+        stderr(&out).contains("goes on along timeline 2"),
+        "{}",
+        stderr(&out)
+    );
+    let auto = std::fs::read_to_string(at_point.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("recovery_target_timeline = '2'"), "{auto}");
+    let c = start_restored(base.path(), &at_point, "at-point");
+    assert_eq!(marks(&c), "before backup,after backup,after failover");
+    assert_eq!(accounts(&c), want);
+    c.stop();
 
     // The backup holds the standby's standby.signal; restore replaces it with recovery.signal,
     // so recovery ends and the copy promotes instead of waiting for a primary.
@@ -487,7 +546,10 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     assert!(restored.join("recovery.signal").exists());
     assert!(!restored.join("standby.signal").exists());
     let c = start_restored(base.path(), &restored, "restored");
-    assert_eq!(marks(&c), "before backup,after backup");
+    assert_eq!(
+        marks(&c),
+        "before backup,after backup,after failover,after the point"
+    );
     assert_eq!(accounts(&c), want);
     c.stop();
 }

@@ -1,6 +1,7 @@
 //! `backup-push`, `backup-list`, `backup-fetch`, `restore` and `restore-point`: wiring flags and
 //! config into the `backup` and `restore` modules.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,10 +15,10 @@ use crate::codec;
 use crate::config::{Config, RepoLocation};
 use crate::pg::conn::{self, PgError, PgSettings};
 use crate::repo::backup::{self as layout, BackupManifest, PageChecks, RestorePoint};
-use crate::restore::{self, RecoveryOptions, Target};
+use crate::restore::{self, timeline, RecoveryOptions, Target};
 use crate::storage::StorageError;
 use crate::time::epoch_rfc3339;
-use crate::wal::name::{format_lsn, parse_lsn, WalFileName};
+use crate::wal::name::{format_lsn, parse_lsn, SegmentId, WalFileKind, WalFileName};
 
 #[derive(Debug, Args)]
 #[command(next_help_heading = "PostgreSQL connection")]
@@ -184,22 +185,58 @@ pub async fn push(cfg: &Config, args: &PushArgs) -> Result<BackupManifest, Backu
     backup::push::push(&archive, recipients, &pg, &opts).await
 }
 
-/// Where the WAL that follows a backup without a gap on its timeline ends.
+/// Where the WAL that follows a backup without a gap ends, along its timeline or the timelines
+/// failovers continued it on.
 struct ArchiveEnd {
     last_segment: String,
     lsn: u64,
     /// When the last segment was stored, by the storage's clock.
     stored_at: Option<i64>,
+    /// The promotions the path follows; empty when it stays on the backup's timeline.
+    steps: Vec<timeline::Step>,
+    /// Several timelines continue the path's last one at the same point.
+    ambiguous: Option<timeline::Ambiguity>,
+    /// The highest timeline the archive has a history file for.
+    newest_timeline: u32,
 }
 
-/// The end of the WAL that follows a backup (its first segment, `start_wal`) without a gap on its
-/// timeline.
+impl ArchiveEnd {
+    fn timeline(&self, own: u32) -> u32 {
+        self.steps.last().map_or(own, |s| s.timeline)
+    }
+
+    /// ", through timelines 2 and 4 (promotions where the WAL before them ends)", or nothing.
+    fn through(&self) -> String {
+        if self.steps.is_empty() {
+            return String::new();
+        }
+        let tlis: Vec<String> = self.steps.iter().map(|s| s.timeline.to_string()).collect();
+        format!(
+            ", through timeline{} {} (promotions where the archived WAL before them ends)",
+            if tlis.len() > 1 { "s" } else { "" },
+            tlis.join(" and ")
+        )
+    }
+}
+
+/// The facts about a backup that locate its WAL.
+struct WalStart<'a> {
+    start_wal: &'a str,
+    stop_lsn: &'a str,
+    wal_segment_size: u64,
+}
+
+/// The end of the WAL that follows a backup (from its first segment) without a gap. With
+/// `histories` (the identity that decrypts them), the path follows promotions whose parent's WAL
+/// ends where they forked (failovers, see `restore::timeline`); without, it stays on the
+/// backup's timeline.
 async fn archive_end(
     archive: &Archive,
-    start_wal: &str,
-    wal_segment_size: u64,
+    histories: Option<&Arc<codec::Identities>>,
+    backup: WalStart<'_>,
 ) -> Result<Option<ArchiveEnd>, BackupError> {
-    let Some(start) = crate::wal::name::WalFileName::parse(start_wal)
+    let seg_size = backup.wal_segment_size;
+    let Some(start) = crate::wal::name::WalFileName::parse(backup.start_wal)
         .ok()
         .and_then(|n| n.segment())
     else {
@@ -210,20 +247,67 @@ async fn archive_end(
         .list("wal/")
         .await
         .map_err(ArchiveError::from)?;
-    let stored: std::collections::HashMap<&str, Option<i64>> = objects
-        .iter()
-        .filter_map(|o| Some((o.key.as_str().rsplit('/').next()?, o.stored_at)))
-        .collect();
-    let mut last = None;
-    let mut seg = start;
-    while let Some(at) = stored.get(seg.file_name().as_str()) {
-        last = Some((seg, *at));
-        seg = seg.advance(1, wal_segment_size);
+    let mut stored = std::collections::HashMap::new();
+    let mut segments: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    let mut history_names = Vec::new();
+    for o in &objects {
+        let Some(name) = o
+            .key
+            .as_str()
+            .rsplit('/')
+            .next()
+            .and_then(|n| WalFileName::parse(n).ok())
+        else {
+            continue;
+        };
+        match (name.kind(), name.segment()) {
+            (WalFileKind::Segment, Some(seg)) => {
+                segments
+                    .entry(seg.timeline)
+                    .or_default()
+                    .insert(seg.segno(seg_size));
+                stored.insert(name.to_string(), o.stored_at);
+            }
+            (WalFileKind::History, _) => history_names.push(name),
+            _ => {}
+        }
     }
-    Ok(last.map(|(s, stored_at)| ArchiveEnd {
-        last_segment: s.file_name().to_string(),
-        lsn: (s.segno(wal_segment_size) + 1) * wal_segment_size,
-        stored_at,
+    let newest_timeline = history_names
+        .iter()
+        .map(|n| n.timeline())
+        .max()
+        .unwrap_or(1);
+    let mut parsed = BTreeMap::new();
+    if let Some(ids) = histories {
+        for name in history_names
+            .iter()
+            .filter(|n| n.timeline() > start.timeline)
+        {
+            let text = archive.get_plain(&crate::repo::wal_key(name), ids).await?;
+            let history =
+                timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text))
+                    .map_err(BackupError::Invalid)?;
+            parsed.insert(name.timeline(), history);
+        }
+    }
+    let path = timeline::follow(
+        start.timeline,
+        start.segno(seg_size),
+        parse_lsn(backup.stop_lsn).unwrap_or(0),
+        seg_size,
+        &segments,
+        &parsed,
+    );
+    Ok(path.end.map(|(tli, segno)| {
+        let last = SegmentId::from_segno(tli, segno, seg_size).file_name();
+        ArchiveEnd {
+            stored_at: stored.get(last.as_str()).copied().flatten(),
+            last_segment: last.to_string(),
+            lsn: (segno + 1) * seg_size,
+            steps: path.steps,
+            ambiguous: path.ambiguous,
+            newest_timeline,
+        }
     }))
 }
 
@@ -234,36 +318,38 @@ const CLOCK_SLACK_SECS: i64 = 300;
 /// Refuse a time or LSN target that the WAL after `chosen` cannot reach, before anything is
 /// downloaded: PostgreSQL would replay everything and only then stop with "recovery ended before
 /// configured recovery target was reached".
-async fn check_reachable(
-    archive: &Archive,
+fn check_reachable(
     chosen: &BackupManifest,
     target: &Target,
+    end: Option<&ArchiveEnd>,
 ) -> Result<(), BackupError> {
     if !matches!(target, Target::Lsn(_) | Target::Time { .. }) {
         return Ok(());
     }
-    let Some(end) = archive_end(archive, &chosen.start_wal, chosen.wal_segment_size).await? else {
+    let Some(end) = end else {
         return Ok(());
     };
     match target {
         Target::Lsn(lsn) if *lsn > end.lsn => Err(BackupError::NoBackupForTarget(format!(
-            "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}); \
+            "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}{}); \
              archive more WAL or choose an earlier target",
             format_lsn(*lsn),
             chosen.id,
             format_lsn(end.lsn),
-            end.last_segment
+            end.last_segment,
+            end.through()
         ))),
         Target::Time { text, epoch } => match end.stored_at {
             Some(at) if *epoch > (at + CLOCK_SLACK_SECS) as f64 => {
                 Err(BackupError::NoBackupForTarget(format!(
                     "target time {text} is past the end of the archive: the newest WAL after \
-                     backup {} on timeline {}, {}, was stored at {}, so recovery would replay it \
-                     all and stop short of the target; check that archiving works \
+                     backup {} on timeline {}{}, {}, was stored at {}, so recovery would replay \
+                     it all and stop short of the target; check that archiving works \
                      (pg_stat_archiver on the server, walship errors in its log) or choose an \
                      earlier time",
                     chosen.id,
-                    chosen.timeline,
+                    end.timeline(chosen.timeline),
+                    end.through(),
                     end.last_segment,
                     epoch_rfc3339(at as f64)
                 )))
@@ -290,7 +376,14 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
     let unfinished = inventory.unfinished;
     let backups = backup::summaries_of(&archive, ids.as_ref(), inventory.complete).await?;
     let newest_end = match backups.last() {
-        Some(m) => archive_end(&archive, &m.start_wal, m.wal_segment_size).await?,
+        Some(m) => {
+            let start = WalStart {
+                start_wal: &m.start_wal,
+                stop_lsn: &m.stop_lsn,
+                wal_segment_size: m.wal_segment_size,
+            };
+            archive_end(&archive, ids.as_ref(), start).await?
+        }
         None => None,
     };
     if json {
@@ -353,9 +446,10 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
     );
     match newest_end {
         Some(e) => println!(
-            "recoverable to LSN {} (end of {}, the last archived segment without a gap after the newest backup{})",
+            "recoverable to LSN {} (end of {}, the last archived segment without a gap after the newest backup{}{})",
             format_lsn(e.lsn),
             e.last_segment,
+            e.through(),
             e.stored_at
                 .map(|t| format!(", stored at {}", epoch_rfc3339(t as f64)))
                 .unwrap_or_default()
@@ -464,6 +558,59 @@ async fn read_restore_point(
         .map_err(|e| BackupError::Invalid(format!("restore point record {key} is unreadable: {e}")))
 }
 
+/// The `recovery_target_timeline` a restore without `--target-timeline` writes, given where the
+/// WAL after `chosen` goes: the number of the last timeline a failover continued it on; with no
+/// target, the backup's own when the archive has later timelines off the path, which PostgreSQL's
+/// default, 'latest', would follow; otherwise none (walship's defaults: 'current' with a
+/// target, 'latest' without). Refused when two timelines continue the same point.
+fn follow_timeline(
+    chosen: (&str, u32),
+    target: &Target,
+    end: &ArchiveEnd,
+) -> Result<Option<String>, BackupError> {
+    let (id, own) = chosen;
+    if let Some(a) = &end.ambiguous {
+        let children: Vec<String> = a.children.iter().map(|c| c.to_string()).collect();
+        return Err(BackupError::Invalid(format!(
+            "the WAL after backup {} on timeline {} ends where timelines {} all fork from it: a \
+             failover and a restore drill or copy that archived into this repository look alike, \
+             so walship cannot tell which is production; choose with --target-timeline {} (or \
+             'current' if the target is before the fork)",
+            id,
+            a.parent,
+            children.join(", "),
+            children.join(" | ")
+        )));
+    }
+    let last = end.timeline(own);
+    if let Some(step) = end.steps.last() {
+        // Said whatever the log level: the choice decides which history the restore gets.
+        eprintln!(
+            "walship: the WAL after backup {} goes on along timeline {last}{}: recovery follows it \
+             (recovery_target_timeline = {last})",
+            id,
+            end.through()
+        );
+        tracing::debug!(
+            "last promotion: timeline {} forked from {} at {}",
+            step.timeline,
+            step.parent,
+            format_lsn(step.fork_lsn)
+        );
+        return Ok(Some(last.to_string()));
+    }
+    if *target == Target::EndOfArchive && end.newest_timeline > last {
+        eprintln!(
+            "walship: the archive has timelines up to {} that branch off the WAL after backup {} \
+             before its end (restore drills or copies): recovery follows timeline {last}, not \
+             'latest'",
+            end.newest_timeline, id
+        );
+        return Ok(Some(last.to_string()));
+    }
+    Ok(None)
+}
+
 pub async fn restore(
     cfg: &Config,
     global: &GlobalArgs,
@@ -509,14 +656,32 @@ pub async fn restore(
             backup::read_manifest(&archive, &ids, id).await?
         }
     };
-    // The checks follow the backup's own timeline; on another one (`latest`, or a number) the WAL
-    // continues under other names, and a standby waits for WAL that is yet to come.
+    // Without --target-timeline, recovery follows the timelines failovers continued the backup's
+    // WAL on (restore::timeline), and the checks follow the same path. With one, the checks follow
+    // it when it is the backup's own; on another the WAL goes on under names only PostgreSQL's
+    // reading of the history files resolves, and a standby waits for WAL yet to come.
+    let follow = args.target_timeline.is_none() && !args.standby && target != Target::Immediate;
     let own_timeline = match args.target_timeline.as_deref() {
         None | Some("current") => true,
         Some(t) => t.parse::<u32>().ok() == Some(chosen.timeline),
     };
-    if own_timeline && !args.standby {
-        check_reachable(&archive, &chosen, &target).await?;
+    let end = if follow || (own_timeline && !args.standby) {
+        let start = WalStart {
+            start_wal: &chosen.start_wal,
+            stop_lsn: &chosen.stop_lsn,
+            wal_segment_size: chosen.wal_segment_size,
+        };
+        archive_end(&archive, follow.then_some(&ids), start).await?
+    } else {
+        None
+    };
+    let timeline = match &end {
+        _ if !follow => args.target_timeline.clone(),
+        None => None,
+        Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e)?,
+    };
+    if follow || (own_timeline && !args.standby) {
+        check_reachable(&chosen, &target, end.as_ref())?;
     }
     let opts = RecoveryOptions {
         target,
@@ -526,7 +691,7 @@ pub async fn restore(
             (true, _) => Some(true),
             _ => None,
         },
-        timeline: args.target_timeline.clone(),
+        timeline,
         standby: args.standby,
         archive_off: args.archive_mode == "off",
     };
@@ -777,6 +942,63 @@ mod tests {
             ..Default::default()
         })
         .unwrap()
+    }
+
+    #[test]
+    fn the_timeline_written_follows_failovers_and_avoids_branches() {
+        let end = |steps: &[u32], ambiguous: Option<Vec<u32>>, newest: u32| ArchiveEnd {
+            last_segment: "000000020000000000000009".into(),
+            lsn: 10 << 24,
+            stored_at: None,
+            steps: steps
+                .iter()
+                .map(|&t| timeline::Step {
+                    timeline: t,
+                    parent: t - 1,
+                    fork_lsn: 5 << 24,
+                })
+                .collect(),
+            ambiguous: ambiguous.map(|children| timeline::Ambiguity {
+                parent: 1,
+                children,
+            }),
+            newest_timeline: newest,
+        };
+        let time = Target::Time {
+            text: "2026-11-24 12:44:59+00".into(),
+            epoch: 0.0,
+        };
+        let chosen = ("20261124T020000Z", 1);
+        let written = |target: &Target, e: &ArchiveEnd| follow_timeline(chosen, target, e);
+        // A failover continued the WAL: its timeline, with a target or without.
+        assert_eq!(
+            written(&time, &end(&[2], None, 2)).unwrap(),
+            Some("2".into())
+        );
+        assert_eq!(
+            written(&Target::EndOfArchive, &end(&[2, 3], None, 3)).unwrap(),
+            Some("3".into())
+        );
+        // Nothing followed: walship's defaults ('current' with a target, 'latest' without)...
+        assert_eq!(written(&time, &end(&[], None, 1)).unwrap(), None);
+        assert_eq!(
+            written(&Target::EndOfArchive, &end(&[], None, 1)).unwrap(),
+            None
+        );
+        // ... except that 'latest' would replay into a drill's branch.
+        assert_eq!(
+            written(&Target::EndOfArchive, &end(&[], None, 2)).unwrap(),
+            Some("1".into())
+        );
+        assert_eq!(written(&time, &end(&[], None, 2)).unwrap(), None);
+        // Two timelines continue the same point: the user chooses.
+        let err = written(&time, &end(&[], Some(vec![2, 3]), 3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("timelines 2, 3") && err.contains("--target-timeline 2 | 3"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! `restore`: choose the backup that can reach a recovery target, and write the recovery settings
 //! (`restore_command`, the target, `recovery.signal` or `standby.signal`) for the user.
 
+pub mod timeline;
+
 use std::fs;
 use std::io::Write;
 use std::path::Path;
