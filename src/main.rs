@@ -109,8 +109,8 @@ fn run(cli: Cli, standby: bool) -> i32 {
     }
     match &cli.command {
         Command::Keygen(_) => unreachable!("handled above"),
-        Command::Check => {
-            let lines = runtime().block_on(cli::check::run(&cfg));
+        Command::Check(args) => {
+            let lines = runtime().block_on(cli::check::run(&cfg, args));
             let mut ok = true;
             for l in &lines {
                 println!("{:<12} {:<4} {}", l.what, l.status.label(), l.text);

@@ -571,6 +571,44 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
     let text = ok(&run(&cfg, &["backup-list".into()], base.path()));
     assert!(text.contains("not checked"), "{text}");
 
+    // `check --archiving`: the server is the repository's cluster, archives with walship, and a
+    // segment it switches to reaches the bucket.
+    let check = |cfg: &Path, extra: &[&str]| {
+        let mut a = vec!["check".to_string(), "--archiving".into()];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend(pg_args(&primary));
+        run(cfg, &a, base.path())
+    };
+    let text = ok(&check(&cfg, &[]));
+    let lines: Vec<&str> = text.lines().collect();
+    let line = |what: &str| {
+        lines
+            .iter()
+            .find(|l| l.starts_with(what))
+            .copied()
+            .unwrap_or_default()
+    };
+    assert!(line("cluster").contains(" ok "), "{text}");
+    assert!(line("archiving").contains("wal-push"), "{text}");
+    assert!(
+        line("archive test").contains(" ok ") && line("archive test").contains("reached"),
+        "{text}"
+    );
+    // The same server checked against another prefix, where its archive_command does not push:
+    // the test segment never arrives, and the check fails saying where to look.
+    let elsewhere = server.config(&base.path().join("elsewhere"), "elsewhere", &keys);
+    let out = check(&elsewhere, &["--wal-wait-secs", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(out.status.code(), Some(6), "{text}{}", stderr(&out));
+    let failed = text
+        .lines()
+        .find(|l| l.starts_with("archive test"))
+        .unwrap_or_default();
+    assert!(
+        failed.contains("FAIL") && failed.contains("did not reach") && failed.contains("elsewhere"),
+        "{text}"
+    );
+
     // The store goes away: one clear line, exit 3, and no new backup once it is back.
     server.kill();
     let out = backup_push(&cfg, &primary, &[]);

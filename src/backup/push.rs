@@ -363,6 +363,67 @@ fn check_archiving(facts: &ServerFacts) -> Result<Vec<String>, BackupError> {
         .collect())
 }
 
+/// What `walship check --archiving` says of a server before its archive test.
+pub struct ServerCheck {
+    /// Version, system identifier, role, data checksums.
+    pub summary: String,
+    pub in_recovery: bool,
+    /// `Err` when the server is not the repository's cluster.
+    pub cluster: Result<(), String>,
+    /// The archiving settings, or why the server's WAL cannot reach the repository.
+    pub archiving: Result<String, String>,
+    pub warnings: Vec<String>,
+}
+
+/// Check a server against the repository the way backup-push does before copying anything.
+pub async fn check_server(
+    pg: &Client,
+    meta: Option<&RepoMeta>,
+    repo: &str,
+) -> Result<ServerCheck, BackupError> {
+    let facts = server_facts(pg).await?;
+    let summary = format!(
+        "PostgreSQL {}.{}, system {}, {}, data checksums {}",
+        facts.version_num / 10_000,
+        facts.version_num % 10_000,
+        facts.system_identifier,
+        if facts.in_recovery {
+            "standby"
+        } else {
+            "primary"
+        },
+        if facts.data_checksums { "on" } else { "off" }
+    );
+    let cluster = match meta {
+        Some(m) => check_cluster(m, &facts, repo).map_err(|e| e.to_string()),
+        None => Ok(()),
+    };
+    let mut warnings = Vec::new();
+    let archiving = check_archiving(&facts)
+        .map(|w| {
+            warnings.extend(w);
+            if !facts.archiver.trim().is_empty() && !facts.archiver.contains("wal-push") {
+                warnings.push(format!(
+                    "archive_command '{}' does not call walship wal-push (fine if a script it \
+                     runs does)",
+                    facts.archiver
+                ));
+            }
+            format!(
+                "archive_mode = {}, archive_command = '{}'",
+                facts.archive_mode, facts.archiver
+            )
+        })
+        .map_err(|e| e.to_string());
+    Ok(ServerCheck {
+        summary,
+        in_recovery: facts.in_recovery,
+        cluster,
+        archiving,
+        warnings,
+    })
+}
+
 async fn epoch(pg: &Client) -> Result<f64, BackupError> {
     Ok(pg
         .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
@@ -621,11 +682,54 @@ pub async fn push(
     Ok(manifest)
 }
 
+/// A restore point written and the segment holding it closed.
+pub struct Marked {
+    /// Where the point's record ends.
+    pub lsn: u64,
+    /// The segment holding the record, on the timeline the server writes.
+    pub segment: WalFileName,
+    /// The server's clock when it wrote the point, in seconds since the epoch.
+    pub epoch: f64,
+}
+
+/// Write a restore point named `name` (`pg_create_restore_point`) and switch WAL, so the segment
+/// holding it is archived now rather than when it fills. Primary only.
+///
+/// The segment comes from `pg_walfile_name`, which uses the timeline the server writes now:
+/// `pg_control_checkpoint()` still names the old one after a promotion until the first checkpoint
+/// on the new timeline ends, minutes later with a spread checkpoint. It names the segment holding
+/// the byte before the LSN given, which for the end of a record is the segment holding it.
+pub async fn mark_and_switch(pg: &Client, name: &str) -> Result<Marked, BackupError> {
+    let row = pg
+        .query_one(
+            "WITH p AS MATERIALIZED (SELECT pg_create_restore_point($1) AS lsn) \
+             SELECT lsn::text, pg_walfile_name(lsn), extract(epoch FROM clock_timestamp())::float8 \
+               FROM p",
+            &[&name],
+        )
+        .await
+        .map_err(PgError::query("pg_create_restore_point"))?;
+    let (lsn_text, seg_text): (String, String) = (row.get(0), row.get(1));
+    let lsn =
+        parse_lsn(&lsn_text).ok_or_else(|| PgError::Unexpected(format!("bad LSN {lsn_text}")))?;
+    let segment = WalFileName::parse(&seg_text)
+        .map_err(|_| PgError::Unexpected(format!("bad WAL file name {seg_text}")))?;
+    pg.execute("SELECT pg_switch_wal()", &[])
+        .await
+        .map_err(PgError::query("pg_switch_wal"))?;
+    Ok(Marked {
+        lsn,
+        segment,
+        epoch: row.get(2),
+    })
+}
+
 /// What a segment waited for holds, and what to run again once archiving works.
 #[derive(Debug, Clone, Copy)]
 pub enum Awaited {
     BackupEnd,
     RestorePoint,
+    Check,
 }
 
 /// Wait until `name` is in the archive.
@@ -638,6 +742,10 @@ pub async fn wait_archived(
     let (holds, again) = match awaited {
         Awaited::BackupEnd => ("which the backup needs", "take the backup again"),
         Awaited::RestorePoint => ("which holds the restore point", "run restore-point again"),
+        Awaited::Check => (
+            "which `walship check` closed with a restore point and a WAL switch",
+            "run the check again",
+        ),
     };
     let key = repo::wal_key(name);
     let since = Instant::now();

@@ -13,7 +13,7 @@ use crate::backup::{self, fetch::FetchOptions, push::PushOptions, BackupError};
 use crate::cli::GlobalArgs;
 use crate::codec;
 use crate::config::{Config, RepoLocation};
-use crate::pg::conn::{self, PgError, PgSettings};
+use crate::pg::conn::{self, PgSettings};
 use crate::repo::backup::{self as layout, BackupManifest, PageChecks, RestorePoint};
 use crate::restore::{self, timeline, RecoveryOptions, Target};
 use crate::storage::StorageError;
@@ -38,7 +38,7 @@ pub struct PgArgs {
 }
 
 impl PgArgs {
-    fn settings(&self) -> PgSettings {
+    pub fn settings(&self) -> PgSettings {
         PgSettings {
             host: self.pg_host.clone(),
             port: self.pg_port,
@@ -858,32 +858,9 @@ pub async fn restore_point(
     let recipients = cfg.recipients()?;
     let archive = Archive::open(cfg, 5).await?;
     let pg = conn::connect(&args.pg.settings()).await?;
-    // The segment and timeline come from pg_walfile_name, which uses the timeline the server
-    // writes now: pg_control_checkpoint() still names the old one after a promotion until the
-    // first checkpoint on the new timeline ends, minutes later with a spread checkpoint. The LSN
-    // is where the point's record ends; pg_walfile_name names the segment holding the byte
-    // before it, so a record ending on a segment boundary is waited for in the right segment.
-    let row = pg
-        .query_one(
-            "WITH p AS MATERIALIZED (SELECT pg_create_restore_point($1) AS lsn) \
-             SELECT lsn::text, pg_walfile_name(lsn), extract(epoch FROM clock_timestamp())::float8 \
-               FROM p",
-            &[&args.name],
-        )
-        .await
-        .map_err(PgError::query("pg_create_restore_point"))?;
-    let lsn_text: String = row.get(0);
-    let seg_text: String = row.get(1);
-    let epoch: f64 = row.get(2);
-    let lsn =
-        parse_lsn(&lsn_text).ok_or_else(|| PgError::Unexpected(format!("bad LSN {lsn_text}")))?;
-    let seg = WalFileName::parse(&seg_text)
-        .map_err(|_| PgError::Unexpected(format!("bad WAL file name {seg_text}")))?;
-    let timeline = seg.timeline();
-    // Close the segment holding the point so it is archived now, not when it fills.
-    pg.execute("SELECT pg_switch_wal()", &[])
-        .await
-        .map_err(PgError::query("pg_switch_wal"))?;
+    let marked = backup::push::mark_and_switch(&pg, &args.name).await?;
+    let (lsn_text, seg, epoch) = (format_lsn(marked.lsn), marked.segment, marked.epoch);
+    let (lsn, timeline) = (marked.lsn, seg.timeline());
     backup::push::wait_archived(
         &archive,
         &seg,

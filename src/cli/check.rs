@@ -1,10 +1,33 @@
-//! `walship check`: can this host use the repository, and do the keys fit it?
+//! `walship check`: can this host use the repository, and do the keys fit it? With
+//! `--archiving`, also: is the server set up to archive into it, and does a new segment arrive?
 
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+use clap::Args;
 
 use crate::archive::Archive;
+use crate::backup::push::{self as backup_push, Awaited};
+use crate::cli::backup::PgArgs;
 use crate::codec;
 use crate::config::Config;
+use crate::pg::conn;
+use crate::repo::RepoMeta;
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also check the PostgreSQL server (on its host, as for backup-push): that it is the
+    /// repository's cluster, its archiving settings, and that a new WAL segment reaches the
+    /// repository; this writes a restore point named walship_check and switches WAL
+    #[arg(long)]
+    pub archiving: bool,
+    /// Seconds to wait for that segment to reach the repository
+    #[arg(long, default_value_t = 60)]
+    pub wal_wait_secs: u64,
+    // Last: the heading it sets carries on to the fields after it.
+    #[command(flatten)]
+    pub pg: PgArgs,
+}
 
 /// One line of the report: what, how it stands, and a hint when it is a problem.
 pub struct Line {
@@ -60,7 +83,7 @@ pub fn loose_secret_file(path: &Path) -> Option<String> {
     })
 }
 
-pub async fn run(cfg: &Config) -> Vec<Line> {
+pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
     let mut out = Vec::new();
     let mut line = |what, ok: bool, text: String| {
         out.push(Line {
@@ -213,7 +236,95 @@ pub async fn run(cfg: &Config) -> Vec<Line> {
             });
         }
     }
+    if args.archiving {
+        let ready = !out.iter().any(|l| l.status == Status::Fail);
+        server_lines(&archive, meta.as_ref(), args, ready, &mut out).await;
+    }
     out
+}
+
+/// The server's lines: who it is, its archiving settings, and the archive test, which runs only
+/// when everything before it passed (`ready`), so a check that already failed pushes nothing.
+async fn server_lines(
+    archive: &Archive,
+    meta: Option<&RepoMeta>,
+    args: &CheckArgs,
+    ready: bool,
+    out: &mut Vec<Line>,
+) {
+    let mut line = |what, status, text: String| out.push(Line { what, status, text });
+    let pg = match conn::connect(&args.pg.settings()).await {
+        Ok(pg) => pg,
+        Err(e) => return line("postgres", Status::Fail, e.to_string()),
+    };
+    let describe = archive.store().describe();
+    let server = match backup_push::check_server(&pg, meta, &describe).await {
+        Ok(s) => s,
+        Err(e) => return line("postgres", Status::Fail, e.to_string()),
+    };
+    line("postgres", Status::Ok, server.summary);
+    let mut ready = ready;
+    match server.cluster {
+        Ok(()) => line(
+            "cluster",
+            Status::Ok,
+            match meta {
+                Some(_) => "the repository's".into(),
+                None => "the repository has none yet: the first archived segment sets it".into(),
+            },
+        ),
+        Err(e) => {
+            ready = false;
+            line("cluster", Status::Fail, e)
+        }
+    }
+    match server.archiving {
+        Ok(text) => line("archiving", Status::Ok, text),
+        Err(e) => {
+            ready = false;
+            line("archiving", Status::Fail, e)
+        }
+    }
+    for w in server.warnings {
+        line("archiving", Status::Warn, w);
+    }
+    if server.in_recovery {
+        return line(
+            "archive test",
+            Status::Ok,
+            "skipped: a standby cannot switch WAL; run `walship check --archiving` on the primary"
+                .into(),
+        );
+    }
+    if !ready {
+        return line(
+            "archive test",
+            Status::Fail,
+            "not run: fix the FAIL lines above first".into(),
+        );
+    }
+    let since = Instant::now();
+    let wait = Duration::from_secs(args.wal_wait_secs);
+    let tested = match backup_push::mark_and_switch(&pg, "walship_check").await {
+        Ok(marked) => {
+            tracing::info!("waiting up to {} s for {}", wait.as_secs(), marked.segment);
+            backup_push::wait_archived(archive, &marked.segment, wait, Awaited::Check)
+                .await
+                .map(|()| marked.segment)
+        }
+        Err(e) => Err(e),
+    };
+    match tested {
+        Ok(seg) => line(
+            "archive test",
+            Status::Ok,
+            format!(
+                "{seg} reached the repository {:.1} s after the switch",
+                since.elapsed().as_secs_f64()
+            ),
+        ),
+        Err(e) => line("archive test", Status::Fail, e.to_string()),
+    }
 }
 
 #[cfg(test)]

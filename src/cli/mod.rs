@@ -144,8 +144,9 @@ pub fn repo_args(global: &GlobalArgs, cfg: &crate::config::Config) -> Vec<String
 pub enum Command {
     /// Create an age identity file (mode 0600) and print its public key (the recipient)
     Keygen(keygen::KeygenArgs),
-    /// Check repository access, versioning, and that the keys work
-    Check,
+    /// Check repository access, versioning, and that the keys work; with --archiving, also that
+    /// the server's WAL reaches the repository
+    Check(check::CheckArgs),
     /// archive_command: archive the WAL file at PATH (%p)
     WalPush {
         /// The file PostgreSQL archives: %p
