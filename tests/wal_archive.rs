@@ -400,6 +400,28 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         "archived object untouched"
     );
 
+    // A timeline history file other than the archived one: a promotion that did not see the
+    // archive took a timeline that is taken. Refused, with what happened and what to do.
+    let hist = scratch.join("0000000A.history");
+    std::fs::write(&hist, "1\t0/3000198\tno recovery target specified\n").unwrap();
+    let out = walship(&cfg, &["wal-push", hist.to_str().unwrap()], base.path());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&hist, "1\t0/5000028\tno recovery target specified\n").unwrap();
+    let out = walship(&cfg, &["wal-push", hist.to_str().unwrap()], base.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("refusing to overwrite")
+            && err.contains("Timeline 10 is taken")
+            && err.contains("restore_command"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+
     // Another cluster into the same prefix: refused.
     let other = Cluster::init(base.path(), "other");
     let foreign = std::fs::read_dir(other.data.join("pg_wal"))

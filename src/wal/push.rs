@@ -15,7 +15,7 @@ use tokio::sync::{OnceCell, Semaphore};
 
 use super::name::{WalFileKind, WalFileName};
 use super::{parent_dir, state_dir, WalError};
-use crate::archive::{Archive, Stored};
+use crate::archive::{Archive, ArchiveError, Stored};
 use crate::codec::{self, Recipients};
 use crate::config::WalSettings;
 use crate::pg::walpage::{LongPageHeader, LONG_HEADER_LEN};
@@ -268,6 +268,27 @@ fn prune_records(dir: &Path, pg_wal: &Path) {
     }
 }
 
+/// A history file the archive holds with other content means the timeline was taken: another
+/// promotion in this repository (a restore drill or copy that archived here, an earlier failover)
+/// that this server did not see when it was promoted, since PostgreSQL picks one past the newest
+/// history file its restore_command finds. Say so: archiving stays stuck on this file.
+fn timeline_taken(name: &WalFileName, e: WalError) -> WalError {
+    match e {
+        WalError::Archive(ArchiveError::Conflict(why)) if name.kind() == WalFileKind::History => {
+            WalError::Archive(ArchiveError::Conflict(format!(
+                "{why}. Timeline {tli} is taken in this repository by another promotion (a restore \
+                 drill or copy archiving here, or an earlier failover) that this server did not \
+                 see: PostgreSQL picks one past the newest history file restore_command finds, so \
+                 give standbys restore_command = 'walship wal-fetch %f %p'. Archiving stays stuck \
+                 here and pg_wal grows: point archive_command at a new repository prefix and take a \
+                 base backup there",
+                tli = name.timeline()
+            )))
+        }
+        e => e,
+    }
+}
+
 /// The name PostgreSQL gave (%p's file name), validated.
 fn wal_name_of(path: &Path) -> Result<WalFileName, WalError> {
     let fname = path
@@ -380,7 +401,7 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
             Err(e) => tracing::debug!("look-ahead upload of {n} failed: {e}"),
         }
     }
-    let (outcome, _) = own?;
+    let (outcome, _) = own.map_err(|e| timeline_taken(&name, e))?;
     let spool = super::spool::Spool::new(&state_dir(ctx.settings.state_dir.as_deref(), &pg_wal));
     let (files, bytes) = spool.sweep_abandoned();
     if files > 0 {
