@@ -205,14 +205,14 @@ impl ArchiveEnd {
         self.steps.last().map_or(own, |s| s.timeline)
     }
 
-    /// ", through timelines 2 and 4 (promotions where the WAL before them ends)", or nothing.
+    /// ", through timelines 2 and 4", or nothing.
     fn through(&self) -> String {
         if self.steps.is_empty() {
             return String::new();
         }
         let tlis: Vec<String> = self.steps.iter().map(|s| s.timeline.to_string()).collect();
         format!(
-            ", through timeline{} {} (promotions where the archived WAL before them ends)",
+            ", through timeline{} {}",
             if tlis.len() > 1 { "s" } else { "" },
             tlis.join(" and ")
         )
@@ -583,19 +583,25 @@ fn follow_timeline(
         )));
     }
     let last = end.timeline(own);
-    if let Some(step) = end.steps.last() {
+    if !end.steps.is_empty() {
+        let forks: Vec<String> = end
+            .steps
+            .iter()
+            .map(|s| {
+                format!(
+                    "timeline {} from {} at {}",
+                    s.timeline,
+                    s.parent,
+                    format_lsn(s.fork_lsn)
+                )
+            })
+            .collect();
         // Said whatever the log level: the choice decides which history the restore gets.
         eprintln!(
-            "walship: the WAL after backup {} goes on along timeline {last}{}: recovery follows it \
+            "walship: the WAL after backup {id} goes on along timeline {last}: promoted where the \
+             archived WAL before it ends, as after a failover ({}); recovery follows it \
              (recovery_target_timeline = {last})",
-            id,
-            end.through()
-        );
-        tracing::debug!(
-            "last promotion: timeline {} forked from {} at {}",
-            step.timeline,
-            step.parent,
-            format_lsn(step.fork_lsn)
+            forks.join(", ")
         );
         return Ok(Some(last.to_string()));
     }
