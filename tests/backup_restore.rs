@@ -482,7 +482,26 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     // Failover: the primary goes away and the standby, which archives with the same settings,
     // is promoted to timeline 2. A restore point made right away names timeline 2's segment (the
     // server's checkpoint record still says timeline 1 until its first checkpoint ends).
+    // The old primary archived the segment it was writing before it went (here by hand: a
+    // failover that lost what it held past the fork point). The promoted standby forks in that
+    // segment and archives its own streamed copy as .partial, which tells the failover from a
+    // restore drill that replayed to the end of the archive.
+    let forks_in = primary.psql("select pg_walfile_name(pg_current_wal_insert_lsn() + 1)");
     primary.stop();
+    let out = run(
+        &cfg,
+        &[
+            "wal-push".into(),
+            primary
+                .data
+                .join("pg_wal")
+                .join(&forks_in)
+                .display()
+                .to_string(),
+        ],
+        base.path(),
+    );
+    ok(&out);
     assert_eq!(standby.psql("select pg_promote()"), "t");
     standby.psql("insert into marks (note) values ('after failover')");
     let out = run(
@@ -504,6 +523,14 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     let last = standby.switch_wal();
     standby.wait_archived(&last);
     standby.stop();
+    assert!(
+        base.path()
+            .join("repo/wal")
+            .join(&forks_in[..16])
+            .join(format!("{forks_in}.partial"))
+            .exists(),
+        "the promoted standby archived {forks_in}.partial"
+    );
     let listed = ok(&run(&cfg, &["backup-list".into()], base.path()));
     assert!(listed.contains("through timeline 2"), "{listed}");
 

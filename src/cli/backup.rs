@@ -1,7 +1,6 @@
 //! `backup-push`, `backup-list`, `backup-fetch`, `restore` and `restore-point`: wiring flags and
 //! config into the `backup` and `restore` modules.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -196,6 +195,8 @@ struct ArchiveEnd {
     steps: Vec<timeline::Step>,
     /// Several timelines continue the path's last one at the same point.
     ambiguous: Option<timeline::Ambiguity>,
+    /// Timelines forked from the path's last one that it does not follow.
+    branches: Vec<timeline::Step>,
     /// The highest timeline the archive has a history file for.
     newest_timeline: u32,
 }
@@ -216,6 +217,34 @@ impl ArchiveEnd {
             if tlis.len() > 1 { "s" } else { "" },
             tlis.join(" and ")
         )
+    }
+
+    /// For a target past the end: the timelines that fork from the path and are not followed,
+    /// one of which may be where production went on.
+    fn branch_hint(&self) -> String {
+        match self.branches.as_slice() {
+            [] => String::new(),
+            branches => {
+                let each: Vec<String> = branches
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "timeline {} forked from {} at {}",
+                            b.timeline,
+                            b.parent,
+                            format_lsn(b.fork_lsn)
+                        )
+                    })
+                    .collect();
+                format!(
+                    ". Not followed: {} (a restore drill or copy, or a failover the archive does \
+                     not tell from one); if production went on there, restore with \
+                     --target-timeline {}",
+                    each.join(", "),
+                    branches[0].timeline
+                )
+            }
+        }
     }
 }
 
@@ -248,7 +277,7 @@ async fn archive_end(
         .await
         .map_err(ArchiveError::from)?;
     let mut stored = std::collections::HashMap::new();
-    let mut segments: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
+    let mut archived = timeline::Archived::default();
     let mut history_names = Vec::new();
     for o in &objects {
         let Some(name) = o
@@ -261,12 +290,17 @@ async fn archive_end(
             continue;
         };
         match (name.kind(), name.segment()) {
-            (WalFileKind::Segment, Some(seg)) => {
-                segments
+            (kind @ (WalFileKind::Segment | WalFileKind::Partial), Some(seg)) => {
+                let by_timeline = if kind == WalFileKind::Segment {
+                    stored.insert(name.to_string(), o.stored_at);
+                    &mut archived.segments
+                } else {
+                    &mut archived.partials
+                };
+                by_timeline
                     .entry(seg.timeline)
                     .or_default()
                     .insert(seg.segno(seg_size));
-                stored.insert(name.to_string(), o.stored_at);
             }
             (WalFileKind::History, _) => history_names.push(name),
             _ => {}
@@ -277,7 +311,6 @@ async fn archive_end(
         .map(|n| n.timeline())
         .max()
         .unwrap_or(1);
-    let mut parsed = BTreeMap::new();
     if let Some(ids) = histories {
         for name in history_names
             .iter()
@@ -287,7 +320,7 @@ async fn archive_end(
             let history =
                 timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text))
                     .map_err(BackupError::Invalid)?;
-            parsed.insert(name.timeline(), history);
+            archived.histories.insert(name.timeline(), history);
         }
     }
     let path = timeline::follow(
@@ -295,8 +328,7 @@ async fn archive_end(
         start.segno(seg_size),
         parse_lsn(backup.stop_lsn).unwrap_or(0),
         seg_size,
-        &segments,
-        &parsed,
+        &archived,
     );
     Ok(path.end.map(|(tli, segno)| {
         let last = SegmentId::from_segno(tli, segno, seg_size).file_name();
@@ -306,6 +338,7 @@ async fn archive_end(
             lsn: (segno + 1) * seg_size,
             steps: path.steps,
             ambiguous: path.ambiguous,
+            branches: path.branches,
             newest_timeline,
         }
     }))
@@ -332,12 +365,13 @@ fn check_reachable(
     match target {
         Target::Lsn(lsn) if *lsn > end.lsn => Err(BackupError::NoBackupForTarget(format!(
             "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}{}); \
-             archive more WAL or choose an earlier target",
+             archive more WAL or choose an earlier target{}",
             format_lsn(*lsn),
             chosen.id,
             format_lsn(end.lsn),
             end.last_segment,
-            end.through()
+            end.through(),
+            end.branch_hint()
         ))),
         Target::Time { text, epoch } => match end.stored_at {
             Some(at) if *epoch > (at + CLOCK_SLACK_SECS) as f64 => {
@@ -346,12 +380,13 @@ fn check_reachable(
                      backup {} on timeline {}{}, {}, was stored at {}, so recovery would replay \
                      it all and stop short of the target; check that archiving works \
                      (pg_stat_archiver on the server, walship errors in its log) or choose an \
-                     earlier time",
+                     earlier time{}",
                     chosen.id,
                     end.timeline(chosen.timeline),
                     end.through(),
                     end.last_segment,
-                    epoch_rfc3339(at as f64)
+                    epoch_rfc3339(at as f64),
+                    end.branch_hint()
                 )))
             }
             _ => Ok(()),
@@ -945,6 +980,7 @@ mod tests {
                 parent: 1,
                 children,
             }),
+            branches: Vec::new(),
             newest_timeline: newest,
         };
         let time = Target::Time {
@@ -974,6 +1010,20 @@ mod tests {
             Some("1".into())
         );
         assert_eq!(written(&time, &end(&[], None, 2)).unwrap(), None);
+        // Branches not followed are named when a target lies past the end.
+        let mut drill = end(&[], None, 3);
+        drill.branches = vec![timeline::Step {
+            timeline: 3,
+            parent: 1,
+            fork_lsn: 6 << 24,
+        }];
+        let hint = drill.branch_hint();
+        assert!(
+            hint.contains("timeline 3 forked from 1 at 0/6000000")
+                && hint.contains("--target-timeline 3"),
+            "{hint}"
+        );
+        assert_eq!(end(&[2], None, 2).branch_hint(), "");
         // Two timelines continue the same point: the user chooses.
         let err = written(&time, &end(&[], Some(vec![2, 3]), 3))
             .unwrap_err()

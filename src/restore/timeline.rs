@@ -5,15 +5,22 @@
 //! A promotion writes `<timeline>.history`: every ancestor timeline and the LSN where its child
 //! forked from it. Two kinds of promotion leave the same file:
 //! - a failover: the old primary is gone, so its timeline's archived WAL ends where the new one
-//!   forked (at most the segment holding the fork point was finished on the old timeline);
-//! - a restore drill or a copy that archived into the same repository: the old timeline goes on
-//!   being archived past the fork point, because production still writes it.
+//!   forked;
+//! - a restore drill or a copy that archived into the same repository: production goes on
+//!   archiving the old timeline past the fork point.
 //!
-//! A child is the continuation of its parent only in the first case. One continuation is
-//! followed; when several children continue the same point, nobody can tell which is production,
-//! and the caller asks the user to choose (`--target-timeline`).
+//! A child is the continuation of its parent only in the first case, which the archive shows in
+//! one of two ways. Either the parent's segment holding the fork was never archived: a drill
+//! restored from this archive can only fork in a segment the archive has, so only a server that
+//! streamed the WAL (a standby) can have forked there. Or that segment is archived but nothing
+//! after it is, and the promoted standby archived its own copy as `<segment>.partial`, which
+//! PostgreSQL does for a segment it streamed and never for one it restored from the archive.
+//!
+//! A fork exactly on a segment boundary shows neither, and is never followed. One continuation
+//! is followed; when several children continue the same point, nobody can tell which is
+//! production, and the caller asks the user to choose (`--target-timeline`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// A timeline's ancestry from its history file: `(ancestor, LSN where the next timeline forked
 /// from it)`, oldest first. The last entry is the direct parent.
@@ -76,6 +83,9 @@ pub struct WalPath {
     pub end: Option<(u32, u64)>,
     /// Where the path stops because several timelines continue the same point.
     pub ambiguous: Option<Ambiguity>,
+    /// Timelines that forked from the path's last timeline after the backup and are not
+    /// followed: drills and copies, or a failover the archive cannot tell from one.
+    pub branches: Vec<Step>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,20 +101,30 @@ impl WalPath {
     }
 }
 
+/// What the archive holds, by timeline: segment numbers of complete segments and of `.partial`
+/// ones, and the history files.
+#[derive(Debug, Default)]
+pub struct Archived {
+    pub segments: BTreeMap<u32, BTreeSet<u64>>,
+    pub partials: BTreeMap<u32, BTreeSet<u64>>,
+    pub histories: BTreeMap<u32, History>,
+}
+
 /// Follow the archived WAL from the segment `start_segno` of `timeline` (a backup's first
 /// segment), through promotions that forked at or after `min_fork` (the backup's stop point: a
 /// timeline forked before it cannot be reached from this backup).
-///
-/// `segments` holds the archived segment numbers of each timeline, `histories` the history files
-/// of the timelines that have one.
 pub fn follow(
     timeline: u32,
     start_segno: u64,
     min_fork: u64,
     segment_size: u64,
-    segments: &BTreeMap<u32, std::collections::BTreeSet<u64>>,
-    histories: &BTreeMap<u32, History>,
+    archived: &Archived,
 ) -> WalPath {
+    let Archived {
+        segments,
+        partials,
+        histories,
+    } = archived;
     let seg_of = |lsn: u64| lsn / segment_size;
     let chain_end = |tli: u32, from: u64| -> Option<u64> {
         let have = segments.get(&tli)?;
@@ -120,12 +140,13 @@ pub fn follow(
         steps: Vec::new(),
         end: chain_end(timeline, start_segno).map(|e| (timeline, e)),
         ambiguous: None,
+        branches: Vec::new(),
     };
     let (mut tli, mut from, mut min_fork) = (timeline, start_segno, min_fork);
     loop {
-        // A child continues this timeline when the archived WAL here reaches the segment holding
-        // the fork (the parent's copy of that one may be missing: the old primary died before
-        // finishing it) and goes no further: past it, the parent went on after the fork.
+        // A child continues this timeline when the archived WAL here reaches the segment before
+        // the one holding the fork and stops there, or holds that one too while a streamed copy
+        // of it was archived as .partial (see the module's doc); past it, the parent went on.
         let Some(end) = chain_end(tli, from) else {
             return path;
         };
@@ -136,14 +157,32 @@ pub fn follow(
                 if parent != tli || at < min_fork || at == 0 {
                     return false;
                 }
-                // The last segment the parent wrote before the fork (the one holding it, unless
-                // the fork is on a segment boundary).
-                let last_old = seg_of(at - 1);
-                end + 1 >= last_old && end <= last_old
+                // A fork on a segment boundary leaves no trace of how the parent's WAL got to
+                // the promoted server: a drill that replayed to the end of the archive forks
+                // there as often as not. Never taken for a failover.
+                if at % segment_size == 0 {
+                    return false;
+                }
+                // The segment holding the fork: the child's first, with the parent's WAL up to
+                // the fork copied into it.
+                let fork_seg = seg_of(at);
+                let streamed = || partials.get(&tli).is_some_and(|p| p.contains(&fork_seg));
+                end + 1 == fork_seg || (end == fork_seg && streamed())
             })
             .collect();
         match continuations.as_slice() {
-            [] => return path,
+            [] => {
+                path.branches = histories
+                    .values()
+                    .filter(|h| h.parent().0 == tli && h.parent().1 >= min_fork)
+                    .map(|h| Step {
+                        timeline: h.timeline,
+                        parent: tli,
+                        fork_lsn: h.parent().1,
+                    })
+                    .collect();
+                return path;
+            }
             [child] => {
                 let (parent, at) = child.parent();
                 path.steps.push(Step {
@@ -172,35 +211,41 @@ pub fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     const SEG: u64 = 16 << 20;
-
-    fn segs(list: &[(u32, std::ops::RangeInclusive<u64>)]) -> BTreeMap<u32, BTreeSet<u64>> {
-        let mut m: BTreeMap<u32, BTreeSet<u64>> = BTreeMap::new();
-        for (tli, r) in list {
-            m.entry(*tli).or_default().extend(r.clone());
-        }
-        m
-    }
-
-    fn hist(list: &[(u32, &[(u32, u64)])]) -> BTreeMap<u32, History> {
-        list.iter()
-            .map(|(tli, forks)| {
-                (
-                    *tli,
-                    History {
-                        timeline: *tli,
-                        forks: forks.to_vec(),
-                    },
-                )
-            })
-            .collect()
-    }
 
     /// An LSN inside segment `n`.
     fn mid(n: u64) -> u64 {
         n * SEG + 0x1000
+    }
+
+    type Forks<'a> = &'a [(u32, &'a [(u32, u64)])];
+
+    /// The path from a backup on timeline 1 that starts in segment 3 and stops in segment 4.
+    fn path(
+        segments: &[(u32, std::ops::RangeInclusive<u64>)],
+        partials: &[(u32, u64)],
+        histories: Forks,
+    ) -> WalPath {
+        let mut a = Archived::default();
+        for (tli, r) in segments {
+            a.segments.entry(*tli).or_default().extend(r.clone());
+        }
+        for (tli, n) in partials {
+            a.partials.entry(*tli).or_default().insert(*n);
+        }
+        for (tli, forks) in histories {
+            let h = History {
+                timeline: *tli,
+                forks: forks.to_vec(),
+            };
+            a.histories.insert(*tli, h);
+        }
+        follow(1, 3, mid(4), SEG, &a)
+    }
+
+    fn timelines(p: &WalPath) -> Vec<u32> {
+        p.steps.iter().map(|s| s.timeline).collect()
     }
 
     #[test]
@@ -220,16 +265,10 @@ mod tests {
 
     #[test]
     fn a_failover_is_followed_and_a_drill_is_not() {
-        // Timeline 1 archived 3..=9; the old primary never finished segment 10. Timeline 2 forked
-        // in segment 10 and goes on to 14.
-        let failover = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=9), (2, 10..=14)]),
-            &hist(&[(2, &[(1, mid(10))])]),
-        );
+        let fork: Forks = &[(2, &[(1, mid(10))])];
+        // Timeline 1 archived 3..=9; the old primary never finished segment 10, where timeline 2
+        // forked and goes on to 14.
+        let failover = path(&[(1, 3..=9), (2, 10..=14)], &[], fork);
         assert_eq!(
             failover.steps,
             vec![Step {
@@ -240,96 +279,76 @@ mod tests {
         );
         assert_eq!(failover.end, Some((2, 14)));
         assert_eq!(failover.last_timeline(1), 2);
-        // The old primary did finish segment 10 (holding WAL past the fork that was lost): still
-        // the continuation.
-        let finished = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=10), (2, 10..=14)]),
-            &hist(&[(2, &[(1, mid(10))])]),
-        );
+        // The old primary did finish segment 10 (with WAL past the fork, lost in the failover);
+        // the promoted standby archived its streamed copy as .partial.
+        let finished = path(&[(1, 3..=10), (2, 10..=14)], &[(1, 10)], fork);
         assert_eq!(finished.end, Some((2, 14)));
-        // A drill promoted at segment 6 while production went on archiving timeline 1.
-        let drill = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=20), (2, 6..=8)]),
-            &hist(&[(2, &[(1, mid(6))])]),
+        // Segment 10 archived and no .partial: a drill that replayed to the end of the archive
+        // and promoted in its last segment, before production archived the next.
+        let at_end = path(&[(1, 3..=10), (2, 10..=14)], &[], fork);
+        assert!(at_end.steps.is_empty() && at_end.ambiguous.is_none());
+        assert_eq!(at_end.end, Some((1, 10)));
+        // A drill promoted in segment 6 while production went on archiving timeline 1.
+        let drill = path(
+            &[(1, 3..=20), (2, 6..=8)],
+            &[(1, 6)],
+            &[(2, &[(1, mid(6))])],
         );
-        assert!(drill.steps.is_empty() && drill.ambiguous.is_none());
+        assert!(drill.steps.is_empty());
         assert_eq!(drill.end, Some((1, 20)));
-        // Forked before the backup's stop point: not reachable from this backup.
-        let early = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=3), (2, 3..=9)]),
-            &hist(&[(2, &[(1, mid(3))])]),
+        assert_eq!(
+            timelines(&WalPath {
+                steps: drill.branches.clone(),
+                ..drill
+            }),
+            vec![2]
         );
+        // Forked before the backup's stop point: not reachable from this backup.
+        let early = path(&[(1, 3..=3), (2, 3..=9)], &[], &[(2, &[(1, mid(3))])]);
         assert!(early.steps.is_empty());
         // A gap on timeline 1 before the fork: the path ends at the gap.
-        let gap = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=5), (1, 8..=9), (2, 10..=14)]),
-            &hist(&[(2, &[(1, mid(10))])]),
-        );
+        let gap = path(&[(1, 3..=5), (1, 8..=9), (2, 10..=14)], &[], fork);
         assert!(gap.steps.is_empty());
         assert_eq!(gap.end, Some((1, 5)));
     }
 
     #[test]
     fn failovers_chain_and_drills_off_the_path_are_left_alone() {
-        // 1 -> 2 (failover at 10) -> 4 (failover at 20); 3 is a drill forked from 2 at 12 while
-        // 2 went on; 5 a drill forked from 1 at 6.
-        let path = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[
+        // 1 -> 2 (failover in 10) -> 4 (failover in 20); 3 is a drill forked from 2 in 12 while
+        // 2 went on; 5 a drill forked from 1 in 6.
+        let p = path(
+            &[
                 (1, 3..=9),
-                (2, 10..=20),
+                (2, 10..=19),
                 (3, 12..=13),
                 (4, 20..=25),
                 (5, 6..=7),
-            ]),
-            &hist(&[
+            ],
+            &[],
+            &[
                 (2, &[(1, mid(10))]),
                 (3, &[(1, mid(10)), (2, mid(12))]),
                 (4, &[(1, mid(10)), (2, mid(20))]),
                 (5, &[(1, mid(6))]),
-            ]),
+            ],
         );
-        let tlis: Vec<u32> = path.steps.iter().map(|s| s.timeline).collect();
-        assert_eq!(tlis, vec![2, 4]);
-        assert_eq!(path.end, Some((4, 25)));
-        assert!(path.ambiguous.is_none());
+        assert_eq!(timelines(&p), vec![2, 4]);
+        assert_eq!(p.end, Some((4, 25)));
+        assert!(p.ambiguous.is_none());
     }
 
     #[test]
     fn two_timelines_continuing_one_point_are_ambiguous() {
-        // Timeline 1 ends in segment 10; both 2 and 3 forked there (a failover, and a drill that
-        // restored to the end of the archive before production archived more).
-        let path = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=9), (2, 10..=12), (3, 10..=11)]),
-            &hist(&[(2, &[(1, mid(10))]), (3, &[(1, mid(10) + 8)])]),
+        // Timeline 1 ends before segment 10; both 2 and 3 forked in it.
+        let p = path(
+            &[(1, 3..=9), (2, 10..=12), (3, 10..=11)],
+            &[],
+            &[(2, &[(1, mid(10))]), (3, &[(1, mid(10) + 8)])],
         );
-        assert!(path.steps.is_empty());
-        assert_eq!(path.end, Some((1, 9)));
+        assert!(p.steps.is_empty());
+        assert_eq!(p.end, Some((1, 9)));
         assert_eq!(
-            path.ambiguous,
+            p.ambiguous,
             Some(Ambiguity {
                 parent: 1,
                 children: vec![2, 3]
@@ -338,27 +357,15 @@ mod tests {
     }
 
     #[test]
-    fn a_fork_on_a_segment_boundary_starts_the_child_at_the_next_segment() {
-        // The switch point is the first byte of segment 10: timeline 1 holds all of 9, the child
-        // starts with 10.
-        let path = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=9), (2, 10..=11)]),
-            &hist(&[(2, &[(1, 10 * SEG)])]),
-        );
-        assert_eq!(path.end, Some((2, 11)));
-        // ... and timeline 1 having 10 too means it went on after the fork: a drill.
-        let drill = follow(
-            1,
-            3,
-            mid(4),
-            SEG,
-            &segs(&[(1, 3..=10), (2, 10..=11)]),
-            &hist(&[(2, &[(1, 10 * SEG)])]),
-        );
-        assert!(drill.steps.is_empty());
+    fn a_fork_on_a_segment_boundary_is_never_followed() {
+        // A drill that replayed all of segment 9 forks at the first byte of 10, as a failover
+        // there would: nothing tells them apart.
+        let boundary: Forks = &[(2, &[(1, 10 * SEG)])];
+        assert!(path(&[(1, 3..=9), (2, 10..=11)], &[], boundary)
+            .steps
+            .is_empty());
+        assert!(path(&[(1, 3..=8), (2, 10..=11)], &[], boundary)
+            .steps
+            .is_empty());
     }
 }
