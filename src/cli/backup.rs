@@ -191,27 +191,28 @@ struct ArchiveEnd {
     lsn: u64,
     /// When the last segment was stored, by the storage's clock.
     stored_at: Option<i64>,
-    /// The promotions the path follows; empty when it stays on the backup's timeline.
-    steps: Vec<timeline::Step>,
-    /// Several timelines continue the path's last one at the same point.
-    ambiguous: Option<timeline::Ambiguity>,
-    /// Timelines forked from the path's last one that it does not follow.
-    branches: Vec<timeline::Step>,
+    /// The promotions followed, and those that are not.
+    path: timeline::WalPath,
     /// The highest timeline the archive has a history file for.
     newest_timeline: u32,
 }
 
 impl ArchiveEnd {
     fn timeline(&self, own: u32) -> u32 {
-        self.steps.last().map_or(own, |s| s.timeline)
+        self.path.last_timeline(own)
     }
 
     /// ", through timelines 2 and 4", or nothing.
     fn through(&self) -> String {
-        if self.steps.is_empty() {
+        if self.path.steps.is_empty() {
             return String::new();
         }
-        let tlis: Vec<String> = self.steps.iter().map(|s| s.timeline.to_string()).collect();
+        let tlis: Vec<String> = self
+            .path
+            .steps
+            .iter()
+            .map(|s| s.timeline.to_string())
+            .collect();
         format!(
             ", through timeline{} {}",
             if tlis.len() > 1 { "s" } else { "" },
@@ -222,20 +223,10 @@ impl ArchiveEnd {
     /// For a target past the end: the timelines that fork from the path and are not followed,
     /// one of which may be where production went on.
     fn branch_hint(&self) -> String {
-        match self.branches.as_slice() {
+        match self.path.branches.as_slice() {
             [] => String::new(),
             branches => {
-                let each: Vec<String> = branches
-                    .iter()
-                    .map(|b| {
-                        format!(
-                            "timeline {} forked from {} at {}",
-                            b.timeline,
-                            b.parent,
-                            format_lsn(b.fork_lsn)
-                        )
-                    })
-                    .collect();
+                let each: Vec<String> = branches.iter().map(|b| b.to_string()).collect();
                 format!(
                     ". Not followed: {} (a restore drill or copy, or a failover the archive does \
                      not tell from one); if production went on there, restore with \
@@ -336,9 +327,7 @@ async fn archive_end(
             stored_at: stored.get(last.as_str()).copied().flatten(),
             last_segment: last.to_string(),
             lsn: (segno + 1) * seg_size,
-            steps: path.steps,
-            ambiguous: path.ambiguous,
-            branches: path.branches,
+            path,
             newest_timeline,
         }
     }))
@@ -604,7 +593,7 @@ fn follow_timeline(
     end: &ArchiveEnd,
 ) -> Result<Option<String>, BackupError> {
     let (id, own) = chosen;
-    if let Some(a) = &end.ambiguous {
+    if let Some(a) = &end.path.ambiguous {
         let children: Vec<String> = a.children.iter().map(|c| c.to_string()).collect();
         return Err(BackupError::Invalid(format!(
             "the WAL after backup {} on timeline {} ends where timelines {} all fork from it: a \
@@ -618,19 +607,8 @@ fn follow_timeline(
         )));
     }
     let last = end.timeline(own);
-    if !end.steps.is_empty() {
-        let forks: Vec<String> = end
-            .steps
-            .iter()
-            .map(|s| {
-                format!(
-                    "timeline {} from {} at {}",
-                    s.timeline,
-                    s.parent,
-                    format_lsn(s.fork_lsn)
-                )
-            })
-            .collect();
+    if !end.path.steps.is_empty() {
+        let forks: Vec<String> = end.path.steps.iter().map(|s| s.to_string()).collect();
         // Said whatever the log level: the choice decides which history the restore gets.
         eprintln!(
             "walship: the WAL after backup {id} goes on along timeline {last}: promoted where the \
@@ -968,19 +946,22 @@ mod tests {
             last_segment: "000000020000000000000009".into(),
             lsn: 10 << 24,
             stored_at: None,
-            steps: steps
-                .iter()
-                .map(|&t| timeline::Step {
-                    timeline: t,
-                    parent: t - 1,
-                    fork_lsn: 5 << 24,
-                })
-                .collect(),
-            ambiguous: ambiguous.map(|children| timeline::Ambiguity {
-                parent: 1,
-                children,
-            }),
-            branches: Vec::new(),
+            path: timeline::WalPath {
+                steps: steps
+                    .iter()
+                    .map(|&t| timeline::Step {
+                        timeline: t,
+                        parent: t - 1,
+                        fork_lsn: 5 << 24,
+                    })
+                    .collect(),
+                end: None,
+                ambiguous: ambiguous.map(|children| timeline::Ambiguity {
+                    parent: 1,
+                    children,
+                }),
+                branches: Vec::new(),
+            },
             newest_timeline: newest,
         };
         let time = Target::Time {
@@ -1012,7 +993,7 @@ mod tests {
         assert_eq!(written(&time, &end(&[], None, 2)).unwrap(), None);
         // Branches not followed are named when a target lies past the end.
         let mut drill = end(&[], None, 3);
-        drill.branches = vec![timeline::Step {
+        drill.path.branches = vec![timeline::Step {
             timeline: 3,
             parent: 1,
             fork_lsn: 6 << 24,

@@ -74,6 +74,18 @@ pub struct Step {
     pub fork_lsn: u64,
 }
 
+impl std::fmt::Display for Step {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "timeline {} forked from {} at {}",
+            self.timeline,
+            self.parent,
+            crate::wal::name::format_lsn(self.fork_lsn)
+        )
+    }
+}
+
 /// The way the WAL after a backup goes on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WalPath {
