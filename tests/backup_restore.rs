@@ -465,6 +465,21 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     );
 
     let id = ok(&backup_push(&cfg, &standby, &[]));
+    // `check --archiving` on the standby: the same cluster, but no archive test (a standby
+    // cannot write a restore point or switch WAL), and no failure for it.
+    let text = ok(&run(
+        &cfg,
+        &[
+            vec!["check".into(), "--archiving".into()],
+            pg_args(&standby),
+        ]
+        .concat(),
+        base.path(),
+    ));
+    assert!(
+        text.contains("standby") && text.contains("archive test ok   skipped: a standby"),
+        "{text}"
+    );
     let listed = list_json(&cfg);
     assert_eq!(listed["backups"][0]["id"], id.as_str());
     assert_eq!(listed["backups"][0]["from_standby"], true);
