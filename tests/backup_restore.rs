@@ -548,6 +548,20 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     );
     let listed = ok(&run(&cfg, &["backup-list".into()], base.path()));
     assert!(listed.contains("through timeline 2"), "{listed}");
+    let newest = &list_json(&cfg)["newest_recoverable"];
+    assert_eq!(newest["timeline"], 2, "{newest}");
+    assert_eq!(
+        newest["through_timelines"],
+        serde_json::json!([2]),
+        "{newest}"
+    );
+    assert!(
+        newest["last_segment"]
+            .as_str()
+            .unwrap()
+            .starts_with("00000002"),
+        "{newest}"
+    );
 
     // The backup (timeline 1) restored to the point on timeline 2: walship follows the failover
     // without being told, since timeline 1's archived WAL ends where timeline 2 forked.

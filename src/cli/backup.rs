@@ -430,6 +430,8 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
                 "lsn": format_lsn(e.lsn),
                 "last_segment": e.last_segment,
                 "stored_at": e.stored_at.map(|t| epoch_rfc3339(t as f64)),
+                "timeline": e.timeline(backups.last().map_or(1, |m| m.timeline)),
+                "through_timelines": e.path.steps.iter().map(|s| s.timeline).collect::<Vec<_>>(),
             })),
             "unfinished": unfinished.iter().map(|u| serde_json::json!({
                 "id": u.id, "objects": u.objects, "stored_size": u.stored_bytes,
