@@ -563,6 +563,26 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
         "{newest}"
     );
 
+    // Told to stay on the backup's timeline, where the point is not: refused before anything is
+    // downloaded (PostgreSQL would replay all of timeline 1 and never find it).
+    let out = restore(
+        &cfg,
+        &base.path().join("wrong-timeline"),
+        &[
+            "--target-name",
+            "after_failover",
+            "--target-timeline",
+            "current",
+        ],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("made on timeline 2") && err.contains("--target-timeline 2"),
+        "{err}"
+    );
+    assert!(!base.path().join("wrong-timeline/PG_VERSION").exists());
+
     // The backup (timeline 1) restored to the point on timeline 2: walship follows the failover
     // without being told, since timeline 1's archived WAL ends where timeline 2 forked.
     let at_point = base.path().join("at-point");

@@ -337,20 +337,46 @@ async fn archive_end(
 /// archive's newest WAL is called unreachable.
 const CLOCK_SLACK_SECS: i64 = 300;
 
-/// Refuse a time or LSN target that the WAL after `chosen` cannot reach, before anything is
-/// downloaded: PostgreSQL would replay everything and only then stop with "recovery ended before
-/// configured recovery target was reached".
+/// Refuse a time, LSN or recorded restore point target that the WAL after `chosen` cannot reach,
+/// before anything is downloaded: PostgreSQL would replay everything and only then stop with
+/// "recovery ended before configured recovery target was reached".
 fn check_reachable(
     chosen: &BackupManifest,
     target: &Target,
     end: Option<&ArchiveEnd>,
 ) -> Result<(), BackupError> {
-    if !matches!(target, Target::Lsn(_) | Target::Time { .. }) {
-        return Ok(());
-    }
     let Some(end) = end else {
         return Ok(());
     };
+    if let Target::Name {
+        name,
+        point: Some(p),
+    } = target
+    {
+        // A later timeline than the backup's that the path does not take. (An earlier one is
+        // not judged: records made before restore-point read the server's timeline right could
+        // name the timeline before a promotion.)
+        let off_path = p.timeline > chosen.timeline
+            && !end.path.steps.iter().any(|s| s.timeline == p.timeline);
+        if off_path {
+            return Err(BackupError::NoBackupForTarget(format!(
+                "restore point '{name}' was made on timeline {} (LSN {}), which recovery from \
+                 backup {} does not follow (it ends on timeline {}{}); if timeline {} is the \
+                 history you mean, restore with --target-timeline {}",
+                p.timeline,
+                p.lsn,
+                chosen.id,
+                end.timeline(chosen.timeline),
+                end.through(),
+                p.timeline,
+                p.timeline
+            )));
+        }
+        return match parse_lsn(&p.lsn) {
+            Some(lsn) => check_reachable(chosen, &Target::Lsn(lsn), Some(end)),
+            None => Ok(()),
+        };
+    }
     match target {
         Target::Lsn(lsn) if *lsn > end.lsn => Err(BackupError::NoBackupForTarget(format!(
             "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}{}); \
