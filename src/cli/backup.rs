@@ -712,7 +712,12 @@ pub async fn restore(
         None | Some("current") => true,
         Some(t) => t.parse::<u32>().ok() == Some(chosen.timeline),
     };
-    let end = if follow || (own_timeline && !args.standby) {
+    // The archive is listed only to choose the timeline, or for a target the checks can judge.
+    let checkable = matches!(
+        target,
+        Target::Lsn(_) | Target::Time { .. } | Target::Name { point: Some(_), .. }
+    );
+    let end = if follow || (own_timeline && !args.standby && checkable) {
         let start = WalStart {
             start_wal: &chosen.start_wal,
             stop_lsn: &chosen.stop_lsn,
@@ -727,9 +732,7 @@ pub async fn restore(
         None => None,
         Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e)?,
     };
-    if follow || (own_timeline && !args.standby) {
-        check_reachable(&chosen, &target, end.as_ref())?;
-    }
+    check_reachable(&chosen, &target, end.as_ref())?;
     let opts = RecoveryOptions {
         target,
         action: args.target_action.clone(),
