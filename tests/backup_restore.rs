@@ -628,6 +628,38 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     );
     assert_eq!(accounts(&c), want);
     c.stop();
+
+    // Timeline 2's history file damaged in the repository: the listing still shows the backups
+    // and says why it stops at timeline 1; a restore that would have to choose the timeline
+    // refuses, and names the flag that lets the user choose it.
+    let history = base.path().join("repo/wal/history/00000002.history");
+    let mut stored = std::fs::read(&history).unwrap();
+    let last = stored.len() - 1;
+    stored[last] ^= 0x01;
+    std::fs::write(&history, stored).unwrap();
+    let out = run(&cfg, &["backup-list".into()], base.path());
+    let listed = ok(&out);
+    assert!(listed.contains(&id), "{listed}");
+    assert!(!listed.contains("through timeline"), "{listed}");
+    assert!(
+        stderr(&out).contains("timeline history 00000002.history cannot be read"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(list_json(&cfg)["newest_recoverable"]["timeline"], 1);
+    let out = restore(&cfg, &base.path().join("bad-history"), &["--dry-run"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("00000002.history in the repository cannot be read")
+            && err.contains("--target-timeline"),
+        "{err}"
+    );
+    ok(&restore(
+        &cfg,
+        &base.path().join("bad-history"),
+        &["--dry-run", "--target-timeline", "current"],
+    ));
 }
 
 #[test]

@@ -46,6 +46,12 @@ pub enum BackupError {
     Invalid(String),
     #[error("{0}")]
     NoBackupForTarget(String),
+    #[error(
+        "timeline history {name} in the repository cannot be read ({why}), so the restore cannot \
+         tell which timeline the WAL goes on along; pass --target-timeline (current for the \
+         backup's own, or a number) to choose it yourself"
+    )]
+    BadHistory { name: String, why: String },
 }
 
 impl BackupError {

@@ -246,13 +246,27 @@ struct WalStart<'a> {
     wal_segment_size: u64,
 }
 
+/// Whether `archive_end` reads the history files of timelines after the backup's, and what a
+/// history it cannot decode means.
+#[derive(Clone, Copy)]
+enum Histories<'a> {
+    /// Not read: the path stays on the backup's timeline.
+    Skip,
+    /// One that cannot be decoded fails the call: a restore would not know which timeline the
+    /// WAL goes on along.
+    Required(&'a Arc<codec::Identities>),
+    /// One that cannot be decoded is left out with a warning, and its timeline is not followed:
+    /// a listing still shows the backups.
+    BestEffort(&'a Arc<codec::Identities>),
+}
+
 /// The end of the WAL that follows a backup (from its first segment) without a gap. With
-/// `histories` (the identity that decrypts them), the path follows promotions whose parent's WAL
-/// ends where they forked (failovers, see `restore::timeline`); without, it stays on the
-/// backup's timeline.
+/// history files (and the identity that decrypts them), the path follows promotions whose
+/// parent's WAL ends where they forked (failovers, see `restore::timeline`); without, it stays
+/// on the backup's timeline.
 async fn archive_end(
     archive: &Archive,
-    histories: Option<&Arc<codec::Identities>>,
+    histories: Histories<'_>,
     backup: WalStart<'_>,
 ) -> Result<Option<ArchiveEnd>, BackupError> {
     let seg_size = backup.wal_segment_size;
@@ -302,16 +316,35 @@ async fn archive_end(
         .map(|n| n.timeline())
         .max()
         .unwrap_or(1);
-    if let Some(ids) = histories {
-        for name in history_names
-            .iter()
-            .filter(|n| n.timeline() > start.timeline)
-        {
-            let text = archive.get_plain(&crate::repo::wal_key(name), ids).await?;
-            let history =
-                timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text))
-                    .map_err(BackupError::Invalid)?;
-            archived.histories.insert(name.timeline(), history);
+    let (ids, required) = match histories {
+        Histories::Skip => (None, false),
+        Histories::Required(ids) => (Some(ids), true),
+        Histories::BestEffort(ids) => (Some(ids), false),
+    };
+    let later = history_names
+        .iter()
+        .filter(|n| n.timeline() > start.timeline);
+    for (name, ids) in later.filter_map(|n| Some((n, ids?))) {
+        let decoded = match archive.get_plain(&crate::repo::wal_key(name), ids).await {
+            Ok(text) => timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text)),
+            Err(ArchiveError::Codec { source, .. }) => Err(source.to_string()),
+            Err(e) => return Err(e.into()),
+        };
+        match decoded {
+            Ok(history) => {
+                archived.histories.insert(name.timeline(), history);
+            }
+            Err(why) if required => {
+                return Err(BackupError::BadHistory {
+                    name: name.to_string(),
+                    why,
+                })
+            }
+            Err(why) => tracing::warn!(
+                "timeline history {name} cannot be read ({why}): the newest recoverable point \
+                 shown does not follow timeline {} or the timelines that branch from it",
+                name.timeline()
+            ),
         }
     }
     let path = timeline::follow(
@@ -432,7 +465,12 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
                 stop_lsn: &m.stop_lsn,
                 wal_segment_size: m.wal_segment_size,
             };
-            archive_end(&archive, ids.as_ref(), start).await?
+            archive_end(
+                &archive,
+                ids.as_ref().map_or(Histories::Skip, Histories::BestEffort),
+                start,
+            )
+            .await?
         }
         None => None,
     };
@@ -723,7 +761,12 @@ pub async fn restore(
             stop_lsn: &chosen.stop_lsn,
             wal_segment_size: chosen.wal_segment_size,
         };
-        archive_end(&archive, follow.then_some(&ids), start).await?
+        let histories = if follow {
+            Histories::Required(&ids)
+        } else {
+            Histories::Skip
+        };
+        archive_end(&archive, histories, start).await?
     } else {
         None
     };
