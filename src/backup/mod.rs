@@ -117,41 +117,71 @@ pub struct Unfinished {
     pub last_stored_at: Option<i64>,
 }
 
+/// Backups found per listing request at once.
+const INVENTORY_CONCURRENCY: usize = 16;
+
+/// What is under `backups/`: one listing of its directories, then one small listing per backup
+/// for its manifest. The parts themselves are listed only for backups without one, so the cost
+/// grows with the number of backups, not with their size.
 pub async fn inventory(archive: &Archive) -> Result<Inventory, BackupError> {
-    let objects = archive
+    let dirs = archive
         .store()
-        .list(layout::BACKUPS_PREFIX)
+        .list_dirs(layout::BACKUPS_PREFIX)
         .await
         .map_err(ArchiveError::from)?;
-    let mut dirs: std::collections::BTreeMap<&str, (bool, Unfinished)> = Default::default();
-    for o in &objects {
-        let Some((id, _)) = layout::split_backup_key(o.key.as_str()) else {
-            continue;
-        };
-        let (has_manifest, u) = dirs.entry(id).or_insert_with(|| {
-            (
-                false,
-                Unfinished {
-                    id: id.to_string(),
-                    objects: 0,
-                    stored_bytes: 0,
-                    last_stored_at: None,
-                },
-            )
+    let ids: Vec<String> = dirs
+        .iter()
+        .filter_map(|d| d.strip_prefix(layout::BACKUPS_PREFIX)?.strip_suffix('/'))
+        .filter(|id| layout::valid_id(id))
+        .map(str::to_string)
+        .collect();
+    let sem = Arc::new(tokio::sync::Semaphore::new(INVENTORY_CONCURRENCY));
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in ids {
+        let (archive, sem) = (archive.clone(), sem.clone());
+        tasks.spawn(async move {
+            let _permit = sem.acquire_owned().await.expect("never closed");
+            let found = survey(&archive, &id).await;
+            (id, found)
         });
-        *has_manifest |= layout::id_of_manifest_key(o.key.as_str()).is_some();
-        u.objects += 1;
-        u.stored_bytes += o.size;
-        u.last_stored_at = u.last_stored_at.max(o.stored_at);
     }
+    let mut found = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        let (id, survey) = done.expect("inventory task does not panic");
+        found.push((id, survey.map_err(ArchiveError::from)?));
+    }
+    found.sort_by(|a, b| a.0.cmp(&b.0));
     let mut inv = Inventory::default();
-    for (_, (has_manifest, u)) in dirs {
-        match has_manifest {
-            true => inv.complete.push(u.id),
-            false => inv.unfinished.push(u),
+    for (id, unfinished) in found {
+        match unfinished {
+            None => inv.complete.push(id),
+            Some(u) => inv.unfinished.push(u),
         }
     }
     Ok(inv)
+}
+
+/// `None` when backup `id` has its manifest; otherwise what its directory holds.
+async fn survey(archive: &Archive, id: &str) -> Result<Option<Unfinished>, StorageError> {
+    let manifest = layout::manifest_key(id);
+    let store = archive.store();
+    if store
+        .list(manifest.as_str())
+        .await?
+        .iter()
+        .any(|o| o.key == manifest)
+    {
+        return Ok(None);
+    }
+    let objects = store
+        .list(&format!("{}{id}/", layout::BACKUPS_PREFIX))
+        .await?;
+    Ok(Some(Unfinished {
+        id: id.to_string(),
+        objects: objects.len(),
+        stored_bytes: objects.iter().map(|o| o.size).sum(),
+        last_stored_at: objects.iter().filter_map(|o| o.stored_at).max(),
+    }))
 }
 
 /// Ids of every complete backup (one with a manifest), oldest first.

@@ -276,9 +276,14 @@ async fn archive_end(
     else {
         return Ok(None);
     };
+    // Nothing before the backup's first segment's directory matters: parent timelines sort
+    // before it, later timelines and `wal/history/` after. Skipping it keeps the listing as long
+    // as the WAL since the backup, however much older WAL the archive holds.
+    let from_dir = crate::repo::wal_key(&start.file_name());
+    let from_dir = &from_dir.as_str()[..from_dir.as_str().rfind('/').expect("in a directory") + 1];
     let objects = archive
         .store()
-        .list("wal/")
+        .list_after("wal/", from_dir)
         .await
         .map_err(ArchiveError::from)?;
     let mut stored = std::collections::HashMap::new();

@@ -111,6 +111,60 @@ pub async fn run(store: &dyn Store) {
         Some(body.len() as u64),
         "sizes in listing"
     );
+    // Listing after a key skips what sorts before it, whole directories included.
+    let after = |prefix_: String, after: String| async move {
+        let listed = store
+            .list_after(&prefix_, &after)
+            .await
+            .expect("list_after");
+        listed.into_iter().map(|o| o.key).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        after(prefix.clone(), a.to_string()).await,
+        vec![b.clone(), h.clone()],
+        "list after a key"
+    );
+    let wal = format!("{prefix}wal/");
+    // After a directory's prefix, `/` included: SeaweedFS skips the whole directory when it is
+    // given the name without the `/`.
+    assert_eq!(
+        after(wal.clone(), format!("{prefix}wal/0000000100000000/")).await,
+        vec![a.clone(), b.clone(), h.clone()],
+        "list after a directory's prefix keeps the directory"
+    );
+    assert_eq!(
+        after(wal.clone(), format!("{prefix}wal/0000000100000001/")).await,
+        vec![h.clone()],
+        "list after a later directory's name"
+    );
+    assert_eq!(
+        after(wal.clone(), String::new()).await.len(),
+        3,
+        "empty after lists all"
+    );
+    // Directories: one entry each, at the level asked for.
+    assert_eq!(
+        store.list_dirs(&wal).await.expect("list_dirs"),
+        vec![
+            format!("{prefix}wal/0000000100000000/"),
+            format!("{prefix}wal/history/")
+        ],
+        "directories under a prefix"
+    );
+    assert_eq!(
+        store.list_dirs(&prefix).await.expect("list_dirs"),
+        vec![wal.clone()],
+        "directories one level down only"
+    );
+    assert!(
+        store
+            .list_dirs(&format!("{prefix}nothing/"))
+            .await
+            .expect("list_dirs of nothing")
+            .is_empty(),
+        "no directories under a missing prefix"
+    );
+
     // Listings say when each object was stored (restore checks a target time against it), by a
     // clock close to ours.
     let now = std::time::SystemTime::now()
@@ -140,6 +194,14 @@ pub async fn run(store: &dyn Store) {
             .expect("list after delete")
             .is_empty(),
         "nothing left"
+    );
+    assert!(
+        store
+            .list_dirs(&prefix)
+            .await
+            .expect("list_dirs after delete")
+            .is_empty(),
+        "a directory whose objects are all deleted is not listed"
     );
 }
 

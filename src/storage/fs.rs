@@ -156,7 +156,9 @@ fn put_blocking(
     result.map_err(|e| io_error(&path, e))
 }
 
-fn walk(dir: &Path, root: &Path, prefix: &str, out: &mut Vec<ObjectInfo>) -> io::Result<()> {
+/// The objects under `dir` whose keys start with `prefix` and sort after `after`. Directories
+/// none of whose keys could qualify are not read.
+fn walk(dir: &Path, root: &Path, want: &Wanted, out: &mut Vec<ObjectInfo>) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -170,28 +172,67 @@ fn walk(dir: &Path, root: &Path, prefix: &str, out: &mut Vec<ObjectInfo>) -> io:
             continue; // a put in progress, or left by a killed writer
         }
         let path = entry.path();
+        let rel = key_of(&path, root);
         let ft = entry.file_type()?;
         if ft.is_dir() {
-            walk(&path, root, prefix, out)?;
-        } else if ft.is_file() {
-            let rel = path
-                .strip_prefix(root)
-                .expect("under root")
-                .to_string_lossy()
-                .replace('\\', "/");
-            if rel.starts_with(prefix) {
-                if let Ok(key) = ObjectKey::new(rel) {
-                    let meta = entry.metadata()?;
-                    out.push(ObjectInfo {
-                        key,
-                        size: meta.len(),
-                        stored_at: Some(std::os::unix::fs::MetadataExt::mtime(&meta)),
-                    });
-                }
+            if want.may_hold(&format!("{rel}/")) {
+                walk(&path, root, want, out)?;
+            }
+        } else if ft.is_file() && want.takes(&rel) {
+            if let Ok(key) = ObjectKey::new(rel) {
+                let meta = entry.metadata()?;
+                out.push(ObjectInfo {
+                    key,
+                    size: meta.len(),
+                    stored_at: Some(std::os::unix::fs::MetadataExt::mtime(&meta)),
+                });
             }
         }
     }
     Ok(())
+}
+
+/// The key of a file (or the key prefix of a directory) under `root`.
+fn key_of(path: &Path, root: &Path) -> String {
+    path.strip_prefix(root)
+        .expect("under root")
+        .to_string_lossy()
+        .replace('\\', "/")
+}
+
+/// What a listing asks for: keys starting with `prefix` that sort after `after`.
+struct Wanted {
+    prefix: String,
+    after: String,
+}
+
+impl Wanted {
+    fn takes(&self, key: &str) -> bool {
+        key.starts_with(&self.prefix) && *key > *self.after
+    }
+
+    /// Whether any key starting with `dir` (which ends with `/`) could be taken.
+    fn may_hold(&self, dir: &str) -> bool {
+        let meets_prefix = dir.starts_with(&self.prefix) || self.prefix.starts_with(dir);
+        // Every key under `dir` sorts before `after` when `dir` does and is not a prefix of it.
+        let all_before = *dir <= *self.after && !self.after.starts_with(dir);
+        meets_prefix && !all_before
+    }
+}
+
+/// Whether `dir` or a directory below it holds a file (not a temp file).
+fn holds_a_file(dir: &Path) -> io::Result<bool> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(".tmp") {
+            continue;
+        }
+        let ft = entry.file_type()?;
+        if ft.is_file() || (ft.is_dir() && holds_a_file(&entry.path())?) {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 #[async_trait]
@@ -235,18 +276,51 @@ impl Store for FsStore {
         .map_err(|e| StorageError::Other(e.to_string()))?
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.check_root()?;
         let root = self.root.clone();
-        let prefix = prefix.to_string();
+        let want = Wanted {
+            prefix: prefix.to_string(),
+            after: after.to_string(),
+        };
         tokio::task::spawn_blocking(move || {
-            let start = match prefix.rfind('/') {
-                Some(i) => root.join(&prefix[..i]),
+            let start = match want.prefix.rfind('/') {
+                Some(i) => root.join(&want.prefix[..i]),
                 None => root.clone(),
             };
             let mut out = Vec::new();
-            walk(&start, &root, &prefix, &mut out).map_err(|e| io_error(&start, e))?;
+            walk(&start, &root, &want, &mut out).map_err(|e| io_error(&start, e))?;
             out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        })
+        .await
+        .map_err(|e| StorageError::Other(e.to_string()))?
+    }
+
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.check_root()?;
+        let (root, prefix) = (self.root.clone(), prefix.to_string());
+        tokio::task::spawn_blocking(move || {
+            let dir = root.join(prefix.trim_end_matches('/'));
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(io_error(&dir, e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| io_error(&dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+                // S3 has no empty directories: one emptied by deletes is not listed.
+                if is_dir
+                    && !name.starts_with(".tmp")
+                    && holds_a_file(&entry.path()).map_err(|e| io_error(&entry.path(), e))?
+                {
+                    out.push(format!("{prefix}{name}/"));
+                }
+            }
+            out.sort();
             Ok(out)
         })
         .await

@@ -8,7 +8,8 @@
 //!   directory fsynced).
 //! - `get`/`get_prefix` of a missing key fail with `StorageError::NotFound`, and only then: a missing
 //!   bucket is `NoBucket`, bad credentials `Denied`, anything that may succeed on retry `Transient`.
-//! - `list` returns every object under a prefix, sorted by key.
+//! - `list` returns every object under a prefix, sorted by key; `list_after` those after a key;
+//!   `list_dirs` the directories under a prefix that hold at least one object.
 
 pub mod fs;
 pub mod retry;
@@ -112,7 +113,17 @@ pub trait Store: Send + Sync + 'static {
     /// The first `len` bytes of the object (fewer if it is shorter).
     async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError>;
     /// Every object whose key starts with `prefix`, sorted by key.
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.list_after(prefix, "").await
+    }
+    /// The objects of `list(prefix)` whose keys sort after `after` (all of them when it is
+    /// empty): a key, or a directory's prefix with its `/` (SeaweedFS skips the directory when
+    /// given its name without). What sorts before costs no requests: S3 starts the listing there.
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError>;
+    /// The "directories" right under `prefix` (which ends with `/`), sorted: each distinct
+    /// `prefix + name + "/"` that at least one key starts with. One entry per directory, however
+    /// many objects it holds (S3: a listing with delimiter `/`).
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError>;
     /// Remove an object (missing is not an error). Retention and tests only.
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError>;
     /// Check that the storage is reachable and usable, and what it offers.

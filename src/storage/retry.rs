@@ -78,8 +78,11 @@ impl<S: Store> Store for Retrying<S> {
     async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
         self.run(|| self.inner.get_prefix(key, len)).await
     }
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
-        self.run(|| self.inner.list(prefix)).await
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+        self.run(|| self.inner.list_after(prefix, after)).await
+    }
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        self.run(|| self.inner.list_dirs(prefix)).await
     }
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
         self.run(|| self.inner.delete(key)).await
@@ -123,8 +126,15 @@ mod tests {
             self.gate()?;
             self.inner.get_prefix(key, len).await
         }
-        async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
-            self.inner.list(prefix).await
+        async fn list_after(
+            &self,
+            prefix: &str,
+            after: &str,
+        ) -> Result<Vec<ObjectInfo>, StorageError> {
+            self.inner.list_after(prefix, after).await
+        }
+        async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+            self.inner.list_dirs(prefix).await
         }
         async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
             self.inner.delete(key).await

@@ -275,7 +275,7 @@ impl Store for S3Store {
         Ok(b)
     }
 
-    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
+    async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let full_prefix = format!("{}{prefix}", self.prefix);
         let mut out = Vec::new();
         let mut pages = self
@@ -283,6 +283,7 @@ impl Store for S3Store {
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(&full_prefix)
+            .set_start_after((!after.is_empty()).then(|| format!("{}{after}", self.prefix)))
             .into_paginator()
             .send();
         while let Some(page) = pages.next().await {
@@ -301,6 +302,30 @@ impl Store for S3Store {
             }
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+        let full_prefix = format!("{}{prefix}", self.prefix);
+        let mut out = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(&full_prefix)
+            .delimiter("/")
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| self.map(&full_prefix, e))?;
+            out.extend(
+                page.common_prefixes()
+                    .iter()
+                    .filter_map(|p| p.prefix()?.strip_prefix(&self.prefix))
+                    .map(str::to_string),
+            );
+        }
+        out.sort();
         Ok(out)
     }
 
