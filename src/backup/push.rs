@@ -557,11 +557,13 @@ pub async fn push(
         }
     };
     let progress = Arc::new(Progress::new("backup-push", total));
+    let mut to_read = walked.files;
+    control_last(&mut to_read);
     let (mut files, parts, page_findings) = upload_parts(
         archive,
         recipients.clone(),
         &id,
-        walked.files,
+        to_read,
         opts,
         pages,
         progress.clone(),
@@ -784,6 +786,11 @@ async fn upload_parts(
     progress: Arc<Progress>,
 ) -> Result<(Vec<FileEntry>, Vec<PartEntry>, Option<PageFindings>), BackupError> {
     let (entries, plan) = plan_parts(&files, opts.part_size as u64);
+    // The part pg_control starts (the last, alone) waits for all others (see `control_last`).
+    let control_part = entries
+        .iter()
+        .find(|e| e.path == PG_CONTROL)
+        .map(|e| e.part as usize);
     let files = Arc::new(files);
     let threads = opts.threads.max(1);
     let uploads = Arc::new(Semaphore::new(opts.upload_concurrency.max(1)));
@@ -791,10 +798,16 @@ async fn upload_parts(
     // Encoded parts, being made or waiting for an upload slot: memory stays bounded.
     let in_memory = Arc::new(Semaphore::new(threads + opts.upload_concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    let mut parts = Vec::new();
-    let mut found = PageFindings::default();
-    let mut failed: Option<BackupError> = None;
+    let mut settled = Settled::default();
     for (index, pieces) in plan.into_iter().enumerate() {
+        if Some(index) == control_part {
+            while let Some(done) = tasks.join_next().await {
+                settled.take(done);
+            }
+            if settled.failed.is_some() {
+                break;
+            }
+        }
         let held = in_memory.clone().acquire_owned().await.expect("open");
         let working = cpu.clone().acquire_owned().await.expect("open");
         let (archive, recipients, uploads, files, progress) = (
@@ -837,32 +850,44 @@ async fn upload_parts(
             Ok::<_, BackupError>((part, found))
         });
         while let Some(done) = tasks.try_join_next() {
-            match done.expect("part task does not panic") {
-                Ok((p, f)) => {
-                    parts.push(p);
-                    found.add(f);
-                }
-                Err(e) => failed = failed.or(Some(e)),
-            }
+            settled.take(done);
         }
-        if failed.is_some() {
+        if settled.failed.is_some() {
             break;
         }
     }
     while let Some(done) = tasks.join_next().await {
-        match done.expect("part task does not panic") {
-            Ok((p, f)) => {
-                parts.push(p);
-                found.add(f);
-            }
-            Err(e) => failed = failed.or(Some(e)),
-        }
+        settled.take(done);
     }
-    if let Some(e) = failed {
+    if let Some(e) = settled.failed {
         return Err(e);
     }
+    let mut parts = settled.parts;
     parts.sort_by_key(|p| p.index);
-    Ok((entries, parts, pages.map(|_| found)))
+    Ok((entries, parts, pages.map(|_| settled.found)))
+}
+
+/// The outcomes of the part tasks so far: stored parts, page findings, the first error.
+#[derive(Default)]
+struct Settled {
+    parts: Vec<PartEntry>,
+    found: PageFindings,
+    failed: Option<BackupError>,
+}
+
+impl Settled {
+    fn take(
+        &mut self,
+        done: Result<Result<(PartEntry, PageFindings), BackupError>, tokio::task::JoinError>,
+    ) {
+        match done.expect("part task does not panic") {
+            Ok((p, f)) => {
+                self.parts.push(p);
+                self.found.add(f);
+            }
+            Err(e) => self.failed = self.failed.take().or(Some(e)),
+        }
+    }
 }
 
 /// Say what the page checks found; corrupt pages as a warning naming them, as PostgreSQL would
@@ -927,6 +952,11 @@ fn plan_parts(files: &[WalkedFile], part_size: u64) -> (Vec<FileEntry>, Vec<Vec<
     let mut plan: Vec<Vec<PlannedPiece>> = Vec::new();
     let (mut part, mut offset) = (0u32, 0u64);
     for (i, f) in files.iter().enumerate() {
+        if f.path == PG_CONTROL && offset > 0 {
+            // A part of its own, read after every other (see `control_last`).
+            part += 1;
+            offset = 0;
+        }
         entries.push(FileEntry {
             path: f.path.clone(),
             size: f.size,
@@ -957,6 +987,21 @@ fn plan_parts(files: &[WalkedFile], part_size: u64) -> (Vec<FileEntry>, Vec<Vec<
         }
     }
     (entries, plan)
+}
+
+const PG_CONTROL: &str = "global/pg_control";
+
+/// Move `global/pg_control` to the end, where `plan_parts` gives it a part of its own and
+/// `upload_parts` reads that part only once every other part is stored, as pg_basebackup sends
+/// it last. A backup taken on a standby ends, for PostgreSQL, at the `minRecoveryPoint` of the
+/// pg_control it holds: read early, while replay went on writing the files read after it, that
+/// point would come before pages the backup holds, and recovery would call the copy consistent
+/// too soon (a target in between would open an inconsistent cluster).
+fn control_last(files: &mut Vec<WalkedFile>) {
+    if let Some(i) = files.iter().position(|f| f.path == PG_CONTROL) {
+        let control = files.remove(i);
+        files.push(control);
+    }
 }
 
 /// Reads one part's pieces in order. A file that shrank or vanished since the walk reads as zeros
@@ -1346,6 +1391,32 @@ mod tests {
         want.extend([3, 3, 3, 3, 0, 0, 0]);
         want.extend([0; 5]);
         assert_eq!(read, want);
+    }
+
+    #[test]
+    fn pg_control_goes_last_in_a_part_of_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let named = |path: &str, size| WalkedFile {
+            path: path.into(),
+            ..walked(&dir.path().join("x"), size)
+        };
+        let mut files = vec![
+            named("base/1/1259", 10),
+            named(PG_CONTROL, 8),
+            named("pg_xact/0000", 3),
+        ];
+        control_last(&mut files);
+        let order: Vec<&str> = files.iter().map(|f| f.path.as_str()).collect();
+        assert_eq!(order, ["base/1/1259", "pg_xact/0000", PG_CONTROL]);
+        let (entries, plan) = plan_parts(&files, 8);
+        let places: Vec<(u32, u64)> = entries.iter().map(|e| (e.part, e.offset)).collect();
+        // pg_xact/0000 ends part 1 short of its size; pg_control starts part 2.
+        assert_eq!(places, vec![(0, 0), (1, 2), (2, 0)]);
+        assert_eq!(plan.len(), 3);
+        assert_eq!(plan[2].len(), 1, "nothing else in pg_control's part");
+        // Part 1 is short: restore tiles files over each part's own size.
+        let sizes: Vec<u64> = plan.iter().map(|p| p.iter().map(|x| x.len).sum()).collect();
+        assert_eq!(sizes, vec![8, 5, 8]);
     }
 
     /// A real page from a PostgreSQL 15 cluster with data checksums, made block `blkno` with
