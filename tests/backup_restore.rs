@@ -161,6 +161,16 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         "{scratch_files:?}"
     );
 
+    // Settings an earlier restore of this cluster left in postgresql.auto.conf (ignored outside
+    // recovery) travel in the backup; restore disables them, or PostgreSQL would refuse the
+    // second target kind below ("multiple recovery targets specified").
+    let auto_conf = primary.data.join("postgresql.auto.conf");
+    let mut conf = std::fs::read_to_string(&auto_conf).unwrap();
+    conf.push_str(
+        "recovery_target_time = '2000-01-01 00:00:00+00'\nrecovery_target_action = 'shutdown'\n",
+    );
+    std::fs::write(&auto_conf, conf).unwrap();
+
     // The backup runs while pgbench writes.
     let load = {
         let (sock, port) = (primary.sock.clone(), primary.port);
@@ -194,6 +204,12 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         checks["verified"].as_u64().unwrap() > 1000 && checks["bad"] == 0,
         "{listed}"
     );
+
+    // Nor is a data directory a server runs on, whatever --force says.
+    let out = restore(&cfg, &primary.data, &["--force", "--dry-run"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("a PostgreSQL server is running"), "{err}");
 
     // The bank's story: good work, a restore point, a time, then the faulty batch job.
     primary.psql("insert into marks (note) values ('good work')");
@@ -245,9 +261,25 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     let listed_public = list_json(&public_only);
     assert_eq!(listed_public, listed);
 
+    // On the database host, the tablespace's original location is the running server's: never
+    // emptied, not even with --force, and refused before the target is touched.
+    let at_point = base.path().join("at-point");
+    let out = restore(
+        &cfg,
+        &at_point,
+        &["--target-name", "before_batch", "--force"],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("original location") && err.contains("--tablespace-map"),
+        "{err}"
+    );
+    assert!(!at_point.exists(), "nothing written");
+    assert!(is_non_empty(&ts_dir), "the live tablespace is untouched");
+
     // To the restore point, with the tablespace moved.
     let moved = base.path().join("ts-moved");
-    let at_point = base.path().join("at-point");
     let out = restore(
         &cfg,
         &at_point,
@@ -278,6 +310,11 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert!(
         auto.contains("archive_mode = 'off'"),
         "a drill does not archive: {auto}"
+    );
+    assert!(
+        auto.contains("# disabled by walship restore: recovery_target_time = '2000-01-01")
+            && auto.contains("# disabled by walship restore: recovery_target_action = 'shutdown'"),
+        "{auto}"
     );
     for f in &scratch_files {
         assert!(!at_point.join(f).exists(), "{f}: unlogged, left out");
@@ -1003,6 +1040,10 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
         "{}",
         stderr(&out)
     );
+}
+
+fn is_non_empty(dir: &Path) -> bool {
+    std::fs::read_dir(dir).unwrap().next().is_some()
 }
 
 fn walkdir_has_part(dir: &Path) -> bool {

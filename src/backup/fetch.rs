@@ -162,17 +162,15 @@ fn file_system_of(place: &Path) -> Option<(u64, u64)> {
 /// systems can hold the backup. With `force`, what is there now counts as free, as it will be
 /// once `fetch` has emptied the directories.
 pub fn preflight(m: &BackupManifest, dest: &Path, opts: &FetchOptions) -> Result<(), BackupError> {
-    let mut emptied = vec![(
-        dest.to_path_buf(),
-        !check_empty(dest, opts.force, "target directory")?,
-    )];
-    let mut links = HashMap::new();
-    for t in &m.tablespaces {
-        let loc = tablespace_location(opts, t.oid, &t.location);
-        let full = !check_empty(&loc, opts.force, "tablespace directory")?;
-        emptied.push((loc.clone(), full));
-        links.insert(format!("pg_tblspc/{}", t.oid), loc);
-    }
+    let emptied = check_places(m, dest, opts)?;
+    let links: HashMap<String, PathBuf> = m
+        .tablespaces
+        .iter()
+        .map(|t| {
+            let loc = tablespace_location(opts, t.oid, &t.location);
+            (format!("pg_tblspc/{}", t.oid), loc)
+        })
+        .collect();
     let mut freed: HashMap<u64, u64> = HashMap::new();
     for (dir, _) in emptied.iter().filter(|(_, full)| *full) {
         if let Some((dev, _)) = file_system_of(dir) {
@@ -183,6 +181,64 @@ pub fn preflight(m: &BackupManifest, dest: &Path, opts: &FetchOptions) -> Result
     check_space(&space_needed(files, dest, &links), |place| {
         file_system_of(place).map(|(dev, free)| (dev, free + freed.get(&dev).copied().unwrap_or(0)))
     })
+}
+
+/// Check every place the restore writes to before any is touched: the target directory and
+/// each tablespace's location. Returns each with whether it has contents `--force` would delete.
+///
+/// Two things are refused even with `--force`: a target directory a running server uses, and a
+/// non-empty tablespace location the user did not name with `--tablespace-map` (the original
+/// location, which on the database host is the live server's tablespace), unless it holds an
+/// unfinished restore of ours.
+fn check_places(
+    m: &BackupManifest,
+    dest: &Path,
+    opts: &FetchOptions,
+) -> Result<Vec<(PathBuf, bool)>, BackupError> {
+    if let Some(pid) = running_server(dest) {
+        return Err(BackupError::TargetNotEmpty(format!(
+            "a PostgreSQL server is running on {} (postmaster.pid names process {pid}); stop it \
+             before restoring there, or restore into another directory",
+            dest.display()
+        )));
+    }
+    let mut places = vec![(
+        dest.to_path_buf(),
+        !check_empty(dest, opts.force, "target directory")?,
+    )];
+    for t in &m.tablespaces {
+        let loc = tablespace_location(opts, t.oid, &t.location);
+        let named = opts
+            .tablespace_map
+            .iter()
+            .any(|(from, _)| from == &t.oid.to_string() || from == &t.location);
+        let ours = loc.join(INCOMPLETE_MARKER).exists();
+        if !named && !ours && !is_empty_dir(&loc).unwrap_or(false) {
+            return Err(BackupError::TargetNotEmpty(format!(
+                "tablespace {} would be restored to its original location {}, which is not \
+                 empty (on the database host it is the running server's); give it an empty \
+                 directory with --tablespace-map {}=DIR",
+                t.oid,
+                loc.display(),
+                t.oid
+            )));
+        }
+        let full = !check_empty(&loc, opts.force, "tablespace directory")?;
+        places.push((loc, full));
+    }
+    Ok(places)
+}
+
+/// The process a live `postmaster.pid` in `dir` names, if that process exists.
+fn running_server(dir: &Path) -> Option<i32> {
+    let text = fs::read_to_string(dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let pid = rustix::process::Pid::from_raw(pid)?;
+    match rustix::process::test_kill_process(pid) {
+        // EPERM: it exists, owned by another user (the server's, when walship runs as root).
+        Ok(()) | Err(rustix::io::Errno::PERM) => Some(pid.as_raw_nonzero().get()),
+        Err(_) => None,
+    }
 }
 
 /// The bytes the files under `dir` take on disk, not following symbolic links: what emptying it
@@ -218,12 +274,17 @@ fn remap_tablespace_map(m: &BackupManifest, opts: &FetchOptions) -> Option<Strin
     )
 }
 
+/// Restore backup `m` into `dest`. `finish` runs once every file is on disk and flushed, before
+/// `pg_control` and the markers are put in place: what it writes (restore's recovery settings)
+/// is then part of the restore, and a failure or kill there leaves the directory marked
+/// incomplete.
 pub async fn fetch(
     archive: &Archive,
     ids: &Arc<Identities>,
     m: &BackupManifest,
     dest: &Path,
     opts: &FetchOptions,
+    finish: impl FnOnce() -> Result<(), BackupError>,
 ) -> Result<(), BackupError> {
     let pieces = m.pieces().map_err(|why| BackupError::BadManifest {
         id: m.id.clone(),
@@ -252,6 +313,7 @@ pub async fn fetch(
         );
     }
 
+    check_places(m, dest, opts)?;
     // Decided before the target is touched: its owner then is the fallback.
     let chown = Chown::for_restore(m.owner.as_ref(), dest);
     prepare_empty(dest, opts.force, "target directory")?;
@@ -274,6 +336,13 @@ pub async fn fetch(
         let loc = tablespace_location(opts, t.oid, &t.location);
         prepare_empty(&loc, opts.force, "tablespace directory")?;
         chown.apply(&loc)?;
+        // So a rerun with --force may empty it again, also where it is the original location.
+        let marker = loc.join(INCOMPLETE_MARKER);
+        fs::write(
+            &marker,
+            format!("walship is restoring backup {} here.\n", m.id),
+        )
+        .map_err(|e| BackupError::local("cannot write", &marker, e))?;
         links.insert(format!("pg_tblspc/{}", t.oid), loc.clone());
         locations.push(loc);
     }
@@ -386,14 +455,20 @@ pub async fn fetch(
         chown.apply(&p)?;
     }
     // Everything on disk before pg_control makes the directory startable.
-    for dir in std::iter::once(dest.to_path_buf()).chain(locations) {
+    for dir in std::iter::once(dest.to_path_buf()).chain(locations.iter().cloned()) {
         let d = File::open(&dir).map_err(|e| BackupError::local("cannot open", &dir, e))?;
         rustix::fs::syncfs(&d).map_err(|e| BackupError::local("cannot flush", &dir, e.into()))?;
     }
+    finish()?;
     if m.files.iter().any(|f| f.path == PG_CONTROL) {
         let (tmp, fin) = (dest.join(PG_CONTROL_TMP), dest.join(PG_CONTROL));
         fs::rename(&tmp, &fin).map_err(|e| BackupError::local("cannot rename", &tmp, e))?;
         sync_dir(&dest.join("global"))?;
+    }
+    for loc in &locations {
+        let marker = loc.join(INCOMPLETE_MARKER);
+        fs::remove_file(&marker).map_err(|e| BackupError::local("cannot remove", &marker, e))?;
+        sync_dir(loc)?;
     }
     fs::remove_file(&marker).map_err(|e| BackupError::local("cannot remove", &marker, e))?;
     sync_dir(dest)?;

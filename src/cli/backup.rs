@@ -619,6 +619,7 @@ pub async fn fetch(cfg: &Config, args: &FetchArgs) -> Result<BackupManifest, Bac
         &m,
         &args.dir,
         &fetch_options(&args.restore)?,
+        || Ok(()),
     )
     .await?;
     Ok(m)
@@ -805,8 +806,10 @@ pub async fn restore(
         chosen.id,
         chosen.stop_time
     );
-    backup::fetch::fetch(&archive, &ids, &chosen, &args.dir, &fetch_opts).await?;
-    restore::write_recovery(&args.dir, &settings, args.standby)?;
+    backup::fetch::fetch(&archive, &ids, &chosen, &args.dir, &fetch_opts, || {
+        restore::write_recovery(&args.dir, &settings, args.standby)
+    })
+    .await?;
     for w in restore_command_warnings(global, cfg, &args.dir) {
         tracing::warn!("{w}");
     }
