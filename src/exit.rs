@@ -24,6 +24,8 @@ pub const CONFLICT: i32 = 5;
 pub const ACCESS: i32 = 6;
 /// Local file problem: missing input, disk full, permissions.
 pub const LOCAL_IO: i32 = 7;
+/// A bug in walship (a panic): the message says where.
+pub const INTERNAL: i32 = 8;
 /// Added to wal-fetch's code for any failure other than "not in archive" outside standby mode, so
 /// that it is above 125 and PostgreSQL stops recovery instead of ending it early.
 pub const FATAL_FOR_RECOVERY: i32 = 128;

@@ -9,18 +9,41 @@ use walship::config::Config;
 use walship::exit;
 
 fn main() -> ExitCode {
+    let standby = std::path::Path::new("standby.signal").exists();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            let code = if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
+            // A bad flag or WALSHIP_* value in restore_command must not read as "end of archive".
+            let fetching = std::env::args_os().any(|a| a == "wal-fetch");
+            let code = match (e.use_stderr(), fetching) {
+                (false, _) => exit::OK,
+                (true, true) => exit::for_wal_fetch(exit::USAGE, standby),
+                (true, false) => exit::USAGE,
             };
             let _ = e.print();
             return ExitCode::from(code as u8);
         }
     };
+    // A panic (a bug, or a runtime that cannot start its threads) exits with a documented code,
+    // not Rust's 101, which restore_command would take for the end of the archive.
+    let code = match cli.command {
+        Command::WalFetch { .. } => exit::for_wal_fetch(exit::INTERNAL, standby),
+        _ => exit::INTERNAL,
+    };
+    std::panic::set_hook(Box::new(move |info| {
+        let what = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let at = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!("walship: error: internal error: {what}{at}; this is a bug, please report it");
+        std::process::exit(code);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALSHIP_LOG")
@@ -32,7 +55,6 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
-    let standby = std::path::Path::new("standby.signal").exists();
     let code = run(cli, standby);
     ExitCode::from(code as u8)
 }

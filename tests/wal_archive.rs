@@ -506,6 +506,30 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // A value clap cannot parse (here in the environment restore_command runs with) is a usage
+    // error like any other: fatal for recovery, never "not in archive".
+    let bad_value = |scratch: &Path| {
+        common::walship_cmd(&cfg, &["wal-fetch", &seg, dest.to_str().unwrap()], scratch)
+            .env("WALSHIP_PREFETCH", "off")
+            .output()
+            .unwrap()
+    };
+    let out = bad_value(&scratch);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 2), "{err}");
+    assert!(
+        err.contains("WALSHIP_PREFETCH") || err.contains("prefetch"),
+        "{err}"
+    );
+    std::fs::write(scratch.join("standby.signal"), b"").unwrap();
+    assert_eq!(
+        bad_value(&scratch).status.code(),
+        Some(2),
+        "standby: retried"
+    );
+    std::fs::remove_file(scratch.join("standby.signal")).unwrap();
+    assert!(!dest.exists());
+
     // Outage: the server dies, archiving fails and PostgreSQL retries; once it is back, no gap.
     server.kill();
     primary.psql("insert into filler select g, md5(g::text) from generate_series(1, 20000) g");

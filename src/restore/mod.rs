@@ -485,7 +485,10 @@ mod tests {
         assert!(!dir.path().join("recovery.signal").exists());
         // The second restore's settings replace the first's, which are commented out.
         let conf = fs::read_to_string(dir.path().join("postgresql.auto.conf")).unwrap();
-        assert_eq!(conf, "# disabled by walship restore: restore_command = 'x'\n");
+        assert_eq!(
+            conf,
+            "# disabled by walship restore: restore_command = 'x'\n"
+        );
     }
 
     #[test]
