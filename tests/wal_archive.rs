@@ -437,6 +437,25 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         err.contains("every cluster needs its own repository"),
         "{err}"
     );
+    // Its history files too, though they carry no system identifier: its pg_control tells.
+    let foreign_history = other.data.join("pg_wal/0000000B.history");
+    std::fs::write(&foreign_history, "1\t0/3000198\tno recovery target specified\n").unwrap();
+    let out = walship(
+        &cfg,
+        &["wal-push", foreign_history.to_str().unwrap()],
+        base.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(
+        err.contains("0000000B.history comes from the cluster with system identifier"),
+        "{err}"
+    );
+    let listed = rt.block_on(store.list("wal/history/")).unwrap();
+    assert!(
+        !listed.iter().any(|o| o.key.as_str().ends_with("0000000B.history")),
+        "{listed:?}"
+    );
 
     // wal-fetch: a name never archived is "not in archive" (1)...
     let dest = scratch.join("RECOVERYXLOG");

@@ -244,9 +244,7 @@ struct LocalDir {
 impl LocalDir {
     /// A `postmaster.pid` that is there but cannot be read is an error, not "no server".
     fn read(pgdata: &std::path::Path) -> Result<Self, BackupError> {
-        let system_identifier = std::fs::read(pgdata.join("global/pg_control"))
-            .ok()
-            .and_then(|b| Some(u64::from_le_bytes(b.get(..8)?.try_into().ok()?)));
+        let system_identifier = crate::pg::control_system_identifier(pgdata);
         let pid_file = pgdata.join("postmaster.pid");
         let text = match std::fs::read_to_string(&pid_file) {
             Ok(t) => Some(t),

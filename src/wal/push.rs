@@ -186,7 +186,7 @@ async fn push_one(
     name: &WalFileName,
 ) -> Result<(PushOutcome, String), WalError> {
     let is_wal = matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial);
-    if is_wal {
+    let meta = if is_wal {
         // First push ever into this repository: create walship.json from this segment's header.
         let h = check_segment(path, name, None)?;
         let meta = ctx
@@ -197,6 +197,18 @@ async fn push_one(
             })
             .await?;
         check_segment(path, name, Some(meta))?;
+        Some(meta.clone())
+    } else {
+        // History and backup-history files carry no system identifier: the server's pg_control
+        // (beside the pg_wal the file is in) says whose they are. Stored once, a foreign one would
+        // stay for good, and a history file steers every later recovery's choice of timeline.
+        let meta = ctx.archive.read_meta().await?;
+        if let Some(meta) = &meta {
+            check_control(path, name, meta)?;
+        }
+        meta
+    };
+    if let Some(meta) = &meta {
         let ours = ctx.recipients.fingerprints();
         if !meta.recipient_fingerprints.is_empty() && meta.recipient_fingerprints != ours {
             return Err(WalError::ForeignCluster(format!(
@@ -228,6 +240,30 @@ async fn push_one(
         Stored::AlreadyThere => PushOutcome::AlreadyArchived,
     };
     Ok((outcome, sha))
+}
+
+/// Refuse a history or backup-history file from a server that is not the repository's cluster,
+/// judged by `global/pg_control` in the data directory holding the file's pg_wal. Not judged when
+/// there is no such file (a file pushed by hand from elsewhere).
+fn check_control(path: &Path, name: &WalFileName, meta: &RepoMeta) -> Result<(), WalError> {
+    let Some(data_dir) = path.parent().and_then(Path::parent) else {
+        return Ok(());
+    };
+    let data_dir = if data_dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        data_dir
+    };
+    match crate::pg::control_system_identifier(data_dir) {
+        Some(id) if id.to_string() != meta.system_identifier => {
+            Err(WalError::ForeignCluster(format!(
+                "{name} comes from the cluster with system identifier {id} (its pg_control), \
+                 the repository belongs to {}; give each cluster its own repository (prefix)",
+                meta.system_identifier
+            )))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `.ready` files other than `skip`, oldest first, history files first (as PostgreSQL orders them).
