@@ -439,7 +439,11 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     );
     // Its history files too, though they carry no system identifier: its pg_control tells.
     let foreign_history = other.data.join("pg_wal/0000000B.history");
-    std::fs::write(&foreign_history, "1\t0/3000198\tno recovery target specified\n").unwrap();
+    std::fs::write(
+        &foreign_history,
+        "1\t0/3000198\tno recovery target specified\n",
+    )
+    .unwrap();
     let out = walship(
         &cfg,
         &["wal-push", foreign_history.to_str().unwrap()],
@@ -453,7 +457,9 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     );
     let listed = rt.block_on(store.list("wal/history/")).unwrap();
     assert!(
-        !listed.iter().any(|o| o.key.as_str().ends_with("0000000B.history")),
+        !listed
+            .iter()
+            .any(|o| o.key.as_str().ends_with("0000000B.history")),
         "{listed:?}"
     );
 

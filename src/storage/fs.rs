@@ -131,7 +131,7 @@ fn put_blocking(
     if path.exists() {
         return Ok(PutOutcome::AlreadyExists);
     }
-    fs::create_dir_all(&dir).map_err(|e| io_error(&dir, e))?;
+    create_dirs_durably(&dir).map_err(|e| io_error(&dir, e))?;
     let tmp = dir.join(format!(
         ".tmp.{name}.{}.{}.{}",
         std::process::id(),
@@ -154,6 +154,27 @@ fn put_blocking(
     })();
     let _ = fs::remove_file(&tmp);
     result.map_err(|e| io_error(&path, e))
+}
+
+/// `create_dir_all`, then fsync the parent of every directory it created: a new directory's
+/// entry is part of its parent, and an object acknowledged inside it must survive a power loss.
+fn create_dirs_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.exists() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent() {
+            File::open(parent)?.sync_all()?;
+        }
+    }
+    Ok(())
 }
 
 /// The objects under `dir` whose keys start with `prefix` and sort after `after`. Directories
