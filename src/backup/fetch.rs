@@ -37,13 +37,17 @@ pub struct FetchOptions {
     pub concurrency: usize,
 }
 
-/// Where tablespace `oid` goes.
-fn tablespace_location(opts: &FetchOptions, oid: u32, original: &str) -> PathBuf {
+/// Where `--tablespace-map` sends tablespace `oid` (named by OID or by its old location).
+fn mapped_location(opts: &FetchOptions, oid: u32, original: &str) -> Option<PathBuf> {
     opts.tablespace_map
         .iter()
         .find(|(from, _)| from == &oid.to_string() || from == original)
         .map(|(_, to)| to.clone())
-        .unwrap_or_else(|| PathBuf::from(original))
+}
+
+/// Where tablespace `oid` goes: where it is mapped, else its original location.
+fn tablespace_location(opts: &FetchOptions, oid: u32, original: &str) -> PathBuf {
+    mapped_location(opts, oid, original).unwrap_or_else(|| PathBuf::from(original))
 }
 
 fn is_empty_dir(dir: &Path) -> std::io::Result<bool> {
@@ -207,11 +211,9 @@ fn check_places(
         !check_empty(dest, opts.force, "target directory")?,
     )];
     for t in &m.tablespaces {
-        let loc = tablespace_location(opts, t.oid, &t.location);
-        let named = opts
-            .tablespace_map
-            .iter()
-            .any(|(from, _)| from == &t.oid.to_string() || from == &t.location);
+        let mapped = mapped_location(opts, t.oid, &t.location);
+        let named = mapped.is_some();
+        let loc = mapped.unwrap_or_else(|| PathBuf::from(&t.location));
         let ours = loc.join(INCOMPLETE_MARKER).exists();
         if !named && !ours && !is_empty_dir(&loc).unwrap_or(false) {
             return Err(BackupError::TargetNotEmpty(format!(

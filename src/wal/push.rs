@@ -186,7 +186,8 @@ async fn push_one(
     name: &WalFileName,
 ) -> Result<(PushOutcome, String), WalError> {
     let is_wal = matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial);
-    let meta = if is_wal {
+    let read_meta;
+    let meta: Option<&RepoMeta> = if is_wal {
         // First push ever into this repository: create walship.json from this segment's header.
         let h = check_segment(path, name, None)?;
         let meta = ctx
@@ -197,18 +198,18 @@ async fn push_one(
             })
             .await?;
         check_segment(path, name, Some(meta))?;
-        Some(meta.clone())
+        Some(meta)
     } else {
         // History and backup-history files carry no system identifier: the server's pg_control
         // (beside the pg_wal the file is in) says whose they are. Stored once, a foreign one would
         // stay for good, and a history file steers every later recovery's choice of timeline.
-        let meta = ctx.archive.read_meta().await?;
-        if let Some(meta) = &meta {
+        read_meta = ctx.archive.read_meta().await?;
+        if let Some(meta) = &read_meta {
             check_control(path, name, meta)?;
         }
-        meta
+        read_meta.as_ref()
     };
-    if let Some(meta) = &meta {
+    if let Some(meta) = meta {
         let ours = ctx.recipients.fingerprints();
         if !meta.recipient_fingerprints.is_empty() && meta.recipient_fingerprints != ours {
             return Err(WalError::ForeignCluster(format!(
