@@ -170,7 +170,8 @@ pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result
     let ctx = Arc::new(fetch_context(cfg).await?);
     let server = spool::ServerWatch::new(pid_file)
         .map_err(|e| WalError::local("cannot read", pid_file, e))?;
-    spool::run_prefetcher(ctx, Spool::new(state_dir), server)
+    let spool = Spool::new(state_dir, &ctx.repo_id);
+    spool::run_prefetcher(ctx, spool, server)
         .await
         .map_err(|e| WalError::local("prefetcher failed in", state_dir, e))
 }

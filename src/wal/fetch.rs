@@ -52,8 +52,11 @@ pub struct FetchReport {
     pub start_prefetcher: Option<Spool>,
 }
 
-fn spool_for(settings: &WalSettings, dest: &Path) -> Spool {
-    Spool::new(&state_dir(settings.state_dir.as_deref(), &parent_dir(dest)))
+fn spool_for(settings: &WalSettings, repo_id: &str, dest: &Path) -> Spool {
+    Spool::new(
+        &state_dir(settings.state_dir.as_deref(), &parent_dir(dest)),
+        repo_id,
+    )
 }
 
 /// The fast path, taken before any storage client is set up: move a prefetched segment into place.
@@ -67,16 +70,16 @@ pub fn take_spooled(
     if settings.prefetch == 0 || name.kind() != WalFileKind::Segment {
         return Ok(None);
     }
-    let spool = spool_for(settings, dest);
+    let spool = spool_for(settings, repo_id, dest);
     let waited = spool
-        .take_when_ready(name.as_str(), dest, repo_id, IN_FLIGHT_WAIT)
+        .take_when_ready(name.as_str(), dest, IN_FLIGHT_WAIT)
         .map_err(|e| WalError::local("cannot take from spool", spool.dir(), e))?;
     Ok(waited.map(|waited| {
         let outcome = match waited.is_zero() {
             true => FetchOutcome::FromSpool,
             false => FetchOutcome::FromSpoolAfterWait(waited),
         };
-        after(settings, repo_id, name, dest, spool, outcome)
+        after(settings, name, dest, spool, outcome)
     }))
 }
 
@@ -101,10 +104,9 @@ pub async fn fetch(
     match placed {
         Ok(_) => Ok(after(
             &ctx.settings,
-            &ctx.repo_id,
             name,
             dest,
-            spool_for(&ctx.settings, dest),
+            spool_for(&ctx.settings, &ctx.repo_id, dest),
             FetchOutcome::Downloaded,
         )),
         Err(ArchiveError::Storage(StorageError::NotFound(_))) => match ctx.archive.read_meta().await? {
@@ -144,17 +146,16 @@ pub fn prefetch_ahead(
     if !prefetched(settings, name, dest) {
         return None;
     }
-    let spool = spool_for(settings, dest);
+    let spool = spool_for(settings, repo_id, dest);
     if spool.want().as_ref() == Some(name) {
         return None;
     }
-    spool.set_want(name.as_str(), repo_id).ok()?;
+    spool.set_want(name.as_str()).ok()?;
     (!spool.prefetcher_running()).then_some(spool)
 }
 
 fn after(
     settings: &WalSettings,
-    repo_id: &str,
     name: &WalFileName,
     dest: &Path,
     spool: Spool,
@@ -167,7 +168,7 @@ fn after(
     if !prefetched(settings, name, dest) {
         return done;
     }
-    if let Err(e) = spool.set_want(name.as_str(), repo_id) {
+    if let Err(e) = spool.set_want(name.as_str()) {
         tracing::warn!(
             "prefetch disabled for this call: cannot write to {}: {e}",
             spool.dir().display()
@@ -213,7 +214,7 @@ mod tests {
         );
         let ahead = |name: &WalFileName| prefetch_ahead(&settings, "repo", name, &dest);
         assert!(ahead(&a).is_some(), "recovery moved on: start one");
-        assert_eq!(spool_for(&settings, &dest).want(), Some(a.clone()));
+        assert_eq!(spool_for(&settings, "repo", &dest).want(), Some(a.clone()));
         // The same segment again (a standby polling at the end of the archive): not again.
         assert!(ahead(&a).is_none());
         assert!(ahead(&b).is_some());

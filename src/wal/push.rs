@@ -439,7 +439,10 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
         }
     }
     let (outcome, _) = own.map_err(|e| timeline_taken(&name, e))?;
-    let spool = super::spool::Spool::new(&state_dir(ctx.settings.state_dir.as_deref(), &pg_wal));
+    let spool = super::spool::Spool::new(
+        &state_dir(ctx.settings.state_dir.as_deref(), &pg_wal),
+        &ctx.repo_id,
+    );
     let (files, bytes) = spool.sweep_abandoned();
     if files > 0 {
         tracing::info!(

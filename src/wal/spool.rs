@@ -1,13 +1,16 @@
 //! The prefetch spool: a directory of segments already downloaded, verified, decrypted and
 //! decompressed, so that `wal-fetch` for them is a rename.
 //!
-//! Layout of `<state>/spool/`: complete segments under their own names (only ever created by an
-//! atomic rename after verification), `.repo` (the repository they came from: a spool from another
-//! repository is never served), `.boot` (the kernel boot id they were written under), `.want`
+//! Layout of `<state>/spool/`: complete segments as `<name>.<repo tag>` (only ever created by an
+//! atomic rename after verification; the tag names the repository the segment came from, so a call
+//! for one repository can never take another's segment, not even one a prefetcher for the old
+//! repository renames in after `restore_command` was changed mid-recovery), `.repo` (the repository
+//! the spool works for now), `.boot` (the kernel boot id its segments were written under), `.want`
 //! (the last segment recovery asked for, written by `wal-fetch`), `.lock` (held by the one running
-//! prefetcher), `.<name>.inflight` (the prefetcher is downloading that segment: a `wal-fetch` for it
-//! waits instead of downloading it a second time), `.<name>.walship-tmp.*` (decodes in progress,
-//! ignored and cleaned). Files whose names start with `.` are never served.
+//! prefetcher), `.<name>.<repo tag>.inflight` (the prefetcher is downloading that segment: a
+//! `wal-fetch` for it waits instead of downloading it a second time),
+//! `.<name>.<repo tag>.walship-tmp.*` (decodes in progress, ignored and cleaned). Files whose
+//! names start with `.` are never served.
 //!
 //! Spooled segments are not fsynced: a segment is renamed into the spool only once complete, so a
 //! killed process cannot leave a torn one, and a machine crash (which could) changes the boot id,
@@ -23,20 +26,28 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 
+use sha2::{Digest, Sha256};
+
 use super::fetch::FetchContext;
 use super::name::{WalFileKind, WalFileName};
 use crate::archive::{ArchiveError, Durability};
 use crate::repo;
 use crate::storage::StorageError;
 
+/// The prefetch spool of one state directory, as seen by one repository.
 pub struct Spool {
     dir: PathBuf,
+    repo_id: String,
+    /// Short digest of `repo_id`, the suffix of this repository's spooled segments.
+    tag: String,
 }
 
 impl Spool {
-    pub fn new(state_dir: &Path) -> Self {
+    pub fn new(state_dir: &Path, repo_id: &str) -> Self {
         Self {
             dir: state_dir.join("spool"),
+            repo_id: repo_id.to_string(),
+            tag: hex::encode(&Sha256::digest(repo_id.as_bytes())[..6]),
         }
     }
 
@@ -44,23 +55,28 @@ impl Spool {
         &self.dir
     }
 
-    /// Whether spooled segments may be served for `repo_id`: same repository, same boot.
-    fn valid_for(&self, repo_id: &str) -> bool {
+    /// The spool file of segment `name` from this repository.
+    fn file_name(&self, name: &str) -> String {
+        format!("{name}.{}", self.tag)
+    }
+
+    /// Whether the spool works for this repository, during this boot.
+    fn valid(&self) -> bool {
         let marker = |name: &str| fs::read_to_string(self.dir.join(name)).ok();
         let Some(boot) = boot_id() else {
             return false;
         };
-        marker(".repo").as_deref() == Some(repo_id) && marker(".boot") == Some(boot)
+        marker(".repo").as_deref() == Some(self.repo_id.as_str()) && marker(".boot") == Some(boot)
     }
 
     /// Move a spooled segment to `dest`. `Ok(false)` when it is not spooled (or not usable).
-    pub fn take(&self, name: &str, dest: &Path, repo_id: &str) -> io::Result<bool> {
-        let src = self.dir.join(name);
-        if !src.exists() || !self.valid_for(repo_id) {
+    pub fn take(&self, name: &str, dest: &Path) -> io::Result<bool> {
+        let src = self.dir.join(self.file_name(name));
+        if !src.exists() || !self.valid() {
             return Ok(false);
         }
-        // `valid_for` vouched for the file: complete, and written during this boot (see the module
-        // docs). The rename needs no directory fsync: after a crash PostgreSQL asks again.
+        // The name vouches for the file's repository and completeness, `valid` for its boot (see
+        // the module docs). The rename needs no directory fsync: after a crash PostgreSQL asks again.
         match fs::rename(&src, dest) {
             Ok(()) => Ok(true),
             // Spool on another filesystem (a configured state_dir): fetch directly instead.
@@ -72,7 +88,7 @@ impl Spool {
     }
 
     fn in_flight_marker(&self, name: &str) -> PathBuf {
-        self.dir.join(format!(".{name}.inflight"))
+        self.dir.join(format!(".{}.inflight", self.file_name(name)))
     }
 
     /// Take `name`, waiting while the prefetcher is downloading it (at most `limit`). `Ok(None)`
@@ -83,22 +99,21 @@ impl Spool {
         &self,
         name: &str,
         dest: &Path,
-        repo_id: &str,
         limit: Duration,
     ) -> io::Result<Option<Duration>> {
-        if self.take(name, dest, repo_id)? {
+        if self.take(name, dest)? {
             return Ok(Some(Duration::ZERO));
         }
         let marker = self.in_flight_marker(name);
         let since = Instant::now();
         while marker.exists() && since.elapsed() < limit && self.prefetcher_running() {
             std::thread::sleep(Duration::from_millis(2));
-            if self.take(name, dest, repo_id)? {
+            if self.take(name, dest)? {
                 return Ok(Some(since.elapsed()));
             }
         }
         // The segment is renamed into the spool before its marker goes.
-        Ok(self.take(name, dest, repo_id)?.then(|| since.elapsed()))
+        Ok(self.take(name, dest)?.then(|| since.elapsed()))
     }
 
     /// Remove what a killed prefetcher may have left: in-flight markers and temp files.
@@ -113,9 +128,9 @@ impl Spool {
     }
 
     /// Tell the prefetcher where recovery is. Creates the spool for this repository if needed.
-    pub fn set_want(&self, name: &str, repo_id: &str) -> io::Result<()> {
+    pub fn set_want(&self, name: &str) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
-        if !self.valid_for(repo_id) {
+        if !self.valid() {
             let boot = boot_id().ok_or_else(|| {
                 io::Error::new(
                     io::ErrorKind::Unsupported,
@@ -123,7 +138,7 @@ impl Spool {
                 )
             })?;
             self.clear()?;
-            fs::write(self.dir.join(".repo"), repo_id)?;
+            fs::write(self.dir.join(".repo"), &self.repo_id)?;
             fs::write(self.dir.join(".boot"), boot)?;
         }
         let tmp = self.dir.join(".want.tmp");
@@ -210,7 +225,7 @@ impl Spool {
         (left.len(), left.iter().map(|(_, size)| size).sum())
     }
 
-    /// Segment names currently spooled.
+    /// Files of spooled segments, of any repository.
     fn entries(&self) -> Vec<String> {
         fs::read_dir(&self.dir)
             .map(|rd| {
@@ -309,6 +324,12 @@ pub async fn run_prefetcher(
         if last_change.elapsed() > ctx.settings.prefetch_idle || !server.running() {
             break;
         }
+        if !spool.valid() {
+            // restore_command now names another repository: recovery's calls ask that one, and
+            // the prefetcher they start will work for it once this one is gone.
+            tracing::info!("recovery now fetches from another repository: prefetcher stopping");
+            break;
+        }
         while let Some(done) = tasks.try_join_next() {
             finished(done, &mut in_flight, &mut end_seen);
         }
@@ -316,12 +337,13 @@ pub async fn run_prefetcher(
             let window: Vec<String> = (1..=depth)
                 .map(|i| id.advance(i, seg_size).file_name().to_string())
                 .collect();
-            for stale in spool.entries().into_iter().filter(|e| !window.contains(e)) {
+            let files: Vec<String> = window.iter().map(|n| spool.file_name(n)).collect();
+            for stale in spool.entries().into_iter().filter(|e| !files.contains(e)) {
                 let _ = fs::remove_file(spool.dir().join(stale));
             }
             let free = free_space(spool.dir());
-            for name in &window {
-                if in_flight.contains(name) || spool.dir().join(name).exists() {
+            for (name, file) in window.iter().zip(&files) {
+                if in_flight.contains(name) || spool.dir().join(file).exists() {
                     continue;
                 }
                 let fits = room_for_one_more(
@@ -359,7 +381,8 @@ pub async fn run_prefetcher(
                 if let Err(e) = File::create(&marker) {
                     tracing::debug!("cannot create {}: {e}", marker.display());
                 }
-                let (ctx, dir, name) = (ctx.clone(), spool.dir().to_path_buf(), name.clone());
+                let (ctx, name) = (ctx.clone(), name.clone());
+                let dest = spool.dir().join(file);
                 tasks.spawn(async move {
                     let _permit = permit;
                     // Gone once the task ends, whatever the outcome; after the segment's rename.
@@ -369,12 +392,7 @@ pub async fn run_prefetcher(
                     );
                     let res = ctx
                         .archive
-                        .fetch_to(
-                            &key,
-                            &ctx.identities,
-                            &dir.join(&name),
-                            Durability::UntilReboot,
-                        )
+                        .fetch_to(&key, &ctx.identities, &dest, Durability::UntilReboot)
                         .await
                         .map(|_| ());
                     (name, res)
@@ -446,72 +464,70 @@ mod tests {
     #[test]
     fn serves_only_complete_entries_of_the_same_repository() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
+        let (a, b) = (
+            Spool::new(dir.path(), "s3://bucket/a"),
+            Spool::new(dir.path(), "s3://bucket/b"),
+        );
         let dest = dir.path().join("RECOVERYXLOG");
-        spool
-            .set_want("000000010000000000000001", "repo-a")
-            .unwrap();
-        fs::write(spool.dir().join("000000010000000000000002"), b"seg").unwrap();
+        let spooled = |spool: &Spool, name: &str| {
+            fs::write(spool.dir().join(spool.file_name(name)), b"seg").unwrap();
+        };
+        a.set_want("000000010000000000000001").unwrap();
+        spooled(&a, "000000010000000000000002");
         fs::write(
-            spool.dir().join(".000000010000000000000003.walship-tmp.1"),
+            a.dir().join(format!(
+                ".{}.walship-tmp.1",
+                a.file_name("000000010000000000000003")
+            )),
             b"half",
         )
         .unwrap();
         assert!(
-            !spool
-                .take("000000010000000000000002", &dest, "repo-b")
-                .unwrap(),
+            !b.take("000000010000000000000002", &dest).unwrap(),
             "other repository"
         );
         assert!(
-            !spool
-                .take("000000010000000000000003", &dest, "repo-a")
-                .unwrap(),
+            !a.take("000000010000000000000003", &dest).unwrap(),
             "in progress"
         );
-        assert!(spool
-            .take("000000010000000000000002", &dest, "repo-a")
-            .unwrap());
+        assert!(a.take("000000010000000000000002", &dest).unwrap());
         assert_eq!(fs::read(&dest).unwrap(), b"seg");
-        assert!(
-            !spool.dir().join("000000010000000000000002").exists(),
-            "moved, not copied"
-        );
+        assert!(a.entries().is_empty(), "moved, not copied");
         // Written under another boot (the machine crashed since): never served.
-        fs::write(spool.dir().join(".boot"), "another-boot").unwrap();
-        fs::write(spool.dir().join("000000010000000000000005"), b"seg").unwrap();
+        fs::write(a.dir().join(".boot"), "another-boot").unwrap();
+        spooled(&a, "000000010000000000000005");
         assert!(
-            !spool
-                .take("000000010000000000000005", &dest, "repo-a")
-                .unwrap(),
+            !a.take("000000010000000000000005", &dest).unwrap(),
             "spooled before a reboot"
         );
-        spool
-            .set_want("000000010000000000000004", "repo-a")
-            .unwrap();
-        assert!(spool.entries().is_empty(), "a stale boot empties the spool");
+        a.set_want("000000010000000000000004").unwrap();
+        assert!(a.entries().is_empty(), "a stale boot empties the spool");
         // Switching repository empties the spool.
-        fs::write(spool.dir().join("000000010000000000000004"), b"seg").unwrap();
-        spool
-            .set_want("000000010000000000000003", "repo-b")
-            .unwrap();
-        assert!(spool.entries().is_empty());
+        spooled(&a, "000000010000000000000004");
+        b.set_want("000000010000000000000003").unwrap();
+        assert!(a.entries().is_empty());
+        assert!(b.valid() && !a.valid(), "a's prefetcher sees it must stop");
+        // A prefetcher for the old repository renames a download in after the switch (it was
+        // under way): the spool now works for b, and b never takes it, though the name matches.
+        spooled(&a, "000000010000000000000004");
+        assert!(!b.take("000000010000000000000004", &dest).unwrap());
+        spooled(&b, "000000010000000000000004");
+        assert!(b.take("000000010000000000000004", &dest).unwrap());
     }
 
     #[test]
     fn a_spool_no_prefetcher_holds_is_swept_and_a_held_one_left_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
+        let spool = Spool::new(dir.path(), "repo-a");
         assert_eq!(spool.sweep_abandoned(), (0, 0), "no spool at all");
-        spool
-            .set_want("000000010000000000000001", "repo-a")
-            .unwrap();
+        spool.set_want("000000010000000000000001").unwrap();
         assert!(spool.dir().join(".repo").exists() && spool.dir().join(".boot").exists());
         // Markers alone (a call from recovery whose prefetcher has yet to take the lock): kept.
         assert_eq!(spool.sweep_abandoned(), (0, 0));
         assert!(spool.want().is_some());
         let leave = |spool: &Spool| {
-            fs::write(spool.dir().join("000000010000000000000002"), vec![1; 100]).unwrap();
+            let seg = spool.file_name("000000010000000000000002");
+            fs::write(spool.dir().join(seg), vec![1; 100]).unwrap();
             fs::write(spool.dir().join(".000000010000000000000003.inflight"), b"").unwrap();
             fs::write(
                 spool.dir().join(".000000010000000000000003.walship-tmp.9"),
@@ -575,7 +591,7 @@ mod tests {
     #[test]
     fn lock_tells_whether_a_prefetcher_runs() {
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
+        let spool = Spool::new(dir.path(), "r");
         fs::create_dir_all(spool.dir()).unwrap();
         assert!(!spool.prefetcher_running());
         let f = File::options()
@@ -592,20 +608,20 @@ mod tests {
     fn a_call_waits_for_an_in_flight_download_only_while_it_can_arrive() {
         const SEG: &str = "000000010000000000000002";
         let dir = tempfile::tempdir().unwrap();
-        let spool = Spool::new(dir.path());
+        let spool = Spool::new(dir.path(), "r");
         let dest = dir.path().join("RECOVERYXLOG");
-        spool.set_want("000000010000000000000001", "r").unwrap();
+        spool.set_want("000000010000000000000001").unwrap();
         let limit = Duration::from_secs(20);
         let quick = Duration::from_secs(5);
 
         let since = Instant::now();
-        assert_eq!(spool.take_when_ready(SEG, &dest, "r", limit).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, limit).unwrap(), None);
         assert!(since.elapsed() < quick, "not in flight: no wait");
 
         // In flight, but no prefetcher holds the lock (it was killed): no wait.
         File::create(spool.in_flight_marker(SEG)).unwrap();
         let since = Instant::now();
-        assert_eq!(spool.take_when_ready(SEG, &dest, "r", limit).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, limit).unwrap(), None);
         assert!(since.elapsed() < quick);
 
         let lock = File::create(spool.dir().join(".lock")).unwrap();
@@ -616,34 +632,35 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
             fs::remove_file(marker).unwrap();
         });
-        assert_eq!(spool.take_when_ready(SEG, &dest, "r", limit).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, limit).unwrap(), None);
         failing.join().unwrap();
 
         // The download succeeds: the segment is renamed in, then the marker goes.
         File::create(spool.in_flight_marker(SEG)).unwrap();
         let (dir_path, marker) = (spool.dir().to_path_buf(), spool.in_flight_marker(SEG));
+        let file = spool.file_name(SEG);
         let landing = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(100));
             fs::write(dir_path.join(".tmp"), b"seg").unwrap();
-            fs::rename(dir_path.join(".tmp"), dir_path.join(SEG)).unwrap();
+            fs::rename(dir_path.join(".tmp"), dir_path.join(file)).unwrap();
             fs::remove_file(marker).unwrap();
         });
-        let waited = spool.take_when_ready(SEG, &dest, "r", limit).unwrap();
+        let waited = spool.take_when_ready(SEG, &dest, limit).unwrap();
         landing.join().unwrap();
         assert!(waited.unwrap() >= Duration::from_millis(90), "{waited:?}");
         assert_eq!(fs::read(&dest).unwrap(), b"seg");
 
         // Already spooled: taken at the first look.
-        fs::write(spool.dir().join(SEG), b"seg2").unwrap();
+        fs::write(spool.dir().join(spool.file_name(SEG)), b"seg2").unwrap();
         assert_eq!(
-            spool.take_when_ready(SEG, &dest, "r", limit).unwrap(),
+            spool.take_when_ready(SEG, &dest, limit).unwrap(),
             Some(Duration::ZERO)
         );
         // A stuck download is waited for no longer than the limit.
         File::create(spool.in_flight_marker(SEG)).unwrap();
         let since = Instant::now();
         let short = Duration::from_millis(200);
-        assert_eq!(spool.take_when_ready(SEG, &dest, "r", short).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, short).unwrap(), None);
         assert!(since.elapsed() >= short && since.elapsed() < quick);
     }
 }
