@@ -318,9 +318,24 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         "identity     ok   matches",
         // The fixture's secret key file is 0644: a warning, not a failure.
         "s3 secret    warn",
+        // The S3 server refuses to replace an object (If-None-Match: *).
+        "writes       ok   objects can be created, and an existing one is never replaced",
     ] {
         assert!(report.contains(want), "{want:?} in:\n{report}");
     }
+    let check_object = ObjectKey::new("check/conditional-put").unwrap();
+    assert!(rt.block_on(store.get(&check_object)).is_ok());
+    // A host that only restores: no recipients needed, and no write test.
+    let recipients_line = cfg_text
+        .lines()
+        .find(|l| l.starts_with("recipients"))
+        .unwrap();
+    let (code, report) = check("restore-only", recipients_line, "");
+    assert_eq!(code, Some(0), "{report}");
+    assert!(
+        report.contains("recipients   ok   not configured") && !report.contains("writes"),
+        "{report}"
+    );
     let wrong_secret = base.path().join("wrong-secret");
     std::fs::write(&wrong_secret, "not-the-secret").unwrap();
     let secret_line = cfg_text

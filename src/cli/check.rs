@@ -11,8 +11,11 @@ use crate::backup::push::{self as backup_push, Awaited};
 use crate::cli::backup::PgArgs;
 use crate::codec;
 use crate::config::Config;
+use crate::config::ConfigError;
 use crate::pg::conn;
-use crate::repo::RepoMeta;
+use crate::repo::{self, RepoMeta};
+use crate::storage::{PutOutcome, StorageError, Store};
+use bytes::Bytes;
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -182,7 +185,21 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                 ),
             }
         }
-        Err(e) => line("recipients", false, format!("{e} (needed for wal-push)")),
+        // A host that only restores (an identity, no recipients) needs none.
+        Err(ConfigError::NoRecipients)
+            if cfg.identity_file.is_some() || cfg.identity_env.is_some() =>
+        {
+            line(
+                "recipients",
+                true,
+                "not configured (needed only where WAL and backups are pushed)".into(),
+            )
+        }
+        Err(e) => line(
+            "recipients",
+            false,
+            format!("{e} (needed for wal-push and backup-push)"),
+        ),
     }
     if cfg.identity_file.is_some() || cfg.identity_env.is_some() {
         match cfg.identities() {
@@ -219,6 +236,15 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
             "not configured (needed only where WAL is fetched)".into(),
         );
     }
+    // Where this host pushes: can it create objects, and will the storage never replace one?
+    if cfg.recipients().is_ok() {
+        let (status, text) = conditional_put(archive.store().as_ref()).await;
+        out.push(Line {
+            what: "writes",
+            status,
+            text,
+        });
+    }
     let secrets = [
         (
             "identity",
@@ -241,6 +267,49 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         server_lines(&archive, meta.as_ref(), args, ready, &mut out).await;
     }
     out
+}
+
+/// Whether this host can create objects, and whether the storage refuses to replace one, as
+/// `wal-push` relies on (S3: `If-None-Match: *`, which some S3-compatible servers ignore): the
+/// check object is put twice. After the first check ever, the first put already finds it.
+async fn conditional_put(store: &dyn Store) -> (Status, String) {
+    let key = repo::check_key();
+    let body = || {
+        Bytes::from_static(
+            b"Created by `walship check` to test that this storage never replaces an object.\n",
+        )
+    };
+    let cannot = |e: StorageError| {
+        (
+            Status::Fail,
+            format!(
+                "cannot create objects in {}: {e}; wal-push and backup-push would fail",
+                store.describe()
+            ),
+        )
+    };
+    let replaced = match store.put_if_absent(&key, body()).await {
+        Ok(PutOutcome::AlreadyExists) => false,
+        Ok(PutOutcome::Created { .. }) => match store.put_if_absent(&key, body()).await {
+            Ok(outcome) => outcome != PutOutcome::AlreadyExists,
+            Err(e) => return cannot(e),
+        },
+        Err(e) => return cannot(e),
+    };
+    match replaced {
+        false => (
+            Status::Ok,
+            "objects can be created, and an existing one is never replaced".into(),
+        ),
+        true => (
+            Status::Warn,
+            "the storage replaced an existing object although walship asked it not to \
+             (If-None-Match: *): wal-push still refuses a different segment after checking for \
+             one, but two uploads of one name at the same moment could replace each other; \
+             keep bucket versioning on, or use storage that supports conditional writes"
+                .into(),
+        ),
+    }
 }
 
 /// The server's lines: who it is, its archiving settings, and the archive test, which runs only
@@ -331,6 +400,81 @@ async fn server_lines(
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    /// A storage that accepts every put (`Replaces`: as a server that ignores If-None-Match) or
+    /// refuses them all (`ReadOnly`: as a restore host's role). Nothing else is called.
+    enum Puts {
+        Replaces,
+        ReadOnly,
+    }
+
+    #[async_trait::async_trait]
+    impl Store for Puts {
+        async fn put_if_absent(
+            &self,
+            _: &crate::storage::ObjectKey,
+            _: Bytes,
+        ) -> Result<PutOutcome, StorageError> {
+            match self {
+                Puts::Replaces => Ok(PutOutcome::Created { version_id: None }),
+                Puts::ReadOnly => Err(StorageError::Denied("PutObject".into())),
+            }
+        }
+        async fn get(&self, _: &crate::storage::ObjectKey) -> Result<Bytes, StorageError> {
+            unreachable!()
+        }
+        async fn get_prefix(
+            &self,
+            _: &crate::storage::ObjectKey,
+            _: u64,
+        ) -> Result<Bytes, StorageError> {
+            unreachable!()
+        }
+        async fn list_after(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> Result<Vec<crate::storage::ObjectInfo>, StorageError> {
+            unreachable!()
+        }
+        async fn list_dirs(&self, _: &str) -> Result<Vec<String>, StorageError> {
+            unreachable!()
+        }
+        async fn delete(&self, _: &crate::storage::ObjectKey) -> Result<(), StorageError> {
+            unreachable!()
+        }
+        async fn probe(&self) -> Result<crate::storage::StoreInfo, StorageError> {
+            unreachable!()
+        }
+        fn describe(&self) -> String {
+            "test://".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_write_check_tells_refused_replacements_from_silent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = crate::storage::fs::FsStore::new(dir.path());
+        // The first check creates the object and sees the second put refused; later checks find
+        // it at once.
+        for _ in 0..2 {
+            let (status, text) = conditional_put(&fs).await;
+            assert_eq!(status, Status::Ok, "{text}");
+        }
+        let stored = dir.path().join(repo::check_key().as_str());
+        assert!(std::fs::read_to_string(stored)
+            .unwrap()
+            .contains("walship check"));
+        let (status, text) = conditional_put(&Puts::Replaces).await;
+        assert_eq!(status, Status::Warn);
+        assert!(text.contains("If-None-Match"), "{text}");
+        let (status, text) = conditional_put(&Puts::ReadOnly).await;
+        assert_eq!(status, Status::Fail);
+        assert!(
+            text.contains("cannot create objects in test://") && text.contains("wal-push"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn secret_files_follow_postgresqls_key_file_rule() {

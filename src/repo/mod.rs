@@ -7,11 +7,13 @@
 //! wal/history/<TTTTTTTT>.history               timeline history files
 //! backups/<id>/part-<NNNNNN>, backups/<id>/manifest    base backups (see `backup`)
 //! restore-points/<hex(name)>                   named restore points (see `backup`)
+//! check/conditional-put                        written once by `walship check` (plain text)
 //! ```
 //!
-//! Every object but `walship.json` is in the codec format (see `codec`). `walship.json` is
-//! plaintext on purpose: database hosts hold only public keys and must still check, before every
-//! push, that the repository belongs to their cluster. It names no database file.
+//! Every object but `walship.json` and `check/` is in the codec format (see `codec`).
+//! `walship.json` is plaintext on purpose: database hosts hold only public keys and must still
+//! check, before every push, that the repository belongs to their cluster. It names no database
+//! file.
 
 pub mod backup;
 
@@ -34,6 +36,11 @@ pub fn wal_key(name: &WalFileName) -> ObjectKey {
 
 pub fn meta_key() -> ObjectKey {
     ObjectKey::new(META_KEY).expect("valid key")
+}
+
+/// The object `walship check` creates to test that the storage never replaces an object.
+pub fn check_key() -> ObjectKey {
+    ObjectKey::new("check/conditional-put").expect("valid key")
 }
 
 /// `walship.json`: written by the first push, checked by every later one.
