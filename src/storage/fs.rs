@@ -129,7 +129,7 @@ fn put_blocking(
     let host = host_name();
     sweep_dead_temps(&dir, &name, &host);
     if path.exists() {
-        return Ok(PutOutcome::AlreadyExists);
+        return already_there(&path, &dir);
     }
     create_dirs_durably(&dir).map_err(|e| io_error(&dir, e))?;
     let tmp = dir.join(format!(
@@ -146,14 +146,36 @@ fn put_blocking(
         match fs::hard_link(&tmp, &path) {
             Ok(()) => {
                 sync_dir(&dir)?;
-                Ok(PutOutcome::Created { version_id: None })
+                Ok(Ok(PutOutcome::Created { version_id: None }))
             }
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(PutOutcome::AlreadyExists),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(already_there(&path, &dir)),
+            // EPERM on a file we just created, or EOPNOTSUPP: no hard links here (vfat, CIFS
+            // without unix extensions, some FUSE file systems).
+            Err(e) if matches!(e.raw_os_error(), Some(1 | 95)) => {
+                Ok(Err(StorageError::Other(format!(
+                    "{}: {e}: this file system does not support hard links, which walship uses to \
+                     create objects without ever replacing one; put the repository on one that \
+                     does (ext4, XFS, NFS)",
+                    dir.display()
+                ))))
+            }
             Err(e) => Err(e),
         }
     })();
     let _ = fs::remove_file(&tmp);
-    result.map_err(|e| io_error(&path, e))
+    result.map_err(|e| io_error(&path, e))?
+}
+
+/// The answer for a key that has an object already, once that object is durable: it may be
+/// another writer's whose put has not yet fsynced the directory (a look-ahead upload of the same
+/// segment, or a put killed between its link and that fsync), and the caller is about to tell
+/// PostgreSQL the segment is safe.
+fn already_there(path: &Path, dir: &Path) -> Result<PutOutcome, StorageError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_error(path, e))?;
+    sync_dir(dir).map_err(|e| io_error(dir, e))?;
+    Ok(PutOutcome::AlreadyExists)
 }
 
 /// `create_dir_all`, then fsync the parent of every directory it created: a new directory's
