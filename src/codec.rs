@@ -45,6 +45,9 @@ pub enum CodecError {
     Corrupt(String),
     #[error("invalid age recipient '{0}': expected an age1… public key")]
     BadRecipient(String),
+    /// A secret key where a public one belongs; the key itself is never repeated in the message.
+    #[error("a secret age identity (AGE-SECRET-KEY-1…) was given as a recipient: give its public key instead (age1…, printed by `walship keygen`; `age-keygen -y` derives it), keep the secret key only on hosts that fetch, and treat this one as exposed if it was typed where others can see it")]
+    SecretAsRecipient,
     #[error("no age identity (AGE-SECRET-KEY-1…) found in {0}")]
     NoIdentity(String),
     #[error("encrypting failed: {0}")]
@@ -106,10 +109,15 @@ impl Recipients {
             if r.is_empty() || r.starts_with('#') {
                 continue;
             }
-            out.push(
-                age::x25519::Recipient::from_str(r)
-                    .map_err(|_| CodecError::BadRecipient(r.to_string()))?,
-            );
+            if r.to_ascii_uppercase().starts_with("AGE-SECRET-KEY-") {
+                return Err(CodecError::SecretAsRecipient);
+            }
+            out.push(age::x25519::Recipient::from_str(r).map_err(|_| {
+                // Echo enough to find the value, not a whole value that may be some other secret.
+                let shown: String = r.chars().take(16).collect();
+                let more = if shown.len() < r.len() { "…" } else { "" };
+                CodecError::BadRecipient(format!("{shown}{more}"))
+            })?);
         }
         Ok(Self(out))
     }
@@ -582,6 +590,17 @@ mod tests {
             Recipients::parse(["age1nope"]),
             Err(CodecError::BadRecipient(_))
         ));
+        // A secret key given by mistake (an identity file as recipients_file) is never echoed.
+        let secret = ids.0[0].to_string();
+        let err = Recipients::parse([secret.expose_secret()]).err().unwrap();
+        assert!(matches!(err, CodecError::SecretAsRecipient));
+        assert!(!err.to_string().contains(&secret.expose_secret()[15..]));
+        let long = format!("{}x", "y".repeat(40));
+        let err = Recipients::parse([long.as_str()])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("'yyyyyyyyyyyyyyyy…'"), "{err}");
         assert!(matches!(
             Identities::parse("nothing", "f"),
             Err(CodecError::NoIdentity(_))

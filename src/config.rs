@@ -198,7 +198,9 @@ impl Config {
     pub fn resolve(o: Overrides) -> Result<Self, ConfigError> {
         let (file, config_file) = match &o.config {
             Some(p) => (read_file_config(p)?, Some(p.clone())),
-            None if Path::new(DEFAULT_CONFIG_PATH).exists() => (
+            // A file that cannot be looked at (a directory walship's user may not search) is
+            // read, so its error shows; skipping it would run without its settings.
+            None if Path::new(DEFAULT_CONFIG_PATH).try_exists().unwrap_or(true) => (
                 read_file_config(Path::new(DEFAULT_CONFIG_PATH))?,
                 Some(PathBuf::from(DEFAULT_CONFIG_PATH)),
             ),
@@ -207,11 +209,16 @@ impl Config {
         let repo_url = o.repo.or(file.repo).ok_or(ConfigError::NoRepo)?;
         let repo = RepoLocation::parse(&repo_url)?;
 
-        let mut recipients = o.recipients.clone();
-        if recipients.is_empty() {
-            recipients = file.recipients.unwrap_or_default();
-        }
-        if let Some(path) = o.recipients_file.or(file.recipients_file) {
+        // `recipients` and `recipients_file` are one setting: the highest source that sets either
+        // gives both. A key replaced through WALSHIP_RECIPIENTS must not stay in use through the
+        // config file's `recipients_file`.
+        let (mut recipients, recipients_file) =
+            if !o.recipients.is_empty() || o.recipients_file.is_some() {
+                (o.recipients.clone(), o.recipients_file.clone())
+            } else {
+                (file.recipients.unwrap_or_default(), file.recipients_file)
+            };
+        if let Some(path) = recipients_file {
             let text = std::fs::read_to_string(&path).map_err(|err| ConfigError::ReadSecret {
                 what: "recipients file",
                 path: path.clone(),
@@ -317,13 +324,16 @@ impl Config {
                 .saturating_mul(1 << 20),
         };
 
+        // An identity file given by flag or WALSHIP_IDENTITY_FILE wins over WALSHIP_IDENTITY,
+        // which wins over the config file's.
+        let identity_env = o.identity_env.filter(|_| o.identity_file.is_none());
         Ok(Self {
             repo_url,
             repo,
             s3,
             recipients,
+            identity_env,
             identity_file: o.identity_file.or(file.identity_file),
-            identity_env: o.identity_env,
             compression_level,
             wal,
             config_file,
@@ -427,6 +437,63 @@ mod tests {
             Config::resolve(o).unwrap().repo,
             RepoLocation::Dir("/x".into())
         );
+    }
+
+    #[test]
+    fn key_settings_follow_the_same_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = |n: u8| {
+            use age::secrecy::ExposeSecret;
+            let id = age::x25519::Identity::generate();
+            let path = dir.path().join(format!("key{n}"));
+            std::fs::write(&path, format!("{}\n", id.to_string().expose_secret())).unwrap();
+            (id.to_public().to_string(), path)
+        };
+        let (old, _) = key(1);
+        let (new, id_file) = key(2);
+        let old_list = dir.path().join("old-recipients");
+        std::fs::write(&old_list, format!("{old}\n")).unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "repo = \"file:///x\"\nrecipients_file = \"{}\"\n",
+                old_list.display()
+            ),
+        )
+        .unwrap();
+        let resolve = |o: Overrides| {
+            Config::resolve(Overrides {
+                config: Some(cfg.clone()),
+                ..o
+            })
+            .unwrap()
+        };
+        // A key replaced through the environment replaces the file's list, not joins it.
+        let c = resolve(Overrides {
+            recipients: vec![new.clone()],
+            ..Default::default()
+        });
+        assert_eq!(c.recipients, std::slice::from_ref(&new));
+        assert_eq!(resolve(Overrides::default()).recipients, [old]);
+        // An identity file named by flag or WALSHIP_IDENTITY_FILE wins over WALSHIP_IDENTITY.
+        let c = resolve(Overrides {
+            identity_file: Some(id_file.clone()),
+            identity_env: Some("AGE-SECRET-KEY-1 from the environment".into()),
+            ..Default::default()
+        });
+        assert!(c.identity_env.is_none());
+        assert_eq!(
+            c.identities().unwrap().recipients().fingerprints(),
+            crate::codec::Recipients::parse([new.as_str()])
+                .unwrap()
+                .fingerprints()
+        );
+        let c = resolve(Overrides {
+            identity_env: Some("AGE-SECRET-KEY-1 from the environment".into()),
+            ..Default::default()
+        });
+        assert!(c.identity_env.is_some());
     }
 
     #[test]

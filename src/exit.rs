@@ -43,7 +43,9 @@ fn storage_code(e: &StorageError) -> i32 {
 fn codec_code(e: &CodecError) -> i32 {
     match e {
         CodecError::Io(_) => LOCAL_IO,
-        CodecError::BadRecipient(_) | CodecError::NoIdentity(_) => USAGE,
+        CodecError::BadRecipient(_) | CodecError::SecretAsRecipient | CodecError::NoIdentity(_) => {
+            USAGE
+        }
         _ => CORRUPT,
     }
 }
