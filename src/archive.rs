@@ -204,18 +204,22 @@ impl Archive {
     /// Download `key`, verify and decode it into a new file at `dest` atomically: a temp file in
     /// the same directory, renamed over `dest` once complete. With `Durability::Fsync` the file is
     /// fsynced before the rename and the directory after it. On any error nothing appears at `dest`.
+    /// `hold` is dropped when the decode ends: a caller cancelled meanwhile (its future dropped)
+    /// can tell by it when the decode, which goes on, has stopped writing.
     pub async fn fetch_to(
         &self,
         key: &ObjectKey,
         ids: &Arc<Identities>,
         dest: &Path,
         durability: Durability,
+        hold: impl Send + 'static,
     ) -> Result<Header, ArchiveError> {
         let object = self.store.get(key).await?;
         let ids = ids.clone();
         let dest = dest.to_path_buf();
         let key_s = key.to_string();
         tokio::task::spawn_blocking(move || {
+            let _hold = hold;
             decode_to_file(&object, &ids, &dest, &key_s, durability)
         })
         .await

@@ -9,6 +9,9 @@ use walship::config::Config;
 use walship::exit;
 
 fn main() -> ExitCode {
+    if let Some(code) = cli::wal::supervise_prefetcher() {
+        return code;
+    }
     let standby = std::path::Path::new("standby.signal").exists();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

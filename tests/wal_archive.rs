@@ -873,3 +873,161 @@ fn look_ahead_uploads_the_backlog_and_later_calls_find_it_done() {
     assert_eq!(spooled, Vec::<String>::new());
     std::fs::remove_file(data.join("postmaster.pid")).unwrap(); // the prefetcher exits
 }
+
+/// A PostgreSQL server started the way the official container image starts it: as PID 1 of its
+/// own PID namespace (no init), so it reaps every orphan there. Never stopped with `pg_ctl`,
+/// which would signal PID 1 of *this* namespace.
+struct Pid1Postmaster {
+    unshare: std::process::Child,
+    data: std::path::PathBuf,
+}
+
+impl Pid1Postmaster {
+    fn start(c: &Cluster) -> Self {
+        c.append_conf(&format!(
+            "port = {}\nunix_socket_directories = '{}'\nlisten_addresses = ''\nfsync = off\n",
+            c.port,
+            c.sock.display()
+        ));
+        let log = std::fs::File::create(c.log_path()).unwrap();
+        let unshare = std::process::Command::new("unshare")
+            .args(["--pid", "--fork", "setpriv"])
+            .args(["--reuid=postgres", "--regid=postgres", "--clear-groups"])
+            .arg(common::pg_bin("postgres"))
+            .arg("-D")
+            .arg(&c.data)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self {
+            unshare,
+            data: c.data.clone(),
+        }
+    }
+
+    /// The postmaster's pid as this namespace sees it: the child of `unshare`.
+    fn host_pid(&self) -> Option<i32> {
+        let id = self.unshare.id();
+        std::fs::read_to_string(format!("/proc/{id}/task/{id}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
+impl Drop for Pid1Postmaster {
+    fn drop(&mut self) {
+        if let Some(pid) = self.host_pid().and_then(rustix::process::Pid::from_raw) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
+        let pid_file = self.data.join("postmaster.pid");
+        for _ in 0..600 {
+            if !pid_file.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// Resident KiB of a process.
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The prefetcher outlives the wal-fetch call that starts it, so the postmaster, when it is PID 1
+/// (a container without an init), reaps it; PostgreSQL takes a child that exits with a status
+/// other than 0 or 1, or by a signal, for a crashed backend and restarts everything, recovery
+/// included. Here the prefetcher is killed outright, as the OOM killer would.
+#[test]
+fn a_prefetcher_killed_under_a_postmaster_that_is_pid_1_does_not_restart_it() {
+    let base = common::shared_tempdir("pid1");
+    let keys = common::keygen(base.path());
+    let cfg = common::dir_config(base.path(), &base.path().join("repo"), &keys);
+    let primary = Cluster::init(base.path(), "primary");
+    primary.append_conf(&archiving_conf(&cfg));
+    primary.start();
+    primary.psql("create table marks (id serial primary key, note text not null)");
+    let data = base.path().join("standby");
+    primary.basebackup(&data);
+    primary.pgbench(&["-i", "-s", "4", "-q"]);
+    let last = primary.switch_wal();
+    primary.wait_archived(&last);
+
+    // Never dropped: Cluster's drop runs `pg_ctl stop`.
+    let standby = std::mem::ManuallyDrop::new(Cluster::at(base.path(), data.clone(), "standby"));
+    standby.append_conf(&restore_conf(&cfg));
+    std::fs::write(data.join("standby.signal"), b"").unwrap();
+    common::chown_postgres(&data);
+    let server = Pid1Postmaster::start(&standby);
+    common::wait_until(
+        "the standby to accept connections",
+        Duration::from_secs(120),
+        || standby.try_psql("select 1").as_deref() == Some("1"),
+    );
+    let pid_line = std::fs::read_to_string(data.join("postmaster.pid")).unwrap();
+    assert_eq!(
+        pid_line.lines().next(),
+        Some("1"),
+        "the postmaster is PID 1"
+    );
+    assert!(server.host_pid().is_some());
+
+    // The prefetcher doing the work is the biggest process of it (the one the OOM killer picks).
+    let pid_file = data.join("postmaster.pid").to_string_lossy().into_owned();
+    let prefetchers = || -> Vec<String> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .map(|p| p.file_name().to_string_lossy().into_owned())
+            .filter(|p| p.parse::<u32>().is_ok())
+            .filter(|p| {
+                let cmd = std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.contains("\0wal-prefetch\0") && cmd.contains(&pid_file)
+            })
+            .collect()
+    };
+    common::wait_until("a prefetcher to run", Duration::from_secs(60), || {
+        !prefetchers().is_empty()
+    });
+    let worker = prefetchers()
+        .into_iter()
+        .max_by_key(|p| rss_kib(p))
+        .unwrap();
+    let pid = rustix::process::Pid::from_raw(worker.parse().unwrap()).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+
+    // Recovery goes on: a later transaction reaches the standby through the archive.
+    primary.psql("insert into marks (note) values ('after the kill')");
+    let last = primary.switch_wal();
+    primary.wait_archived(&last);
+    common::wait_until(
+        "the standby to replay the mark",
+        Duration::from_secs(120),
+        || standby.try_psql("select count(*) from marks").as_deref() == Some("1"),
+    );
+    let log = standby.log();
+    assert!(
+        !log.contains("terminating any other active server processes")
+            && !log.contains("was terminated by signal"),
+        "the postmaster took the prefetcher for a crashed backend:\n{log}"
+    );
+    assert!(
+        log.contains("served from the prefetch spool"),
+        "the prefetcher worked:\n{log}"
+    );
+    drop(server);
+    assert!(!data.join("postmaster.pid").exists(), "the server stopped");
+}

@@ -69,7 +69,7 @@ pub fn fetch_spooled(
     dest: &Path,
 ) -> Result<bool, WalError> {
     let name = WalFileName::parse(name)?;
-    match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest)? {
+    match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest) {
         Some(report) => {
             finish_fetch(global, cfg, &name, report);
             Ok(true)
@@ -156,7 +156,15 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
         .arg(cfg.wal.prefetch.to_string())
         .arg("--download-concurrency")
         .arg(cfg.wal.download_concurrency.to_string());
-    let log = std::fs::File::create(state_dir.join("prefetch.log"))?;
+    // Appended to: a prefetcher starting (and finding another running) must not truncate the
+    // running one's log. Emptied once it grows past 1 MiB.
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(state_dir.join("prefetch.log"))?;
+    if log.metadata()?.len() > 1 << 20 {
+        log.set_len(0)?;
+    }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
@@ -165,13 +173,48 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
     Ok(true)
 }
 
+/// In the environment of the prefetcher's worker process (see `supervise_prefetcher`).
+const PREFETCH_WORKER_ENV: &str = "WALSHIP_PREFETCH_WORKER";
+
+/// `wal-prefetch` runs as two processes: this one, which only starts the worker (the same
+/// command) and waits for it, and the worker. `Some(exit code)` in the waiting process, `None`
+/// everywhere else (carry on).
+///
+/// The prefetcher outlives the `wal-fetch` call that started it, so its parent becomes PID 1. In a
+/// container started without an init (the official postgres image execs the server), PID 1 is
+/// the postmaster, which takes any child ending with a status other than 0 or 1, or by a signal,
+/// for a crashed backend: it stops every process and restarts, which in recovery means recovery
+/// starts again. The worker may fail, panic or be killed by the OOM killer; this process, which
+/// does nothing that can fail, always exits 0.
+pub fn supervise_prefetcher() -> Option<std::process::ExitCode> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if !args.iter().any(|a| a == "wal-prefetch") || std::env::var_os(PREFETCH_WORKER_ENV).is_some()
+    {
+        return None;
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        let _ = std::process::Command::new(exe)
+            .args(&args)
+            .env(PREFETCH_WORKER_ENV, "1")
+            .status();
+    }
+    Some(std::process::ExitCode::SUCCESS)
+}
+
 pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result<(), WalError> {
     // main() has lowered this process's priority before starting the runtime's threads.
+    let spool = Spool::new(state_dir, &cfg.repo_url);
+    // First of all: while this process sets up, calls from recovery see a prefetcher running.
+    let Some(lock) = spool
+        .lock_for_prefetcher()
+        .map_err(|e| WalError::local("cannot lock the spool in", state_dir, e))?
+    else {
+        return Ok(()); // another prefetcher runs
+    };
     let ctx = Arc::new(fetch_context(cfg).await?);
     let server = spool::ServerWatch::new(pid_file)
         .map_err(|e| WalError::local("cannot read", pid_file, e))?;
-    let spool = Spool::new(state_dir, &ctx.repo_id);
-    spool::run_prefetcher(ctx, spool, server)
+    spool::run_prefetcher(ctx, spool, lock, server)
         .await
         .map_err(|e| WalError::local("prefetcher failed in", state_dir, e))
 }

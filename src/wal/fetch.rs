@@ -60,27 +60,23 @@ fn spool_for(settings: &WalSettings, repo_id: &str, dest: &Path) -> Spool {
 }
 
 /// The fast path, taken before any storage client is set up: move a prefetched segment into place.
-/// `Ok(None)` when it is not spooled.
+/// `None` when it is not spooled (or cannot be taken): the caller downloads it.
 pub fn take_spooled(
     settings: &WalSettings,
     repo_id: &str,
     name: &WalFileName,
     dest: &Path,
-) -> Result<Option<FetchReport>, WalError> {
+) -> Option<FetchReport> {
     if settings.prefetch == 0 || name.kind() != WalFileKind::Segment {
-        return Ok(None);
+        return None;
     }
     let spool = spool_for(settings, repo_id, dest);
-    let waited = spool
-        .take_when_ready(name.as_str(), dest, IN_FLIGHT_WAIT)
-        .map_err(|e| WalError::local("cannot take from spool", spool.dir(), e))?;
-    Ok(waited.map(|waited| {
-        let outcome = match waited.is_zero() {
-            true => FetchOutcome::FromSpool,
-            false => FetchOutcome::FromSpoolAfterWait(waited),
-        };
-        after(settings, name, dest, spool, outcome)
-    }))
+    let waited = spool.take_when_ready(name.as_str(), dest, IN_FLIGHT_WAIT)?;
+    let outcome = match waited.is_zero() {
+        true => FetchOutcome::FromSpool,
+        false => FetchOutcome::FromSpoolAfterWait(waited),
+    };
+    Some(after(settings, name, dest, spool, outcome))
 }
 
 /// Download, verify and place `name` at `dest`.
@@ -99,6 +95,7 @@ pub async fn fetch(
             &ctx.identities,
             dest,
             Durability::Fsync,
+            (),
         )
         .await;
     match placed {

@@ -18,6 +18,7 @@
 //! WAL and end recovery early; fsyncing 16 MiB per segment instead would bound prefetch by the
 //! disk's flush speed. Where the boot id cannot be read, the spool is not used.
 
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
@@ -69,21 +70,34 @@ impl Spool {
         marker(".repo").as_deref() == Some(self.repo_id.as_str()) && marker(".boot") == Some(boot)
     }
 
-    /// Move a spooled segment to `dest`. `Ok(false)` when it is not spooled (or not usable).
-    pub fn take(&self, name: &str, dest: &Path) -> io::Result<bool> {
+    /// Move a spooled segment to `dest`. `false` when it is not spooled or not usable: the caller
+    /// downloads it instead.
+    pub fn take(&self, name: &str, dest: &Path) -> bool {
         let src = self.dir.join(self.file_name(name));
-        if !src.exists() || !self.valid() {
-            return Ok(false);
-        }
         // The name vouches for the file's repository and completeness, `valid` for its boot (see
-        // the module docs). The rename needs no directory fsync: after a crash PostgreSQL asks again.
+        // the module docs), and a running prefetcher for the storage under it: spooled files exist
+        // only while one runs (it empties the spool as it exits), so files a killed one left, or
+        // a copy of the volume taken without a reboot (a snapshot clone), are never served.
+        if !src.exists() || !self.valid() || !self.prefetcher_running() {
+            return false;
+        }
+        // The rename needs no directory fsync: after a crash PostgreSQL asks again.
         match fs::rename(&src, dest) {
-            Ok(()) => Ok(true),
-            // Spool on another filesystem (a configured state_dir): fetch directly instead.
-            Err(e) if e.raw_os_error() == Some(18) => Ok(false),
-            // Pruned by the prefetcher since the check above: fetch directly instead.
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(e),
+            Ok(()) => true,
+            // Pruned by the prefetcher since the check above.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            // A spool on another file system (a configured state_dir), or one this user may not
+            // change: the download still works.
+            Err(e) => {
+                if e.raw_os_error() != Some(18) {
+                    tracing::warn!(
+                        "cannot move {} to {} ({e}): downloading it instead",
+                        src.display(),
+                        dest.display()
+                    );
+                }
+                false
+            }
         }
     }
 
@@ -91,29 +105,24 @@ impl Spool {
         self.dir.join(format!(".{}.inflight", self.file_name(name)))
     }
 
-    /// Take `name`, waiting while the prefetcher is downloading it (at most `limit`). `Ok(None)`
+    /// Take `name`, waiting while the prefetcher is downloading it (at most `limit`). `None`
     /// when it is neither spooled nor in flight, the download failed, the prefetcher went away,
     /// or the limit passed: the caller downloads it itself. Otherwise how long it waited (zero:
     /// it was there at the first look).
-    pub fn take_when_ready(
-        &self,
-        name: &str,
-        dest: &Path,
-        limit: Duration,
-    ) -> io::Result<Option<Duration>> {
-        if self.take(name, dest)? {
-            return Ok(Some(Duration::ZERO));
+    pub fn take_when_ready(&self, name: &str, dest: &Path, limit: Duration) -> Option<Duration> {
+        if self.take(name, dest) {
+            return Some(Duration::ZERO);
         }
         let marker = self.in_flight_marker(name);
         let since = Instant::now();
         while marker.exists() && since.elapsed() < limit && self.prefetcher_running() {
             std::thread::sleep(Duration::from_millis(2));
-            if self.take(name, dest)? {
-                return Ok(Some(since.elapsed()));
+            if self.take(name, dest) {
+                return Some(since.elapsed());
             }
         }
         // The segment is renamed into the spool before its marker goes.
-        Ok(self.take(name, dest)?.then(|| since.elapsed()))
+        self.take(name, dest).then(|| since.elapsed())
     }
 
     /// Remove what a killed prefetcher may have left: in-flight markers and temp files.
@@ -161,6 +170,14 @@ impl Spool {
             .truncate(false)
             .write(true)
             .open(self.dir.join(".lock"))
+    }
+
+    /// The prefetcher's lock, when no other prefetcher holds it: whoever has it is the one
+    /// prefetcher of this spool until it drops it.
+    pub fn lock_for_prefetcher(&self) -> io::Result<Option<File>> {
+        fs::create_dir_all(&self.dir)?;
+        let lock = self.open_lock()?;
+        Ok(lock.try_lock().is_ok().then_some(lock))
     }
 
     /// Whether a prefetcher holds the lock now.
@@ -283,16 +300,13 @@ impl ServerWatch {
 /// The background prefetcher: keeps the `depth` segments after `.want` in the spool until recovery
 /// has not asked for anything for `idle`, or the server stops, then empties the spool and exits.
 /// Only one runs per spool.
+/// `lock` is the spool's, from `lock_for_prefetcher`.
 pub async fn run_prefetcher(
     ctx: Arc<FetchContext>,
     spool: Spool,
+    lock: File,
     server: ServerWatch,
 ) -> io::Result<()> {
-    fs::create_dir_all(spool.dir())?;
-    let lock = spool.open_lock()?;
-    if lock.try_lock().is_err() {
-        return Ok(()); // another prefetcher is running
-    }
     spool.clear_in_flight();
     // Calls served from the spool never sweep pg_wal; after a restart, this process does.
     let swept = crate::archive::sweep_stale_temps(&server.pg_wal());
@@ -302,9 +316,15 @@ pub async fn run_prefetcher(
             server.pg_wal().display()
         );
     }
+    // Without the segment size every name after a log's last segment would be wrong: give up
+    // for now, and the next call from recovery starts another prefetcher.
     let seg_size = match ctx.archive.read_meta().await {
         Ok(Some(m)) => m.wal_segment_size,
-        _ => super::name::DEFAULT_SEGMENT_SIZE,
+        Ok(None) => return spool.clear(), // nothing archived yet: nothing to prefetch
+        Err(e) => {
+            tracing::warn!("cannot read the repository's metadata, not prefetching: {e}");
+            return spool.clear();
+        }
     };
     let depth = ctx.settings.prefetch as u64;
     let sem = Arc::new(Semaphore::new(ctx.settings.download_concurrency));
@@ -313,7 +333,14 @@ pub async fn run_prefetcher(
     // Where the archive ended last time we looked, and when: don't ask again at once.
     let mut end_seen: Option<(String, Instant)> = None;
     let mut tasks: tokio::task::JoinSet<PrefetchResult> = tokio::task::JoinSet::new();
-    let mut in_flight: std::collections::HashSet<String> = Default::default();
+    let mut in_flight: HashSet<String> = Default::default();
+    // Segments this prefetcher spooled while in the window: one missing since was taken by
+    // recovery (perhaps just before it wrote the `.want` that moves the window past it), and is
+    // not downloaded again.
+    let mut spooled: HashSet<String> = Default::default();
+    // Alive while a decode runs: a cancelled task's decode goes on, and could rename a segment
+    // into the spool after the spool was emptied.
+    let decoding = Arc::new(());
     let mut short_of_space = false;
     loop {
         let want = spool.want();
@@ -331,7 +358,7 @@ pub async fn run_prefetcher(
             break;
         }
         while let Some(done) = tasks.try_join_next() {
-            finished(done, &mut in_flight, &mut end_seen);
+            finished(done, &mut in_flight, &mut spooled, &mut end_seen);
         }
         if let Some(id) = want.as_ref().and_then(|w| w.segment()) {
             let window: Vec<String> = (1..=depth)
@@ -341,9 +368,13 @@ pub async fn run_prefetcher(
             for stale in spool.entries().into_iter().filter(|e| !files.contains(e)) {
                 let _ = fs::remove_file(spool.dir().join(stale));
             }
+            spooled.retain(|n| window.contains(n));
             let free = free_space(spool.dir());
             for (name, file) in window.iter().zip(&files) {
-                if in_flight.contains(name) || spool.dir().join(file).exists() {
+                if in_flight.contains(name)
+                    || spooled.contains(name)
+                    || spool.dir().join(file).exists()
+                {
                     continue;
                 }
                 let fits = room_for_one_more(
@@ -368,7 +399,7 @@ pub async fn run_prefetcher(
                     break;
                 }
                 if let Some((end, at)) = &end_seen {
-                    if name >= end && at.elapsed() < Duration::from_secs(2) {
+                    if name >= end && at.elapsed() < END_SEEN_FOR {
                         break;
                     }
                 }
@@ -381,7 +412,7 @@ pub async fn run_prefetcher(
                 if let Err(e) = File::create(&marker) {
                     tracing::debug!("cannot create {}: {e}", marker.display());
                 }
-                let (ctx, name) = (ctx.clone(), name.clone());
+                let (ctx, name, busy) = (ctx.clone(), name.clone(), decoding.clone());
                 let dest = spool.dir().join(file);
                 tasks.spawn(async move {
                     let _permit = permit;
@@ -392,7 +423,7 @@ pub async fn run_prefetcher(
                     );
                     let res = ctx
                         .archive
-                        .fetch_to(&key, &ctx.identities, &dest, Durability::UntilReboot)
+                        .fetch_to(&key, &ctx.identities, &dest, Durability::UntilReboot, busy)
                         .await
                         .map(|_| ());
                     (name, res)
@@ -403,11 +434,16 @@ pub async fn run_prefetcher(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(20)) => {}
             Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                finished(done, &mut in_flight, &mut end_seen)
+                finished(done, &mut in_flight, &mut spooled, &mut end_seen)
             }
         }
     }
     tasks.shutdown().await;
+    // Decodes take a fraction of a second; the bound is for a machine stalled far worse.
+    let since = Instant::now();
+    while Arc::strong_count(&decoding) > 1 && since.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     spool.clear()?;
     drop(lock);
     Ok(())
@@ -438,18 +474,32 @@ impl Drop for RemoveOnDrop {
 
 type PrefetchResult = (String, Result<(), ArchiveError>);
 
+/// How long a segment found missing counts as the end of the archive.
+const END_SEEN_FOR: Duration = Duration::from_secs(2);
+
 /// Book a finished prefetch: free its name, and remember where the archive ended.
 fn finished(
     done: Result<PrefetchResult, tokio::task::JoinError>,
-    in_flight: &mut std::collections::HashSet<String>,
+    in_flight: &mut HashSet<String>,
+    spooled: &mut HashSet<String>,
     end_seen: &mut Option<(String, Instant)>,
 ) {
     let (name, res) = done.expect("prefetch task does not panic");
     in_flight.remove(&name);
     match res {
-        Ok(()) => {}
+        Ok(()) => {
+            spooled.insert(name);
+        }
         Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
-            *end_seen = Some((name, Instant::now()))
+            // The lowest name found missing is where the archive ends, whichever answer came
+            // last; else the names between would be asked for again at once.
+            let lower = match end_seen {
+                Some((end, at)) => at.elapsed() >= END_SEEN_FOR || name < *end,
+                None => true,
+            };
+            if lower {
+                *end_seen = Some((name, Instant::now()))
+            }
         }
         Err(e) => {
             tracing::warn!("prefetch of {name} failed (wal-fetch will retry it directly): {e}")
@@ -474,6 +524,13 @@ mod tests {
         };
         a.set_want("000000010000000000000001").unwrap();
         spooled(&a, "000000010000000000000002");
+        // Spooled files are served only while a prefetcher runs: one killed left these.
+        assert!(!a.take("000000010000000000000002", &dest));
+        let _prefetcher = a.lock_for_prefetcher().unwrap().expect("the lock is free");
+        assert!(
+            a.lock_for_prefetcher().unwrap().is_none(),
+            "one prefetcher per spool"
+        );
         fs::write(
             a.dir().join(format!(
                 ".{}.walship-tmp.1",
@@ -483,21 +540,18 @@ mod tests {
         )
         .unwrap();
         assert!(
-            !b.take("000000010000000000000002", &dest).unwrap(),
+            !b.take("000000010000000000000002", &dest),
             "other repository"
         );
-        assert!(
-            !a.take("000000010000000000000003", &dest).unwrap(),
-            "in progress"
-        );
-        assert!(a.take("000000010000000000000002", &dest).unwrap());
+        assert!(!a.take("000000010000000000000003", &dest), "in progress");
+        assert!(a.take("000000010000000000000002", &dest));
         assert_eq!(fs::read(&dest).unwrap(), b"seg");
         assert!(a.entries().is_empty(), "moved, not copied");
         // Written under another boot (the machine crashed since): never served.
         fs::write(a.dir().join(".boot"), "another-boot").unwrap();
         spooled(&a, "000000010000000000000005");
         assert!(
-            !a.take("000000010000000000000005", &dest).unwrap(),
+            !a.take("000000010000000000000005", &dest),
             "spooled before a reboot"
         );
         a.set_want("000000010000000000000004").unwrap();
@@ -510,9 +564,9 @@ mod tests {
         // A prefetcher for the old repository renames a download in after the switch (it was
         // under way): the spool now works for b, and b never takes it, though the name matches.
         spooled(&a, "000000010000000000000004");
-        assert!(!b.take("000000010000000000000004", &dest).unwrap());
+        assert!(!b.take("000000010000000000000004", &dest));
         spooled(&b, "000000010000000000000004");
-        assert!(b.take("000000010000000000000004", &dest).unwrap());
+        assert!(b.take("000000010000000000000004", &dest));
     }
 
     #[test]
@@ -615,13 +669,13 @@ mod tests {
         let quick = Duration::from_secs(5);
 
         let since = Instant::now();
-        assert_eq!(spool.take_when_ready(SEG, &dest, limit).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, limit), None);
         assert!(since.elapsed() < quick, "not in flight: no wait");
 
         // In flight, but no prefetcher holds the lock (it was killed): no wait.
         File::create(spool.in_flight_marker(SEG)).unwrap();
         let since = Instant::now();
-        assert_eq!(spool.take_when_ready(SEG, &dest, limit).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, limit), None);
         assert!(since.elapsed() < quick);
 
         let lock = File::create(spool.dir().join(".lock")).unwrap();
@@ -632,7 +686,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(100));
             fs::remove_file(marker).unwrap();
         });
-        assert_eq!(spool.take_when_ready(SEG, &dest, limit).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, limit), None);
         failing.join().unwrap();
 
         // The download succeeds: the segment is renamed in, then the marker goes.
@@ -645,7 +699,7 @@ mod tests {
             fs::rename(dir_path.join(".tmp"), dir_path.join(file)).unwrap();
             fs::remove_file(marker).unwrap();
         });
-        let waited = spool.take_when_ready(SEG, &dest, limit).unwrap();
+        let waited = spool.take_when_ready(SEG, &dest, limit);
         landing.join().unwrap();
         assert!(waited.unwrap() >= Duration::from_millis(90), "{waited:?}");
         assert_eq!(fs::read(&dest).unwrap(), b"seg");
@@ -653,14 +707,14 @@ mod tests {
         // Already spooled: taken at the first look.
         fs::write(spool.dir().join(spool.file_name(SEG)), b"seg2").unwrap();
         assert_eq!(
-            spool.take_when_ready(SEG, &dest, limit).unwrap(),
+            spool.take_when_ready(SEG, &dest, limit),
             Some(Duration::ZERO)
         );
         // A stuck download is waited for no longer than the limit.
         File::create(spool.in_flight_marker(SEG)).unwrap();
         let since = Instant::now();
         let short = Duration::from_millis(200);
-        assert_eq!(spool.take_when_ready(SEG, &dest, short).unwrap(), None);
+        assert_eq!(spool.take_when_ready(SEG, &dest, short), None);
         assert!(since.elapsed() >= short && since.elapsed() < quick);
     }
 }
