@@ -352,6 +352,29 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         report.contains("repository   FAIL") && report.contains("access denied"),
         "{report}"
     );
+    // No credentials anywhere in the chain: a credentials problem, not "check the network".
+    let keyless = base.path().join("check-keyless.toml");
+    let without_keys: Vec<&str> = cfg_text
+        .lines()
+        .filter(|l| !l.starts_with("access_key_id") && !l.starts_with("secret_access_key_file"))
+        .collect();
+    std::fs::write(&keyless, without_keys.join("\n")).unwrap();
+    let out = common::walship_cmd(&keyless, &["check"], base.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("HOME", base.path())
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(6), "{report}");
+    assert!(
+        report.contains("repository   FAIL access denied: no usable S3 credentials")
+            && report.contains("AWS_ACCESS_KEY_ID")
+            && !report.contains("check the network"),
+        "{report}"
+    );
     let bucket = format!("s3://{}/", server.bucket());
     let (code, report) = check("no-bucket", &bucket, "s3://no-such-bucket/");
     assert_eq!(code, Some(6), "{report}");

@@ -118,12 +118,14 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                 ),
                 None => line("versioning", true, "not applicable (directory repository)".into()),
             }
-            if let Some(lock) = info.object_lock {
-                line(
+            match info.object_lock {
+                Some(Ok(lock)) => line(
                     "object lock",
                     true,
                     if lock { "enabled" } else { "off (optional)" }.into(),
-                );
+                ),
+                Some(Err(why)) => line("object lock", true, format!("unknown: {why}")),
+                None => {}
             }
         }
         Err(e) => {

@@ -75,7 +75,9 @@ pub struct ObjectInfo {
 pub struct StoreInfo {
     /// `Some(true)` when object versioning is enabled, `None` when the backend has no such notion.
     pub versioning: Option<bool>,
-    pub object_lock: Option<bool>,
+    /// `Some(Ok(true))` when object lock is on, `Some(Err(why))` when the storage would not say,
+    /// `None` when the backend has no such notion.
+    pub object_lock: Option<Result<bool, String>>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_config::BehaviorVersion;
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -113,12 +114,44 @@ impl S3Store {
         let code = err.code().unwrap_or("").to_string();
         let msg = err.message().unwrap_or("").to_string();
         let what = format!("s3://{}/{key}", self.bucket);
+        let bucket_region = err
+            .raw_response()
+            .and_then(|r| r.headers().get("x-amz-bucket-region"))
+            .map(str::to_string);
+        if let Some(problem) = credentials_problem(&err) {
+            return match problem {
+                // Nothing in the chain had credentials, or its configuration is wrong: no retry
+                // changes that, and "check the network" would send people the wrong way.
+                CredentialsError::CredentialsNotLoaded(_)
+                | CredentialsError::InvalidConfiguration(_) => StorageError::Denied(format!(
+                    "no usable S3 credentials for {what}: {}; give keys (access_key_id and \
+                     secret_access_key_file in the config's s3 section, or AWS_ACCESS_KEY_ID and \
+                     AWS_SECRET_ACCESS_KEY), a profile (AWS_PROFILE), or an instance or pod role, \
+                     to the user walship runs as",
+                    describe_chain(&err)
+                )),
+                // A provider that timed out or failed (STS, the instance metadata service) may
+                // answer on the next try.
+                _ => StorageError::Transient(format!(
+                    "cannot get S3 credentials for {what}: {}",
+                    describe_chain(&err)
+                )),
+            };
+        }
         match (&err, code.as_str(), status) {
             (_, "NoSuchBucket", _) => StorageError::NoBucket(format!(
                 "bucket '{}' does not exist; create it (see minio-test/ or terraform/) or fix the repository URL",
                 self.bucket
             )),
             (_, "NoSuchKey" | "NotFound", _) | (_, _, Some(404)) => StorageError::NotFound(what),
+            // AWS answers requests signed for another region than the bucket's with a redirect
+            // (HEAD: a bare 301) or a malformed-authorization error, naming the right region.
+            (_, "PermanentRedirect", _) | (_, _, Some(301)) => {
+                self.wrong_region(bucket_region.as_deref(), &code, &msg)
+            }
+            (_, "AuthorizationHeaderMalformed", _) if msg.contains("region") => {
+                self.wrong_region(bucket_region.as_deref(), &code, &msg)
+            }
             (_, "AccessDenied" | "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "InvalidToken" | "ExpiredToken", _)
             | (_, _, Some(401 | 403)) => StorageError::Denied(format!(
                 "{}; check the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or the config's s3 section) and the bucket policy",
@@ -140,6 +173,21 @@ impl S3Store {
     }
 }
 
+/// The credentials failure behind an SDK error, if that is what it is: the SDK reports a request
+/// that could not get credentials as a dispatch failure, as it does a network error.
+fn credentials_problem<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a CredentialsError> {
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        if let Some(c) = e.downcast_ref::<CredentialsError>() {
+            return Some(c);
+        }
+        cur = e.source();
+    }
+    None
+}
+
 /// The innermost causes of an SDK error, which hold the useful part ("connection refused").
 fn describe_chain(err: &dyn std::error::Error) -> String {
     let mut parts = vec![err.to_string()];
@@ -151,10 +199,29 @@ fn describe_chain(err: &dyn std::error::Error) -> String {
         }
         cur = e.source();
     }
-    parts.join(": ")
+    // One line: some causes (the credential chain's) list their attempts on lines of their own.
+    let joined = parts.join(": ");
+    let lines: Vec<&str> = joined
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines.join("; ").replace(":; ", ": ")
 }
 
 impl S3Store {
+    /// A request AWS refused because it was signed for another region than the bucket's: a
+    /// redirect (HEAD: a bare 301) or a malformed-authorization error, naming the right region.
+    fn wrong_region(&self, region: Option<&str>, code: &str, msg: &str) -> StorageError {
+        let region = region.map(|r| format!(" ({r})")).unwrap_or_default();
+        StorageError::NoBucket(format!(
+            "bucket '{}' is in another region{region} than the one configured: set s3.region \
+             (or WALSHIP_S3_REGION) to the bucket's region ({})",
+            self.bucket,
+            format!("{code} {msg}").trim()
+        ))
+    }
+
     /// S3 answers a GET of a missing key with 403, not 404, unless the caller may list the bucket
     /// without a prefix condition, which least-privilege roles (terraform/'s) may not. A 403 would
     /// make the end of the archive look like an access problem to wal-fetch, and the wait for a
@@ -379,12 +446,18 @@ impl Store for S3Store {
             .send()
             .await
         {
-            Ok(c) => Some(
-                c.object_lock_configuration()
-                    .and_then(|c| c.object_lock_enabled())
-                    .is_some(),
-            ),
-            Err(_) => Some(false),
+            Ok(c) => Some(Ok(c
+                .object_lock_configuration()
+                .and_then(|c| c.object_lock_enabled())
+                .is_some())),
+            // A bucket without object lock answers 404 ObjectLockConfigurationNotFoundError.
+            Err(e)
+                if e.code() == Some("ObjectLockConfigurationNotFoundError")
+                    || e.raw_response().map(|r| r.status().as_u16()) == Some(404) =>
+            {
+                Some(Ok(false))
+            }
+            Err(e) => Some(Err(self.map("?object-lock", e).to_string())),
         };
         // Listing proves read permission on the prefix, which wal-fetch needs.
         self.client
