@@ -242,6 +242,10 @@ class ModuleTest(unittest.TestCase):
                 if c["test"] == "Null" and c["variable"] == "s3:if-none-match" and c["values"] == ["true"]:
                     self.assertIn("var.enforce_conditional_writes", for_each or "")
                     self.assertIn("local.objects_arn", for_each or "")
+                    # PutObject is authorised on objects: on any other resource the Deny is void.
+                    self.assertEqual(s["resources"], ["${statement.value}"])
+                    principals = s["principals"][0]
+                    self.assertEqual((principals["type"], principals["identifiers"]), ("*", ["*"]))
                     found = True
         self.assertTrue(found, "no Deny of PutObject without If-None-Match")
 
@@ -276,9 +280,41 @@ class ModuleTest(unittest.TestCase):
                 if any(a in ("s3:PutObject", "s3:GetObject", "s3:DeleteObject") for a in acts):
                     self.assertEqual(s["resources"], ["${local.objects_arn}"], f"{name}: {s.get('sid')}")
                 if "s3:ListBucket" in acts:
-                    prefix_conds = [c for c in conditions(s) if c.get("variable") == "s3:prefix"]
+                    prefix_conds = [(fe, c) for fe, c in dynamic_blocks(s, "condition")
+                                    if c.get("variable") == "s3:prefix"]
                     self.assertEqual(len(prefix_conds), 1, f"{name}: ListBucket without an s3:prefix condition")
-                    self.assertEqual(prefix_conds[0]["test"], "StringLike")
+                    cond_for_each, cond = prefix_conds[0]
+                    self.assertEqual(cond["test"], "StringLike")
+                    # The values are the prefix patterns (test_list_prefix_pattern), nothing wider.
+                    self.assertIn("local.list_prefix_patterns", cond_for_each)
+                    self.assertEqual(cond["values"], "${condition.value}")
+
+    def test_kms_key_usable_only_through_s3(self):
+        found = 0
+        for name in ("archiver", "restorer", "maintainer"):
+            for for_each, s in statements(self.policy(name)):
+                if not any(a.startswith("kms:") for a in s.get("actions", [])):
+                    continue
+                self.assertIn("local.kms_key_arns", for_each or "", name)
+                self.assertEqual(s["resources"], ["${statement.value}"], name)
+                via = [c for c in conditions(s) if c.get("variable") == "kms:ViaService"]
+                self.assertEqual(len(via), 1, f"{name}: KMS without a kms:ViaService condition")
+                self.assertEqual(via[0]["values"], ["s3.*.amazonaws.com"])
+                found += 1
+        self.assertEqual(found, 3)
+
+    def test_role_names_fit_iam(self):
+        role = one(self.doc, "resource", "aws_iam_role", "this")
+        conds = [p["condition"] for p in role["lifecycle"][0]["precondition"]]
+        self.assertTrue(any("length(local.iam_name_prefix) <= 53" in c for c in conds), conds)
+
+    def test_lifecycle_rules_scoped_to_the_repository(self):
+        lc = one(self.doc, "resource", "aws_s3_bucket_lifecycle_configuration", "this")
+        prefixes = {rule["id"]: rule["filter"][0].get("prefix") for rule in lc["rule"]}
+        self.assertEqual(prefixes, {
+            "expire-noncurrent-versions": "${local.prefix}",
+            "abort-incomplete-multipart-uploads": "",
+        })
 
     def test_list_prefix_pattern(self):
         self.assertIn('["${local.prefix}*"]', self.locals["list_prefix_patterns"])

@@ -3,8 +3,9 @@
 #   archiver    database hosts (wal-push, backup-push, check): read and create objects; nothing that
 #               deletes, overwrites settings or shortens retention, so a compromised host cannot
 #               destroy its own archive.
-#   restorer    hosts that restore or follow the archive (wal-fetch, backup-fetch, check): read only,
-#               including old versions.
+#   restorer    hosts that restore or follow the archive (wal-fetch, backup-fetch,
+#               check --read-only): read only, including old versions. A host promoted to primary
+#               needs the archiver's policy to archive.
 #   maintainer  retention jobs and operators: the deletes that retention needs.
 #
 # The allowed actions are written out literally in each policy, and the denied ones once, in
@@ -111,6 +112,13 @@ data "aws_iam_policy_document" "archiver" {
       effect    = "Allow"
       actions   = ["kms:GenerateDataKey", "kms:Decrypt"]
       resources = [statement.value]
+
+      # Only through S3: the key does not become usable for anything else a host could reach.
+      condition {
+        test     = "StringLike"
+        variable = "kms:ViaService"
+        values   = ["s3.*.amazonaws.com"]
+      }
     }
   }
 
@@ -167,11 +175,18 @@ data "aws_iam_policy_document" "restorer" {
       effect    = "Allow"
       actions   = ["kms:Decrypt"]
       resources = [statement.value]
+
+      # Only through S3: the key does not become usable for anything else a host could reach.
+      condition {
+        test     = "StringLike"
+        variable = "kms:ViaService"
+        values   = ["s3.*.amazonaws.com"]
+      }
     }
   }
 
-  # Same explicit Deny as the archiver (a restore host may also archive after a promotion; it does
-  # not deny PutObject for that reason).
+  # Same explicit Deny as the archiver. It does not deny PutObject, so that a restore host promoted
+  # to primary can archive once it is also given the archiver's policy.
   statement {
     sid       = "DenyDestructive"
     effect    = "Deny"
@@ -241,6 +256,13 @@ data "aws_iam_policy_document" "maintainer" {
       effect    = "Allow"
       actions   = ["kms:Decrypt"]
       resources = [statement.value]
+
+      # Only through S3: the key does not become usable for anything else a host could reach.
+      condition {
+        test     = "StringLike"
+        variable = "kms:ViaService"
+        values   = ["s3.*.amazonaws.com"]
+      }
     }
   }
 }
@@ -288,6 +310,14 @@ data "aws_iam_policy_document" "assume" {
 
 resource "aws_iam_role" "this" {
   for_each = local.roles
+
+  lifecycle {
+    precondition {
+      # IAM role names are at most 64 characters; the longest suffix is "-maintainer".
+      condition     = length(local.iam_name_prefix) <= 53
+      error_message = "Role names would exceed IAM's 64 characters: set iam_name_prefix (at most 53 characters) when bucket_name is longer than 53."
+    }
+  }
 
   name                 = "${local.iam_name_prefix}-${each.key}"
   path                 = var.iam_path

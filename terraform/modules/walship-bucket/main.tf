@@ -107,7 +107,11 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
     id     = "expire-noncurrent-versions"
     status = "Enabled"
 
-    filter {}
+    # The repository's keys; an explicit prefix, since provider 5.86+ warns on (and mishandled)
+    # an empty filter.
+    filter {
+      prefix = local.prefix
+    }
 
     noncurrent_version_expiration {
       noncurrent_days = var.noncurrent_version_expiration_days
@@ -122,7 +126,11 @@ resource "aws_s3_bucket_lifecycle_configuration" "this" {
     id     = "abort-incomplete-multipart-uploads"
     status = "Enabled"
 
-    filter {}
+    # The whole bucket (an explicit empty prefix: provider 5.86+ warns on, and mishandled, an
+    # empty filter). walship makes no multipart uploads; others' leftovers cost money.
+    filter {
+      prefix = ""
+    }
 
     abort_incomplete_multipart_upload {
       days_after_initiation = var.abort_incomplete_multipart_upload_days

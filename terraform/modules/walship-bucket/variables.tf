@@ -181,10 +181,11 @@ variable "enforce_conditional_writes" {
 
 variable "allow_bucket_wide_list" {
   description = <<-EOT
-    Let the archiver and restorer list the whole bucket instead of only keys under the prefix.
-    Needed by clients that call HeadBucket, which S3 authorizes as s3:ListBucket without a prefix
-    (`walship check` does, to tell a missing bucket from a denied one). Listing reveals key names
-    only, never contents. Irrelevant when key_prefix is "".
+    Let the archiver, restorer and maintainer list the whole bucket instead of only keys under the
+    prefix. walship does not need it: HeadBucket, which S3 authorizes as s3:ListBucket without a
+    prefix, is denied to a prefix-scoped role, and `walship check` then decides by listing the
+    prefix. Other clients may need it. Listing reveals key names only, never contents. Irrelevant
+    when key_prefix is "".
   EOT
   type        = bool
   default     = false
