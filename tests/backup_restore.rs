@@ -170,6 +170,9 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         "recovery_target_time = '2000-01-01 00:00:00+00'\nrecovery_target_action = 'shutdown'\n",
     );
     std::fs::write(&auto_conf, conf).unwrap();
+    // And settings of a delayed standby in postgresql.conf, which travel in the backup too: a
+    // restore overrides them, or each restore would wait a day per commit, or stop at xid 3.
+    primary.append_conf("recovery_min_apply_delay = '1d'\nrecovery_target_xid = '3'\n");
 
     // The backup runs while pgbench writes.
     let load = {

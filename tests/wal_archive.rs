@@ -325,6 +325,14 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     }
     let check_object = ObjectKey::new("check/conditional-put").unwrap();
     assert!(rt.block_on(store.get(&check_object)).is_ok());
+    // A restoring host that shares the config but has a read-only role skips the write test.
+    let out = walship(&cfg, &["check", "--read-only"], base.path());
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{report}");
+    assert!(
+        report.contains("recipients   ok") && !report.contains("writes"),
+        "{report}"
+    );
     // A host that only restores: no recipients needed, and no write test.
     let recipients_line = cfg_text
         .lines()

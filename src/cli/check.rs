@@ -27,6 +27,10 @@ pub struct CheckArgs {
     /// Seconds to wait for that segment to reach the repository
     #[arg(long, default_value_t = 60)]
     pub wal_wait_secs: u64,
+    /// Skip the write test, on a host that only restores (a read-only role) but shares the
+    /// pushing hosts' config; hosts without recipients skip it anyway
+    #[arg(long, conflicts_with = "archiving")]
+    pub read_only: bool,
     // Last: the heading it sets carries on to the fields after it.
     #[command(flatten)]
     pub pg: PgArgs,
@@ -239,7 +243,7 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         );
     }
     // Where this host pushes: can it create objects, and will the storage never replace one?
-    if cfg.recipients().is_ok() {
+    if cfg.recipients().is_ok() && !args.read_only {
         let (status, text) = conditional_put(archive.store().as_ref()).await;
         out.push(Line {
             what: "writes",
@@ -285,7 +289,8 @@ async fn conditional_put(store: &dyn Store) -> (Status, String) {
         (
             Status::Fail,
             format!(
-                "cannot create objects in {}: {e}; wal-push and backup-push would fail",
+                "cannot create objects in {}: {e}; wal-push and backup-push would fail \
+                 (on a host that only restores, use `walship check --read-only`)",
                 store.describe()
             ),
         )

@@ -256,22 +256,41 @@ pub fn recovery_settings(opts: &RecoveryOptions, restore_command: &str, backup: 
     if opts.archive_off {
         set("archive_mode", "off".into());
     }
-    match &opts.target {
-        Target::EndOfArchive => {}
-        Target::Time { text, .. } => set("recovery_target_time", text.clone()),
-        Target::Name { name, .. } => set("recovery_target_name", name.clone()),
-        Target::Xid(x) => set("recovery_target_xid", x.to_string()),
-        Target::Lsn(l) => set("recovery_target_lsn", format_lsn(*l)),
-        Target::Immediate => set("recovery_target", "immediate".into()),
+    // Every target kind is written, the ones not asked for empty: postgresql.auto.conf is read
+    // after postgresql.conf, so a target set there (the backup's, or one left from a restore of
+    // the cluster it was taken on) can neither add a second kind ("multiple recovery targets
+    // specified") nor stand in for the one asked for.
+    let (kind, value) = match &opts.target {
+        Target::EndOfArchive => ("", String::new()),
+        Target::Time { text, .. } => ("recovery_target_time", text.clone()),
+        Target::Name { name, .. } => ("recovery_target_name", name.clone()),
+        Target::Xid(x) => ("recovery_target_xid", x.to_string()),
+        Target::Lsn(l) => ("recovery_target_lsn", format_lsn(*l)),
+        Target::Immediate => ("recovery_target", "immediate".into()),
+    };
+    // The empty ones first: PostgreSQL's assign hooks refuse any target kind, even an empty one,
+    // once another kind is set.
+    for key in TARGET_KEYS.iter().filter(|k| **k != kind) {
+        set(key, String::new());
+    }
+    if !kind.is_empty() {
+        set(kind, value);
     }
     if opts.target != Target::EndOfArchive {
-        if let Some(a) = &opts.action {
-            set("recovery_target_action", a.clone());
-        }
-        if let Some(i) = opts.inclusive {
-            set("recovery_target_inclusive", i.to_string());
-        }
+        // PostgreSQL's defaults, written so that postgresql.conf's cannot apply.
+        let action = opts.action.clone().unwrap_or_else(|| "pause".into());
+        set("recovery_target_action", action);
+        set(
+            "recovery_target_inclusive",
+            opts.inclusive.unwrap_or(true).to_string(),
+        );
     }
+    // A backup of a delayed standby carries its delay, which PostgreSQL applies in archive
+    // recovery too: a restore to 12:44:59 would wait hours before replaying each commit.
+    set("recovery_min_apply_delay", "0".into());
+    // And its replication slot, which is the standby's: a restored copy streaming with it would
+    // take the slot from that standby.
+    set("primary_slot_name", String::new());
     // With a target, follow the backup's own timeline unless told otherwise. PostgreSQL's default,
     // 'latest', would follow any timeline forked later, such as one a restore drill promoted into
     // the same repository, and could stop on that branch's data instead of the one the target
@@ -284,9 +303,18 @@ pub fn recovery_settings(opts: &RecoveryOptions, restore_command: &str, backup: 
     s
 }
 
+/// The recovery target kinds; PostgreSQL refuses to start with more than one set.
+const TARGET_KEYS: [&str; 5] = [
+    "recovery_target",
+    "recovery_target_name",
+    "recovery_target_time",
+    "recovery_target_xid",
+    "recovery_target_lsn",
+];
+
 /// Settings a restore writes; any of them already in postgresql.auto.conf (from an earlier
 /// restore of the cluster the backup was taken on) are disabled first.
-const RECOVERY_KEYS: [&str; 9] = [
+const RECOVERY_KEYS: [&str; 11] = [
     "restore_command",
     "recovery_target",
     "recovery_target_name",
@@ -296,6 +324,8 @@ const RECOVERY_KEYS: [&str; 9] = [
     "recovery_target_inclusive",
     "recovery_target_action",
     "recovery_target_timeline",
+    "recovery_min_apply_delay",
+    "primary_slot_name",
 ];
 
 /// postgresql.auto.conf's `text` with the recovery settings it holds commented out. An earlier
@@ -466,8 +496,22 @@ mod tests {
         assert!(s.contains("recovery_target_xid = '42'"), "{s}");
         assert!(s.contains("recovery_target_timeline = 'current'"), "{s}");
         assert!(s.contains("recovery_target_action = 'promote'"), "{s}");
+        // The other kinds are written empty, so postgresql.conf's cannot add a second one; before
+        // the one set, which PostgreSQL requires.
+        let at = |k: &str| s.find(&format!("\n{k} = ")).unwrap();
+        assert!(
+            at("recovery_target_time") < at("recovery_target_xid"),
+            "{s}"
+        );
+        assert!(at("recovery_target") < at("recovery_target_xid"), "{s}");
+        assert!(s.contains("recovery_target_time = ''"), "{s}");
+        assert!(s.contains("recovery_min_apply_delay = '0'"), "{s}");
         let s = recovery_settings(&opts(Target::EndOfArchive, None), "x", "b");
-        assert!(!s.contains("recovery_target"), "{s}");
+        for key in TARGET_KEYS {
+            assert!(s.contains(&format!("\n{key} = ''\n")), "{key}: {s}");
+        }
+        assert!(!s.contains("recovery_target_action"), "{s}");
+        assert!(!s.contains("recovery_target_timeline"), "{s}");
         let s = recovery_settings(&opts(Target::Lsn(0x1_0000_0060), Some("latest")), "x", "b");
         assert!(s.contains("recovery_target_lsn = '1/60'"), "{s}");
         assert!(s.contains("recovery_target_timeline = 'latest'"), "{s}");
