@@ -227,6 +227,22 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         base.path(),
     );
     assert!(ok(&out).starts_with("before_batch "), "prints name and LSN");
+    // The same name again (tomorrow's batch): refused, or a restore to it would go to today's.
+    let again = run(
+        &cfg,
+        &[
+            vec!["restore-point".into(), "before_batch".into()],
+            pg_args(&primary),
+        ]
+        .concat(),
+        base.path(),
+    );
+    assert_eq!(again.status.code(), Some(5), "{}", stderr(&again));
+    assert!(
+        stderr(&again).contains("use a new name"),
+        "{}",
+        stderr(&again)
+    );
     std::thread::sleep(Duration::from_millis(1100));
     // Written as a local time with a zone name (one without clock changes, so the test never
     // meets a repeated hour); walship hands PostgreSQL the offset it stands for.
@@ -910,6 +926,19 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("no backup can reach"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!old.exists());
+    // A backup named with --backup that ends after the target: refused before anything is fetched.
+    let out = restore(
+        &cfg,
+        &old,
+        &["--backup", &id, "--target-time", "2001-01-01 00:00:00+00"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("after the target: choose an earlier backup"),
         "{}",
         stderr(&out)
     );

@@ -632,7 +632,7 @@ pub fn restore_command(global: &GlobalArgs, cfg: &Config) -> String {
         .unwrap_or_else(|_| "walship".into());
     let mut cmd: Vec<String> = std::iter::once(exe)
         .chain(crate::cli::repo_args(global, cfg))
-        .map(|a| restore::shell_quote(&a))
+        .map(|a| restore::command_arg(&a))
         .collect();
     cmd.extend(["wal-fetch".into(), "\"%f\"".into(), "\"%p\"".into()]);
     cmd.join(" ")
@@ -740,7 +740,19 @@ pub async fn restore(
         Target::EndOfArchive
     };
     let chosen = match &args.backup {
-        Some(which) => backup::resolve(&archive, &ids, which).await?,
+        Some(which) => {
+            let m = backup::resolve(&archive, &ids, which).await?;
+            // PostgreSQL would find out only after the download and replay, and refuse to start:
+            // "requested recovery stop point is before consistent recovery point".
+            if restore::reaches(&m.stop_lsn, m.stop_epoch, &target) == Some(false) {
+                return Err(BackupError::NoBackupForTarget(format!(
+                    "backup {} becomes consistent only at {} (LSN {}), after the target: \
+                     choose an earlier backup, or leave out --backup to let walship choose",
+                    m.id, m.stop_time, m.stop_lsn
+                )));
+            }
+            m
+        }
         None => {
             let all = backup::summaries(&archive, Some(&ids)).await?;
             let id = &restore::choose_backup(&all, &target)?.id;
@@ -958,6 +970,22 @@ pub async fn restore_point(
 ) -> Result<RestorePoint, BackupError> {
     let recipients = cfg.recipients()?;
     let archive = Archive::open(cfg, 5).await?;
+    let key = layout::restore_point_key(&args.name);
+    // Recovery to a name stops at the first point of that name it replays, and walship picks the
+    // backup before the first one recorded: a name used again (every night's 'before_batch') would
+    // take a restore back to the first night. Checked before the point is created.
+    let taken = |when: &str| {
+        BackupError::Archive(ArchiveError::Conflict(format!(
+            "a restore point named '{}' was recorded {when}; a restore to that name would stop at \
+             the first one: use a new name (e.g. with the date: '{}_YYYY_MM_DD')",
+            args.name, args.name
+        )))
+    };
+    match archive.header(&key).await {
+        Ok(_) => return Err(taken("before")),
+        Err(ArchiveError::Storage(StorageError::NotFound(_))) => {}
+        Err(e) => return Err(e.into()),
+    }
     let pg = conn::connect(&args.pg.settings()).await?;
     let marked = backup::push::mark_and_switch(&pg, &args.name).await?;
     let (lsn_text, seg, epoch) = (format_lsn(marked.lsn), marked.segment, marked.epoch);
@@ -984,22 +1012,15 @@ pub async fn restore_point(
         epoch,
     };
     let json = serde_json::to_vec(&point).expect("json");
-    let key = layout::restore_point_key(&args.name);
-    // A name used before keeps its first record: PostgreSQL recovers to the first point of a name.
-    let stored = archive
+    // The first record of a name stays (another call may have made one meanwhile).
+    match archive
         .put_plain(&key, json, &Arc::new(recipients), cfg.compression_level)
-        .await;
-    stored.or_else(|e| match e {
-        ArchiveError::Conflict(_) => {
-            tracing::warn!(
-                "a restore point named '{}' was recorded before; recovery to this name stops at the first one",
-                args.name
-            );
-            Ok(crate::archive::Stored::AlreadyThere)
-        }
-        e => Err(e),
-    })?;
-    Ok(point)
+        .await
+    {
+        Ok(_) => Ok(point),
+        Err(ArchiveError::Conflict(_)) => Err(taken("by another call meanwhile")),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -101,7 +101,12 @@ pub fn parse_target_time(s: &str) -> Result<TargetTime, String> {
     let h: i64 = hms[0].parse().map_err(|_| bad())?;
     let mi: i64 = hms[1].parse().map_err(|_| bad())?;
     let sec: f64 = hms[2].parse().map_err(|_| bad())?;
-    if !(1..=12).contains(&d[1]) || !(1..=31).contains(&d[2]) || h > 23 || mi > 59 || sec >= 61.0 {
+    if !(1..=12).contains(&d[1])
+        || !(1..=days_in_month(d[0], d[1])).contains(&d[2])
+        || h > 23
+        || mi > 59
+        || sec >= 61.0
+    {
         return Err(bad());
     }
     let zone = zone.trim();
@@ -182,6 +187,17 @@ fn zone_offset(
     }
 }
 
+/// Days in `month` (1 to 12) of `year`, Gregorian: PostgreSQL refuses 2026-02-30, which would
+/// otherwise only show once a restore has downloaded everything and PostgreSQL starts.
+fn days_in_month(year: i64, month: i64) -> i64 {
+    match month {
+        2 if year % 4 == 0 && (year % 100 != 0 || year % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
 /// `+01:00`, `-05:30`, `+00:00`.
 fn format_offset(seconds: i64) -> String {
     let sign = if seconds < 0 { '-' } else { '+' };
@@ -209,24 +225,30 @@ pub fn choose_backup<'a>(
             ))
         })
     };
+    let ok = |b: &BackupSummary| reaches(&b.stop_lsn, b.stop_epoch, target) == Some(true);
     match target {
-        Target::Time { text, epoch } => before(&|b| b.stop_epoch < *epoch, format!("time {text}")),
-        Target::Lsn(lsn) => before(
-            &|b| parse_lsn(&b.stop_lsn).is_some_and(|s| s <= *lsn),
-            format!("LSN {}", format_lsn(*lsn)),
-        ),
+        Target::Time { text, .. } => before(&ok, format!("time {text}")),
+        Target::Lsn(lsn) => before(&ok, format!("LSN {}", format_lsn(*lsn))),
         Target::Name {
             name,
             point: Some(p),
-        } => before(
-            &|b| {
-                parse_lsn(&b.stop_lsn)
-                    .zip(parse_lsn(&p.lsn))
-                    .is_some_and(|(s, at)| s <= at)
-            },
-            format!("restore point '{name}' (LSN {})", p.lsn),
-        ),
+        } => before(&ok, format!("restore point '{name}' (LSN {})", p.lsn)),
         _ => Ok(newest),
+    }
+}
+
+/// Whether a backup that becomes consistent at `stop_lsn` (`stop_epoch` by the server's clock)
+/// can reach `target`: it must end before it. `None` for targets only replay can place (an xid,
+/// a name walship has no record of, the end of the archive, immediate).
+pub fn reaches(stop_lsn: &str, stop_epoch: f64, target: &Target) -> Option<bool> {
+    let stop = parse_lsn(stop_lsn);
+    match target {
+        Target::Time { epoch, .. } => Some(stop_epoch < *epoch),
+        Target::Lsn(lsn) => Some(stop.is_some_and(|s| s <= *lsn)),
+        Target::Name { point: Some(p), .. } => {
+            Some(stop.zip(parse_lsn(&p.lsn)).is_some_and(|(s, at)| s <= at))
+        }
+        _ => None,
     }
 }
 
@@ -239,6 +261,12 @@ pub fn shell_quote(s: &str) -> String {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// A `restore_command` argument: shell-quoted, and `%` doubled, since PostgreSQL replaces `%f`,
+/// `%p`, `%r` and `%%` anywhere in the command (a key file named `100%free.key` would break it).
+pub fn command_arg(s: &str) -> String {
+    shell_quote(s).replace('%', "%%")
 }
 
 /// Quote for postgresql.conf.
@@ -447,6 +475,13 @@ mod tests {
             .contains("no time zone"));
         assert!(parse_target_time("yesterday").is_err());
         assert!(parse_target_time("2026-13-24 12:44:59Z").is_err());
+        assert!(parse_target_time("2026-02-30 12:00:00Z").is_err());
+        assert!(parse_target_time("2026-04-31 12:00:00Z").is_err());
+        assert!(
+            parse_target_time("2028-02-29 12:00:00Z").is_ok(),
+            "a leap day"
+        );
+        assert!(parse_target_time("2100-02-29 12:00:00Z").is_err());
         assert_eq!(epoch("1970-01-01 00:00:00Z"), 0.0);
     }
 
@@ -540,5 +575,7 @@ mod tests {
         assert_eq!(shell_quote("/usr/bin/walship"), "/usr/bin/walship");
         assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
         assert_eq!(conf_quote("it's"), "'it''s'");
+        assert_eq!(command_arg("/keys/100%free.key"), "/keys/100%%free.key");
+        assert_eq!(command_arg("/a b/%p"), "'/a b/%%p'");
     }
 }
