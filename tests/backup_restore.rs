@@ -446,6 +446,55 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert_eq!(marks(&c), end_marks);
     assert_eq!(accounts(&c), end_accounts);
     c.stop();
+
+    // The copy restored to before the batch becomes production, archiving (as configured) into
+    // the same repository: timeline 3 (the restore to the end made 2) forks from timeline 1, whose
+    // archived WAL goes on with the batch job. A restore of the backup to the end of the archive now cannot tell production
+    // from a drill: it refuses and asks, rather than replay the batch along timeline 1.
+    let ts_map = |n: u32| {
+        format!(
+            "{}={}",
+            ts_dir.display(),
+            base.path().join(format!("ts-{n}")).display()
+        )
+    };
+    let new_prod = base.path().join("new-production");
+    ok(&restore(
+        &cfg,
+        &new_prod,
+        &[
+            "--target-name",
+            "before_batch",
+            "--target-action",
+            "promote",
+            "--tablespace-map",
+            &ts_map(4),
+        ],
+    ));
+    let c = start_restored(base.path(), &new_prod, "new-production");
+    c.psql("insert into marks (note) values ('new production')");
+    let last = c.switch_wal();
+    assert!(last.starts_with("00000003"), "{last}");
+    c.wait_archived(&last);
+    c.stop();
+    let disaster = base.path().join("disaster");
+    let out = restore(&cfg, &disaster, &["--tablespace-map", &ts_map(5)]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("timeline 3 forked from 1") && err.contains("--target-timeline 1 | 2 | 3"),
+        "{err}"
+    );
+    assert!(!disaster.exists(), "nothing written");
+    ok(&restore(
+        &cfg,
+        &disaster,
+        &["--target-timeline", "3", "--tablespace-map", &ts_map(5)],
+    ));
+    let c = start_restored(base.path(), &disaster, "disaster");
+    assert_eq!(marks(&c), "before backup,good work,new production");
+    assert_eq!(accounts(&c), good_accounts);
+    c.stop();
 }
 
 #[test]

@@ -195,6 +195,24 @@ struct ArchiveEnd {
     path: timeline::WalPath,
     /// The highest timeline the archive has a history file for.
     newest_timeline: u32,
+    /// What the archive holds of each timeline in `path.branches`.
+    branch_tips: std::collections::BTreeMap<u32, BranchTip>,
+}
+
+/// How far a timeline that is not followed goes, to help the user choose.
+#[derive(Debug, Clone, Default)]
+struct BranchTip {
+    /// When its history file was stored: about when it was promoted.
+    promoted_at: Option<i64>,
+    /// Its newest archived segment, and when that was stored.
+    last_segment: Option<String>,
+    stored_at: Option<i64>,
+}
+
+/// A storage timestamp for messages.
+fn stored_time(at: Option<i64>) -> String {
+    at.map(|t| crate::time::epoch_rfc3339(t as f64))
+        .unwrap_or_else(|| "at an unknown time".into())
 }
 
 impl ArchiveEnd {
@@ -289,6 +307,7 @@ async fn archive_end(
     let mut stored = std::collections::HashMap::new();
     let mut archived = timeline::Archived::default();
     let mut history_names = Vec::new();
+    let mut history_stored = std::collections::HashMap::new();
     for o in &objects {
         let Some(name) = o
             .key
@@ -312,7 +331,10 @@ async fn archive_end(
                     .or_default()
                     .insert(seg.segno(seg_size));
             }
-            (WalFileKind::History, _) => history_names.push(name),
+            (WalFileKind::History, _) => {
+                history_stored.insert(name.timeline(), o.stored_at);
+                history_names.push(name)
+            }
             _ => {}
         }
     }
@@ -359,6 +381,25 @@ async fn archive_end(
         seg_size,
         &archived,
     );
+    let branch_tips = path
+        .branches
+        .iter()
+        .map(|b| {
+            let last = archived
+                .segments
+                .get(&b.timeline)
+                .and_then(|s| s.last())
+                .map(|&segno| SegmentId::from_segno(b.timeline, segno, seg_size).file_name());
+            let tip = BranchTip {
+                promoted_at: history_stored.get(&b.timeline).copied().flatten(),
+                stored_at: last
+                    .as_ref()
+                    .and_then(|l| stored.get(l.as_str()).copied().flatten()),
+                last_segment: last.map(|l| l.to_string()),
+            };
+            (b.timeline, tip)
+        })
+        .collect();
     Ok(path.end.map(|(tli, segno)| {
         let last = SegmentId::from_segno(tli, segno, seg_size).file_name();
         ArchiveEnd {
@@ -367,6 +408,7 @@ async fn archive_end(
             lsn: (segno + 1) * seg_size,
             path,
             newest_timeline,
+            branch_tips,
         }
     }))
 }
@@ -679,6 +721,50 @@ fn follow_timeline(
         )));
     }
     let last = end.timeline(own);
+    // A timeline that forked while the WAL it forked from went on being archived: a restore
+    // drill or copy that archived here, or production after a failover whose old primary went on
+    // archiving, or a copy restored to before a faulty batch and made the primary. Which one is
+    // production nobody can tell from the archive, and replaying the wrong one brings back what
+    // the restore is meant to undo. Only a target before the fork is the same on both.
+    let undecided: Vec<&timeline::Step> = end
+        .path
+        .branches
+        .iter()
+        .filter(|b| !target_before_fork(target, b, end.branch_tips.get(&b.timeline)))
+        .collect();
+    if !undecided.is_empty() {
+        let each: Vec<String> = undecided
+            .iter()
+            .map(|b| {
+                let tip = end
+                    .branch_tips
+                    .get(&b.timeline)
+                    .cloned()
+                    .unwrap_or_default();
+                format!(
+                    "{b} (promoted about {}; its WAL goes on to {}, stored {})",
+                    stored_time(tip.promoted_at),
+                    tip.last_segment
+                        .as_deref()
+                        .unwrap_or("nothing archived yet"),
+                    stored_time(tip.stored_at),
+                )
+            })
+            .collect();
+        let mut choices: Vec<String> = vec![last.to_string()];
+        choices.extend(undecided.iter().map(|b| b.timeline.to_string()));
+        return Err(BackupError::Invalid(format!(
+            "the WAL after backup {id} goes on along timeline {last} to {} (stored {}), and \
+             {}: one is production, the other a restore drill or copy that archived into this \
+             repository (or the old primary after a failover), and walship cannot tell which; \
+             choose the history to restore with --target-timeline {} (production's WAL is \
+             usually the one still being archived), or give a target before the fork",
+            end.last_segment,
+            stored_time(end.stored_at),
+            each.join("; "),
+            choices.join(" | ")
+        )));
+    }
     if !end.path.steps.is_empty() {
         let forks: Vec<String> = end.path.steps.iter().map(|s| s.to_string()).collect();
         // Said whatever the log level: the choice decides which history the restore gets.
@@ -700,6 +786,20 @@ fn follow_timeline(
         return Ok(Some(last.to_string()));
     }
     Ok(None)
+}
+
+/// Whether `target` lies before `branch` forked, where both histories are the same.
+fn target_before_fork(target: &Target, branch: &timeline::Step, tip: Option<&BranchTip>) -> bool {
+    match target {
+        Target::Lsn(lsn) => *lsn <= branch.fork_lsn,
+        // The history file is archived as the promotion ends, just after the fork.
+        Target::Time { epoch, .. } => tip
+            .and_then(|t| t.promoted_at)
+            .is_some_and(|at| *epoch < (at - CLOCK_SLACK_SECS) as f64),
+        // A recorded point names its timeline; the checks judge it.
+        Target::Name { point: Some(_), .. } | Target::Immediate => true,
+        Target::EndOfArchive | Target::Xid(_) | Target::Name { point: None, .. } => false,
+    }
 }
 
 pub async fn restore(
@@ -1066,6 +1166,7 @@ mod tests {
                 branches: Vec::new(),
             },
             newest_timeline: newest,
+            branch_tips: Default::default(),
         };
         let time = Target::Time {
             text: "2026-11-24 12:44:59+00".into(),
@@ -1101,6 +1202,43 @@ mod tests {
             parent: 1,
             fork_lsn: 6 << 24,
         }];
+        // A timeline that forked while timeline 1 went on: which is production nobody can tell,
+        // so a restore that would pass the fork asks; one before it does not need to.
+        drill.branch_tips.insert(
+            3,
+            BranchTip {
+                promoted_at: Some(1_000_000),
+                last_segment: Some("00000003000000000000000C".into()),
+                stored_at: Some(1_000_900),
+            },
+        );
+        for past in [
+            Target::EndOfArchive,
+            Target::Xid(7),
+            Target::Lsn(7 << 24),
+            Target::Time {
+                text: "t".into(),
+                epoch: 1_000_000.0,
+            },
+        ] {
+            let err = written(&past, &drill).unwrap_err().to_string();
+            assert!(
+                err.contains("timeline 3 forked from 1 at 0/6000000")
+                    && err.contains("00000003000000000000000C")
+                    && err.contains("--target-timeline 1 | 3"),
+                "{past:?}: {err}"
+            );
+        }
+        for before in [
+            Target::Lsn(6 << 24),
+            Target::Time {
+                text: "t".into(),
+                epoch: 1_000_000.0 - 600.0,
+            },
+            Target::Immediate,
+        ] {
+            assert_eq!(written(&before, &drill).unwrap(), None, "{before:?}");
+        }
         let hint = drill.branch_hint();
         assert!(
             hint.contains("timeline 3 forked from 1 at 0/6000000")
