@@ -85,7 +85,9 @@ pub fn for_backup(e: &BackupError) -> i32 {
         BackupError::ForeignCluster(_) | BackupError::TargetNotEmpty(_) => CONFLICT,
         BackupError::WalNotArchived(_) => UNAVAILABLE,
         BackupError::NoSuchBackup(_) | BackupError::NoBackupForTarget(_) => NOT_IN_ARCHIVE,
-        BackupError::BadManifest { .. } | BackupError::BadHistory { .. } => CORRUPT,
+        BackupError::BadManifest { .. } | BackupError::BadHistory { .. } | BackupError::Gap(_) => {
+            CORRUPT
+        }
     }
 }
 

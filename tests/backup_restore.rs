@@ -967,7 +967,29 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert_eq!(newest["page_checks"]["bad"], 2, "{listed}");
     let text = ok(&run(&cfg, &["backup-list".into()], base.path()));
     assert!(text.contains("2 BAD"), "{text}");
+    // More WAL after the backup, for the gap below.
+    let mut after = Vec::new();
+    for _ in 0..3 {
+        primary.psql("insert into pgbench_history (tid, bid, aid, delta) values (1, 1, 1, 1)");
+        after.push(primary.switch_wal());
+    }
+    primary.wait_archived(&after[2]);
     primary.stop();
+
+    // A segment missing from the middle of the archive (deleted by hand, say): a restore to the
+    // end would stop at the gap and promote without everything after it. Refused, exit 4.
+    let missing = repo.join("wal").join(&after[0][..16]).join(&after[0]);
+    let aside = base.path().join("aside");
+    std::fs::rename(&missing, &aside).unwrap();
+    let out = restore(&cfg, &base.path().join("gap"), &["--dry-run"]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(
+        err.contains("has a gap") && err.contains(&after[1]) && err.contains("--target-lsn"),
+        "{err}"
+    );
+    std::fs::rename(&aside, &missing).unwrap();
+    ok(&restore(&cfg, &base.path().join("gap"), &["--dry-run"]));
 
     // A target older than every backup: a clear error, nothing written.
     let old = base.path().join("old");

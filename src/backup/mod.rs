@@ -52,6 +52,9 @@ pub enum BackupError {
          backup's own, or a number) to choose it yourself"
     )]
     BadHistory { name: String, why: String },
+    /// Archived WAL after a missing segment: recovery would stop at the gap.
+    #[error("{0}")]
+    Gap(String),
 }
 
 impl BackupError {

@@ -197,6 +197,8 @@ struct ArchiveEnd {
     newest_timeline: u32,
     /// What the archive holds of each timeline in `path.branches`.
     branch_tips: std::collections::BTreeMap<u32, BranchTip>,
+    /// The first segment archived after a gap on the last timeline: WAL recovery cannot reach.
+    after_gap: Option<String>,
 }
 
 /// How far a timeline that is not followed goes, to help the user choose.
@@ -240,6 +242,18 @@ impl ArchiveEnd {
 
     /// For a target past the end: the timelines that fork from the path and are not followed,
     /// one of which may be where production went on.
+    /// For a target past the end: the WAL after a gap, which recovery cannot reach.
+    fn gap_hint(&self) -> String {
+        match &self.after_gap {
+            None => String::new(),
+            Some(next) => format!(
+                ". The archive has a gap: the segment after {} is missing, though {next} and \
+                 later are there (a deleted segment can be restored from a bucket version)",
+                self.last_segment
+            ),
+        }
+    }
+
     fn branch_hint(&self) -> String {
         match self.path.branches.as_slice() {
             [] => String::new(),
@@ -402,7 +416,17 @@ async fn archive_end(
         .collect();
     Ok(path.end.map(|(tli, segno)| {
         let last = SegmentId::from_segno(tli, segno, seg_size).file_name();
+        let after_gap = archived
+            .segments
+            .get(&tli)
+            .and_then(|s| s.range(segno + 1..).next())
+            .map(|&n| {
+                SegmentId::from_segno(tli, n, seg_size)
+                    .file_name()
+                    .to_string()
+            });
         ArchiveEnd {
+            after_gap,
             stored_at: stored.get(last.as_str()).copied().flatten(),
             last_segment: last.to_string(),
             lsn: (segno + 1) * seg_size,
@@ -457,15 +481,35 @@ fn check_reachable(
             None => Ok(()),
         };
     }
+    if let (Some(next), Target::EndOfArchive | Target::Xid(_) | Target::Name { .. }) =
+        (&end.after_gap, target)
+    {
+        let gap = format!(
+            "the archived WAL after backup {} has a gap: the segment after {} is missing, though \
+             {next} and later are there, and recovery stops at the first missing segment",
+            chosen.id, end.last_segment
+        );
+        // Replaying to the end would promote at the gap, with every later transaction missing.
+        if *target == Target::EndOfArchive {
+            return Err(BackupError::Gap(format!(
+                "{gap}: restore the missing segments (a deleted one can be restored from a bucket \
+                 version), or, to accept losing what follows, restore to the gap with \
+                 --target-lsn {}",
+                format_lsn(end.lsn)
+            )));
+        }
+        eprintln!("walship: warning: {gap}; a target after the gap cannot be reached");
+    }
     match target {
         Target::Lsn(lsn) if *lsn > end.lsn => Err(BackupError::NoBackupForTarget(format!(
             "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}{}); \
-             archive more WAL or choose an earlier target{}",
+             archive more WAL or choose an earlier target{}{}",
             format_lsn(*lsn),
             chosen.id,
             format_lsn(end.lsn),
             end.last_segment,
             end.through(),
+            end.gap_hint(),
             end.branch_hint()
         ))),
         Target::Time { text, epoch } => match end.stored_at {
@@ -475,12 +519,13 @@ fn check_reachable(
                      backup {} on timeline {}{}, {}, was stored at {}, so recovery would replay \
                      it all and stop short of the target; check that archiving works \
                      (pg_stat_archiver on the server, walship errors in its log) or choose an \
-                     earlier time{}",
+                     earlier time{}{}",
                     chosen.id,
                     end.timeline(chosen.timeline),
                     end.through(),
                     end.last_segment,
                     epoch_rfc3339(at as f64),
+                    end.gap_hint(),
                     end.branch_hint()
                 )))
             }
@@ -1167,6 +1212,7 @@ mod tests {
             },
             newest_timeline: newest,
             branch_tips: Default::default(),
+            after_gap: None,
         };
         let time = Target::Time {
             text: "2026-11-24 12:44:59+00".into(),
