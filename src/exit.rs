@@ -36,6 +36,7 @@ fn storage_code(e: &StorageError) -> i32 {
         StorageError::NoBucket(_) | StorageError::Denied(_) => ACCESS,
         StorageError::Transient(_) | StorageError::Other(_) => UNAVAILABLE,
         StorageError::Io(_) => LOCAL_IO,
+        StorageError::Deleted(_) => CORRUPT,
         StorageError::InvalidKey(_) => USAGE,
     }
 }

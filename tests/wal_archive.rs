@@ -674,6 +674,23 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         rt.block_on(kill_store.get(&kkey)).is_ok(),
         "archived by the rerun"
     );
+
+    // Deleted from the versioned bucket (a delete marker hides it): not "not in the archive",
+    // which would end recovery there, but an error that stops it and says what happened.
+    rt.block_on(kill_store.delete(&kkey)).unwrap();
+    let dest = scratch.join("deleted-segment");
+    let out = walship(
+        &cfg_kill,
+        &["wal-fetch", &after, dest.to_str().unwrap()],
+        &scratch,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 4), "{err}");
+    assert!(
+        err.contains("was deleted") && err.contains("delete marker"),
+        "{err}"
+    );
+    assert!(!dest.exists());
 }
 
 /// The disk fills up, where the archive is and where recovery places WAL. Archiving fails and

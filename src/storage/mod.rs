@@ -8,6 +8,8 @@
 //!   directory fsynced).
 //! - `get`/`get_prefix` of a missing key fail with `StorageError::NotFound`, and only then: a missing
 //!   bucket is `NoBucket`, bad credentials `Denied`, anything that may succeed on retry `Transient`.
+//!   `get` of a key whose current version is a delete marker is `Deleted`, where the backend can
+//!   tell (S3 with versioning).
 //! - `list` returns every object under a prefix, sorted by key; `list_after` those after a key;
 //!   `list_dirs` the directories under a prefix that hold at least one object.
 
@@ -84,6 +86,10 @@ pub struct StoreInfo {
 pub enum StorageError {
     #[error("object {0} does not exist")]
     NotFound(String),
+    /// The object was there: its current version is a delete marker (versioned buckets), and
+    /// its earlier versions are still stored. Never "not in the archive".
+    #[error("object {0} was deleted: its current version is a delete marker and its earlier versions are still in the bucket; find out who deleted it, and restore it by deleting that marker (`aws s3api list-object-versions --prefix <key>` shows its version id)")]
+    Deleted(String),
     #[error("{0}")]
     NoBucket(String),
     /// The message says what to check: credentials and bucket policy for S3, owner and mode for files.

@@ -222,6 +222,26 @@ impl S3Store {
         ))
     }
 
+    /// Whether the current version of `full` is a delete marker: deleted from a versioned bucket,
+    /// not never written. Asked only when a GET found nothing, so that a WAL segment someone
+    /// deleted never reads as the end of the archive (recovery would promote there). Any error
+    /// (a role without s3:ListBucketVersions, a server without versions) answers no.
+    async fn deleted(&self, full: &str) -> bool {
+        let listed = self
+            .client
+            .list_object_versions()
+            .bucket(&self.bucket)
+            .prefix(full)
+            .max_keys(16)
+            .send()
+            .await;
+        listed.is_ok_and(|out| {
+            out.delete_markers()
+                .iter()
+                .any(|m| m.key() == Some(full) && m.is_latest() == Some(true))
+        })
+    }
+
     /// S3 answers a GET of a missing key with 403, not 404, unless the caller may list the bucket
     /// without a prefix condition, which least-privilege roles (terraform/'s) may not. A 403 would
     /// make the end of the archive look like an access problem to wal-fetch, and the wait for a
@@ -297,7 +317,16 @@ impl Store for S3Store {
             .await;
         let out = match out {
             Ok(out) => out,
-            Err(e) => return Err(self.missing_or_denied(&full, self.map(&full, e)).await),
+            Err(e) => {
+                let err = self.missing_or_denied(&full, self.map(&full, e)).await;
+                if matches!(err, StorageError::NotFound(_)) && self.deleted(&full).await {
+                    return Err(StorageError::Deleted(format!(
+                        "s3://{}/{full}",
+                        self.bucket
+                    )));
+                }
+                return Err(err);
+            }
         };
         let data = out.body.collect().await.map_err(|e| {
             StorageError::Transient(format!(
