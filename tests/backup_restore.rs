@@ -588,6 +588,12 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     let listed = list_json(&cfg);
     assert_eq!(listed["backups"][0]["id"], id.as_str());
     assert_eq!(listed["backups"][0]["from_standby"], true);
+    assert!(
+        listed["backups"][0]["next_xid"]
+            .as_u64()
+            .is_some_and(|x| x > 3),
+        "a standby's backup records the next xid too: {listed}"
+    );
 
     primary.psql("insert into marks (note) values ('after backup')");
     let want = accounts(&primary);
@@ -997,6 +1003,15 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("no backup can reach"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!old.exists());
+    // An xid assigned before every backup ended: the same.
+    let out = restore(&cfg, &old, &["--target-xid", "3"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no backup can reach xid 3"),
         "{}",
         stderr(&out)
     );

@@ -580,6 +580,13 @@ pub async fn push(
     let label: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
     let stop_epoch = epoch(pg).await?;
+    // The first xid not yet completed: every transaction with it or a later one commits after
+    // the stop. Text, since tokio-postgres has no xid8; optional, since restore can do without.
+    let next_xid = pg
+        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
+        .await
+        .ok()
+        .and_then(|r| r.get::<_, String>(0).parse::<u64>().ok());
     let (timeline, start_wal) = parse_label(&label).ok_or_else(|| {
         PgError::Unexpected(format!(
             "cannot read the backup label PostgreSQL returned: {label}"
@@ -641,6 +648,7 @@ pub async fn push(
         stop_time: epoch_rfc3339(stop_epoch),
         start_epoch,
         stop_epoch,
+        next_xid,
         from_standby: facts.in_recovery,
         backup_label: label,
         tablespace_map: spcmap.filter(|s| !s.is_empty()),

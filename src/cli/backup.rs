@@ -575,7 +575,7 @@ pub async fn list(cfg: &Config, json: bool) -> Result<(), BackupError> {
                     "start_lsn": m.start_lsn, "stop_lsn": m.stop_lsn, "timeline": m.timeline,
                     "original_size": m.original_size, "stored_size": m.stored_size,
                     "pg_version_num": m.pg_version_num, "from_standby": m.from_standby,
-                    "page_checks": m.page_checks,
+                    "page_checks": m.page_checks, "next_xid": m.next_xid,
                 })
             })
             .collect();
@@ -889,7 +889,11 @@ pub async fn restore(
             let m = backup::resolve(&archive, &ids, which).await?;
             // PostgreSQL would find out only after the download and replay, and refuse to start:
             // "requested recovery stop point is before consistent recovery point".
-            if restore::reaches(&m.stop_lsn, m.stop_epoch, &target) == Some(false) {
+            let before_xid = match (&target, m.next_xid) {
+                (Target::Xid(x), Some(next)) => !restore::xid_at_or_after(*x, next),
+                _ => false,
+            };
+            if before_xid || restore::reaches(&m.stop_lsn, m.stop_epoch, &target) == Some(false) {
                 return Err(BackupError::NoBackupForTarget(format!(
                     "backup {} becomes consistent only at {} (LSN {}), after the target: \
                      choose an earlier backup, or leave out --backup to let walship choose",

@@ -167,6 +167,11 @@ pub struct BackupManifest {
     pub stop_time: String,
     pub start_epoch: f64,
     pub stop_epoch: f64,
+    /// The server's next transaction id (64-bit, with epoch) once the backup had stopped: a
+    /// transaction with this id or a later one commits after the backup is consistent. What
+    /// `restore --target-xid` chooses a backup by; absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_xid: Option<u64>,
     pub from_standby: bool,
     pub backup_label: String,
     pub tablespace_map: Option<String>,
@@ -204,6 +209,8 @@ pub struct BackupSummary {
     pub stop_time: String,
     pub start_epoch: f64,
     pub stop_epoch: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_xid: Option<u64>,
     pub from_standby: bool,
     pub original_size: u64,
     pub stored_size: u64,
@@ -231,6 +238,7 @@ impl BackupSummary {
             stop_time: m.stop_time.clone(),
             start_epoch: m.start_epoch,
             stop_epoch: m.stop_epoch,
+            next_xid: m.next_xid,
             from_standby: m.from_standby,
             original_size: m.original_size(),
             stored_size: m.stored_size(),
@@ -336,6 +344,7 @@ mod tests {
             stop_time: String::new(),
             start_epoch: 0.0,
             stop_epoch: 0.0,
+            next_xid: None,
             from_standby: false,
             backup_label: String::new(),
             tablespace_map: None,

@@ -226,6 +226,14 @@ pub fn choose_backup<'a>(
         })
     };
     let ok = |b: &BackupSummary| reaches(&b.stop_lsn, b.stop_epoch, target) == Some(true);
+    if let Target::Xid(xid) = target {
+        // A backup whose recorded next xid is at or before the target's ends before the target
+        // commits; one without the record (an older walship) might.
+        return before(
+            &|b| b.next_xid.is_none_or(|next| xid_at_or_after(*xid, next)),
+            format!("xid {xid}"),
+        );
+    }
     match target {
         Target::Time { text, .. } => before(&ok, format!("time {text}")),
         Target::Lsn(lsn) => before(&ok, format!("LSN {}", format_lsn(*lsn))),
@@ -235,6 +243,16 @@ pub fn choose_backup<'a>(
         } => before(&ok, format!("restore point '{name}' (LSN {})", p.lsn)),
         _ => Ok(newest),
     }
+}
+
+/// Whether transaction `xid` was assigned at or after `next` (a 64-bit xid with its epoch).
+/// A 64-bit `xid` compares as is; a 32-bit one (what most views show) the way PostgreSQL
+/// compares xids, in the window of 2^31 around `next`.
+pub fn xid_at_or_after(xid: u64, next: u64) -> bool {
+    if xid > u64::from(u32::MAX) {
+        return xid >= next;
+    }
+    (xid as u32).wrapping_sub(next as u32) as i32 >= 0
 }
 
 /// Whether a backup that becomes consistent at `stop_lsn` (`stop_epoch` by the server's clock)
@@ -567,6 +585,59 @@ mod tests {
         assert_eq!(
             conf,
             "# disabled by walship restore: restore_command = 'x'\n"
+        );
+    }
+
+    #[test]
+    fn xid_targets_choose_a_backup_that_ended_before_the_transaction() {
+        let b = |id: &str, next_xid: Option<u64>| BackupSummary {
+            format: 1,
+            id: id.into(),
+            system_identifier: "1".into(),
+            pg_version_num: 150000,
+            wal_segment_size: 16 << 20,
+            timeline: 1,
+            start_lsn: "0/2000028".into(),
+            stop_lsn: "0/2000100".into(),
+            start_wal: "000000010000000000000002".into(),
+            stop_wal: "000000010000000000000002".into(),
+            start_time: String::new(),
+            stop_time: String::new(),
+            start_epoch: 0.0,
+            stop_epoch: 0.0,
+            next_xid,
+            from_standby: false,
+            original_size: 0,
+            stored_size: 0,
+            files: 0,
+            parts: 0,
+            walship_version: String::new(),
+            page_checks: None,
+        };
+        let epoch1 = 1u64 << 32;
+        let all = [
+            b("a", Some(1000)),
+            b("b", Some(5000)),
+            b("c", Some(epoch1 + 100)),
+        ];
+        let chosen = |x: u64| choose_backup(&all, &Target::Xid(x)).map(|b| b.id.clone());
+        assert_eq!(chosen(epoch1 + 100).unwrap(), "c");
+        assert_eq!(chosen(epoch1 + 99).unwrap(), "b", "64-bit: epoch 0's");
+        assert_eq!(chosen(5000).unwrap(), "c", "32-bit: read near the newest");
+        // 32-bit xids compare as PostgreSQL compares them: within 2^31 of the backup's next xid.
+        assert!(xid_at_or_after(150, epoch1 + 100));
+        assert!(!xid_at_or_after(99, epoch1 + 100));
+        assert!(xid_at_or_after(5000, 1000) && !xid_at_or_after(999, 1000));
+        let old = [b("a", Some(1000)), b("b", Some(5000))];
+        let chosen = |x: u64| choose_backup(&old, &Target::Xid(x)).map(|b| b.id.clone());
+        assert_eq!(chosen(4999).unwrap(), "a");
+        let err = chosen(999).unwrap_err().to_string();
+        assert!(err.contains("no backup can reach xid 999"), "{err}");
+        // Backups from before the record: taken as they come.
+        let unrecorded = [b("a", None), b("b", Some(5000))];
+        assert_eq!(
+            choose_backup(&unrecorded, &Target::Xid(10)).unwrap().id,
+            "a"
         );
     }
 
