@@ -215,7 +215,8 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert!(err.contains("a PostgreSQL server is running"), "{err}");
 
     // The bank's story: good work, a restore point, a time, then the faulty batch job.
-    primary.psql("insert into marks (note) values ('good work')");
+    let good_xid = primary
+        .psql("insert into marks (note) values ('good work') returning pg_current_xact_id()");
     let good_accounts = accounts(&primary);
     let out = run(
         &cfg,
@@ -251,6 +252,7 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
          || ' Asia/Kolkata'",
     );
     std::thread::sleep(Duration::from_millis(1100));
+    let good_lsn = primary.psql("select pg_current_wal_lsn()");
     primary.psql("update pgbench_accounts set abalance = abalance - 1000 where aid <= 1000");
     primary.psql("insert into marks (note) values ('batch job')");
     let end_accounts = accounts(&primary);
@@ -446,6 +448,37 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert_eq!(marks(&c), end_marks);
     assert_eq!(accounts(&c), end_accounts);
     c.stop();
+
+    // To the good work's transaction id, and to a WAL location before the batch.
+    for (n, target) in [
+        (6, ["--target-xid", &good_xid]),
+        (7, ["--target-lsn", &good_lsn]),
+    ] {
+        let dir = base.path().join(format!("at-{}", &target[0][9..]));
+        let map = format!(
+            "{}={}",
+            ts_dir.display(),
+            base.path().join(format!("ts-{n}")).display()
+        );
+        ok(&restore(
+            &cfg,
+            &dir,
+            &[
+                target[0],
+                target[1],
+                "--target-action",
+                "promote",
+                "--archive-mode",
+                "off",
+                "--tablespace-map",
+                &map,
+            ],
+        ));
+        let c = start_restored(base.path(), &dir, &format!("at-{n}"));
+        assert_eq!(marks(&c), "before backup,good work", "{target:?}");
+        assert_eq!(accounts(&c), good_accounts, "{target:?}");
+        c.stop();
+    }
 
     // The copy restored to before the batch becomes production, archiving (as configured) into
     // the same repository: timeline 3 (the restore to the end made 2) forks from timeline 1, whose
@@ -1155,6 +1188,24 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("did not finish") && stderr(&out).contains("--force"),
+        "{}",
+        stderr(&out)
+    );
+    // A part that is gone altogether: damage too (exit 4), not "no such backup" (exit 1).
+    std::fs::remove_file(&part).unwrap();
+    let gone = base.path().join("gone");
+    let out = backup_fetch(&cfg, &id, &gone);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    assert!(stderr(&out).contains("is missing"), "{}", stderr(&out));
+    // A repository URL that names no repository (a wrong prefix): a setup error (exit 6), not
+    // "the repository has no backups".
+    let empty = base.path().join("empty-repo");
+    std::fs::create_dir_all(base.path().join("wrong-repo-cfg")).unwrap();
+    let wrong = common::dir_config(&base.path().join("wrong-repo-cfg"), &empty, &keys);
+    let out = restore(&wrong, &base.path().join("nowhere"), &["--dry-run"]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("not a walship repository"),
         "{}",
         stderr(&out)
     );

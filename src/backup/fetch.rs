@@ -21,8 +21,9 @@ use super::pool::BufferPool;
 use super::progress::Progress;
 use super::BackupError;
 use crate::archive::{Archive, ArchiveError};
-use crate::codec::{self, Identities};
+use crate::codec::{self, CodecError, Identities};
 use crate::repo::backup::{self as layout, BackupManifest, Piece};
+use crate::storage::StorageError;
 
 pub const INCOMPLETE_MARKER: &str = "walship-restore-incomplete";
 const PG_CONTROL: &str = "global/pg_control";
@@ -398,11 +399,16 @@ pub async fn fetch(
         let (size, sha) = (part.plain_size, part.sha256.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            let object = archive
-                .store()
-                .get(&key)
-                .await
-                .map_err(ArchiveError::from)?;
+            // A part of a finished backup that is gone is damage, not "no such backup".
+            let object = archive.store().get(&key).await.map_err(|e| match e {
+                StorageError::NotFound(what) => ArchiveError::Codec {
+                    key: key.to_string(),
+                    source: CodecError::Corrupt(format!(
+                        "{what} is missing, though the backup's manifest lists it"
+                    )),
+                },
+                e => ArchiveError::from(e),
+            })?;
             tokio::task::spawn_blocking(move || {
                 let mut plain = pool.take();
                 let done = restore_part(

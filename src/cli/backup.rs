@@ -186,6 +186,7 @@ pub async fn push(cfg: &Config, args: &PushArgs) -> Result<BackupManifest, Backu
 
 /// Where the WAL that follows a backup without a gap ends, along its timeline or the timelines
 /// failovers continued it on.
+#[derive(Clone)]
 struct ArchiveEnd {
     last_segment: String,
     lsn: u64,
@@ -696,9 +697,24 @@ fn fetch_options(r: &RestoreCommon) -> Result<FetchOptions, BackupError> {
     })
 }
 
+/// Refuse a repository URL with no `walship.json`: a wrong bucket, prefix or directory would
+/// otherwise read as "no backups" (exit 1) rather than a setup error (exit 6).
+async fn require_repository(archive: &Archive) -> Result<(), BackupError> {
+    match archive.read_meta().await? {
+        Some(_) => Ok(()),
+        None => Err(ArchiveError::Storage(StorageError::NoBucket(format!(
+            "{} has no walship.json: this is not a walship repository (wrong bucket, prefix or \
+             directory?)",
+            archive.store().describe()
+        )))
+        .into()),
+    }
+}
+
 pub async fn fetch(cfg: &Config, args: &FetchArgs) -> Result<BackupManifest, BackupError> {
     let archive = Archive::open(cfg, 5).await?;
     let ids = identities(cfg)?;
+    require_repository(&archive).await?;
     let m = backup::resolve(&archive, &ids, &args.backup).await?;
     backup::fetch::fetch(
         &archive,
@@ -771,11 +787,15 @@ fn follow_timeline(
     // archiving, or a copy restored to before a faulty batch and made the primary. Which one is
     // production nobody can tell from the archive, and replaying the wrong one brings back what
     // the restore is meant to undo. Only a target before the fork is the same on both.
+    // Where the path's WAL ends at the fork (a fork on a segment boundary, or at the end of the
+    // archive), a target within that WAL is before the fork and one after it is on the branch
+    // alone: only replaying to the end has to choose.
     let undecided: Vec<&timeline::Step> = end
         .path
         .branches
         .iter()
         .filter(|b| !target_before_fork(target, b, end.branch_tips.get(&b.timeline)))
+        .filter(|b| end.lsn > b.fork_lsn || *target == Target::EndOfArchive)
         .collect();
     if !undecided.is_empty() {
         let each: Vec<String> = undecided
@@ -854,6 +874,7 @@ pub async fn restore(
 ) -> Result<BackupManifest, BackupError> {
     let archive = Archive::open(cfg, 5).await?;
     let ids = identities(cfg)?;
+    require_repository(&archive).await?;
     let target = if let Some(t) = &args.target_time {
         let time = restore::parse_target_time(t).map_err(BackupError::Invalid)?;
         Target::Time {
@@ -1279,6 +1300,11 @@ mod tests {
                 "{past:?}: {err}"
             );
         }
+        // A branch forked where the path's WAL ends: only the end of the archive is in doubt.
+        let mut at_end = drill.clone();
+        at_end.path.branches[0].fork_lsn = at_end.lsn;
+        assert!(written(&Target::EndOfArchive, &at_end).is_err());
+        assert_eq!(written(&Target::Xid(7), &at_end).unwrap(), None);
         for before in [
             Target::Lsn(6 << 24),
             Target::Time {
