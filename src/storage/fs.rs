@@ -152,7 +152,7 @@ fn put_blocking(
             // EPERM on a file we just created, or EOPNOTSUPP: no hard links here (vfat, CIFS
             // without unix extensions, some FUSE file systems).
             Err(e) if matches!(e.raw_os_error(), Some(1 | 95)) => {
-                Ok(Err(StorageError::Other(format!(
+                Ok(Err(StorageError::Io(format!(
                     "{}: {e}: this file system does not support hard links, which walship uses to \
                      create objects without ever replacing one; put the repository on one that \
                      does (ext4, XFS, NFS)",

@@ -70,12 +70,12 @@ impl S3Store {
         if let Some(ca) = &s.ca_bundle {
             use aws_smithy_http_client::tls;
             let pem = std::fs::read(ca).map_err(|e| {
-                StorageError::Other(format!("cannot read CA bundle {}: {e}", ca.display()))
+                StorageError::Io(format!("cannot read CA bundle {}: {e}", ca.display()))
             })?;
             let ctx = tls::TlsContext::builder()
                 .with_trust_store(tls::TrustStore::default().with_pem_certificate(pem))
                 .build()
-                .map_err(|e| StorageError::Other(format!("bad CA bundle {}: {e}", ca.display())))?;
+                .map_err(|e| StorageError::Io(format!("bad CA bundle {}: {e}", ca.display())))?;
             let http = aws_smithy_http_client::Builder::new()
                 .tls_provider(tls::Provider::Rustls(
                     tls::rustls_provider::CryptoMode::AwsLc,
