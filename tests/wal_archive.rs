@@ -383,6 +383,21 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
             && !report.contains("check the network"),
         "{report}"
     );
+    // A CA bundle that cannot be read: a local file problem, named.
+    let missing_ca = base.path().join("no-such-ca.pem");
+    let out = walship(
+        &cfg,
+        &[
+            "wal-push",
+            "--s3-ca-bundle",
+            missing_ca.to_str().unwrap(),
+            "x",
+        ],
+        base.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(err.contains("cannot read CA bundle"), "{err}");
     let bucket = format!("s3://{}/", server.bucket());
     let (code, report) = check("no-bucket", &bucket, "s3://no-such-bucket/");
     assert_eq!(code, Some(6), "{report}");
