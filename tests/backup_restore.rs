@@ -519,6 +519,17 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
         "{err}"
     );
     assert!(!disaster.exists(), "nothing written");
+    // A standby would follow PostgreSQL's 'latest', timeline 3, which may not be production's
+    // either: it is asked the same.
+    let out = restore(
+        &cfg,
+        &disaster,
+        &["--standby", "--tablespace-map", &ts_map(5)],
+    );
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("--target-timeline 1 | 2 | 3"), "{err}");
+    assert!(!disaster.exists(), "nothing written");
     ok(&restore(
         &cfg,
         &disaster,
@@ -705,6 +716,25 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
             .unwrap()
             .starts_with("00000002"),
         "{newest}"
+    );
+
+    // A standby restored from the backup follows the failover with PostgreSQL's 'latest', which
+    // goes on to follow later ones too.
+    let out = restore(
+        &cfg,
+        &base.path().join("standby-copy"),
+        &["--standby", "--dry-run"],
+    );
+    let plan = ok(&out);
+    assert!(
+        stderr(&out).contains("goes on along timeline 2")
+            && stderr(&out).contains("'latest', which follows later failovers too"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        plan.contains("standby.signal") && !plan.contains("recovery_target_timeline"),
+        "{plan}"
     );
 
     // Told to stay on the backup's timeline, where the point is not: refused before anything is

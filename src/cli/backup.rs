@@ -762,10 +762,15 @@ async fn read_restore_point(
 /// target, the backup's own when the archive has later timelines off the path, which PostgreSQL's
 /// default, 'latest', would follow; otherwise none (walship's defaults: 'current' with a
 /// target, 'latest' without). Refused when two timelines continue the same point.
+///
+/// A `standby` without a target is left on 'latest' where that is the path's last timeline, so
+/// it goes on to follow later failovers; where 'latest' would be a branch off the path, it gets
+/// the path's timeline like any restore to the end, and is told it stays there.
 fn follow_timeline(
     chosen: (&str, u32),
     target: &Target,
     end: &ArchiveEnd,
+    standby: bool,
 ) -> Result<Option<String>, BackupError> {
     let (id, own) = chosen;
     if let Some(a) = &end.path.ambiguous {
@@ -830,15 +835,34 @@ fn follow_timeline(
             choices.join(" | ")
         )));
     }
+    // 'latest' is PostgreSQL's newest timeline: the path's last one unless a branch is newer.
+    let latest = standby && *target == Target::EndOfArchive && end.newest_timeline == last;
+    let stays = || {
+        if standby {
+            eprintln!(
+                "walship: the standby stays on timeline {last}: after a failover, set \
+                 recovery_target_timeline in its postgresql.auto.conf to the new timeline and \
+                 restart it"
+            );
+        }
+    };
     if !end.path.steps.is_empty() {
         let forks: Vec<String> = end.path.steps.iter().map(|s| s.to_string()).collect();
         // Said whatever the log level: the choice decides which history the restore gets.
         eprintln!(
             "walship: the WAL after backup {id} goes on along timeline {last}: promoted where the \
              archived WAL before it ends, as after a failover ({}); recovery follows it \
-             (recovery_target_timeline = {last})",
-            forks.join(", ")
+             (recovery_target_timeline = {})",
+            forks.join(", "),
+            match latest {
+                true => "'latest', which follows later failovers too".to_string(),
+                false => last.to_string(),
+            }
         );
+        if latest {
+            return Ok(None);
+        }
+        stays();
         return Ok(Some(last.to_string()));
     }
     if *target == Target::EndOfArchive && end.newest_timeline > last {
@@ -848,6 +872,7 @@ fn follow_timeline(
              'latest'",
             end.newest_timeline, id
         );
+        stays();
         return Ok(Some(last.to_string()));
     }
     Ok(None)
@@ -932,8 +957,10 @@ pub async fn restore(
     // Without --target-timeline, recovery follows the timelines failovers continued the backup's
     // WAL on (restore::timeline), and the checks follow the same path. With one, the checks follow
     // it when it is the backup's own; on another the WAL goes on under names only PostgreSQL's
-    // reading of the history files resolves, and a standby waits for WAL yet to come.
-    let follow = args.target_timeline.is_none() && !args.standby && target != Target::Immediate;
+    // reading of the history files resolves. A standby's timeline is chosen the same way (left
+    // alone, PostgreSQL's 'latest' follows a drill's newer branch), but the checks are not made:
+    // it waits for WAL yet to come.
+    let follow = args.target_timeline.is_none() && target != Target::Immediate;
     let own_timeline = match args.target_timeline.as_deref() {
         None | Some("current") => true,
         Some(t) => t.parse::<u32>().ok() == Some(chosen.timeline),
@@ -961,9 +988,11 @@ pub async fn restore(
     let timeline = match &end {
         _ if !follow => args.target_timeline.clone(),
         None => None,
-        Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e)?,
+        Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e, args.standby)?,
     };
-    check_reachable(&chosen, &target, end.as_ref())?;
+    if !args.standby {
+        check_reachable(&chosen, &target, end.as_ref())?;
+    }
     let opts = RecoveryOptions {
         target,
         action: args.target_action.clone(),
@@ -1244,7 +1273,8 @@ mod tests {
             epoch: 0.0,
         };
         let chosen = ("20261124T020000Z", 1);
-        let written = |target: &Target, e: &ArchiveEnd| follow_timeline(chosen, target, e);
+        let written = |target: &Target, e: &ArchiveEnd| follow_timeline(chosen, target, e, false);
+        let standby = |e: &ArchiveEnd| follow_timeline(chosen, &Target::EndOfArchive, e, true);
         // A failover continued the WAL: its timeline, with a target or without.
         assert_eq!(
             written(&time, &end(&[2], None, 2)).unwrap(),
@@ -1266,6 +1296,12 @@ mod tests {
             Some("1".into())
         );
         assert_eq!(written(&time, &end(&[], None, 2)).unwrap(), None);
+        // A standby stays on 'latest' where that is the path's end, to follow later failovers
+        // too, and gets the path's timeline where 'latest' is a newer branch.
+        assert_eq!(standby(&end(&[2], None, 2)).unwrap(), None);
+        assert_eq!(standby(&end(&[], None, 1)).unwrap(), None);
+        assert_eq!(standby(&end(&[2], None, 4)).unwrap(), Some("2".into()));
+        assert_eq!(standby(&end(&[], None, 2)).unwrap(), Some("1".into()));
         // Branches not followed are named when a target lies past the end.
         let mut drill = end(&[], None, 3);
         drill.path.branches = vec![timeline::Step {
@@ -1304,6 +1340,7 @@ mod tests {
         let mut at_end = drill.clone();
         at_end.path.branches[0].fork_lsn = at_end.lsn;
         assert!(written(&Target::EndOfArchive, &at_end).is_err());
+        assert!(standby(&drill).is_err() && standby(&at_end).is_err());
         assert_eq!(written(&Target::Xid(7), &at_end).unwrap(), None);
         for before in [
             Target::Lsn(6 << 24),
