@@ -50,7 +50,9 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALSHIP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+                // The AWS SDK's own warnings are multi-line dumps of what walship's error line
+                // says in one; `WALSHIP_LOG=warn` shows them.
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,walship=warn")),
         )
         .with_writer(std::io::stderr)
         // PostgreSQL's log is a file: no colour codes unless a person is watching a terminal.

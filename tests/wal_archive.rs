@@ -383,6 +383,30 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
             && !report.contains("check the network"),
         "{report}"
     );
+    // The same with the instance metadata service asked too (it fails or cannot be reached
+    // here): the FAIL line says where keys go, and the SDK's own multi-line warnings about
+    // each provider stay out of the log.
+    let out = common::walship_cmd(&keyless, &["check"], base.path())
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_EC2_METADATA_DISABLED")
+        .env_remove("WALSHIP_LOG")
+        .env("HOME", base.path())
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{report}{err}");
+    assert!(
+        report.contains("repository   FAIL") && report.contains("AWS_ACCESS_KEY_ID"),
+        "{report}"
+    );
+    assert_eq!(
+        err.trim(),
+        "walship check: error: some checks failed; see the FAIL lines above",
+        "{report}"
+    );
     // A CA bundle that cannot be read: a local file problem, named.
     let missing_ca = base.path().join("no-such-ca.pem");
     let out = walship(

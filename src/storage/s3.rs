@@ -132,8 +132,12 @@ impl S3Store {
                 )),
                 // A provider that timed out or failed (STS, the instance metadata service) may
                 // answer on the next try.
+                // On a host without a role the chain ends there too, where no retry helps.
                 _ => StorageError::Transient(format!(
-                    "cannot get S3 credentials for {what}: {}",
+                    "cannot get S3 credentials for {what}: {}; if this host has no instance or \
+                     pod role, give keys (access_key_id and secret_access_key_file in the \
+                     config's s3 section, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or a \
+                     profile (AWS_PROFILE)",
                     describe_chain(&err)
                 )),
             };
@@ -206,7 +210,9 @@ fn describe_chain(err: &dyn std::error::Error) -> String {
         .map(str::trim)
         .filter(|l| !l.is_empty())
         .collect();
-    lines.join("; ").replace(":; ", ": ")
+    // Callers go on after a `;`: no sentence's full stop before it.
+    let one = lines.join("; ").replace(":; ", ": ").replace(".; ", "; ");
+    one.trim_end_matches('.').to_string()
 }
 
 impl S3Store {
@@ -505,5 +511,41 @@ impl Store for S3Store {
 
     fn describe(&self) -> String {
         format!("s3://{}/{}", self.bucket, self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_chain;
+
+    #[derive(Debug)]
+    struct Layer(&'static str, Option<Box<Layer>>);
+
+    impl std::fmt::Display for Layer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Layer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn an_error_chain_reads_as_one_line_without_repeats_or_full_stops() {
+        let cause = Layer(
+            "the chain tried:\n  environment: not set.\n  IMDS: request forbidden.",
+            None,
+        );
+        let err = Layer(
+            "dispatch failure",
+            Some(Box::new(Layer("dispatch failure", Some(Box::new(cause))))),
+        );
+        assert_eq!(
+            describe_chain(&err),
+            "dispatch failure: the chain tried: environment: not set; IMDS: request forbidden"
+        );
     }
 }
