@@ -422,6 +422,19 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");
     assert!(err.contains("cannot read CA bundle"), "{err}");
+    // A segment that is not there (a wrong %p, or an archive_command run from the wrong
+    // directory): a local file problem, in the system's words.
+    let out = walship(
+        &cfg,
+        &["wal-push", "pg_wal/000000010000000000000099"],
+        base.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        err.contains("cannot archive pg_wal/000000010000000000000099: No such file or directory"),
+        "{err}"
+    );
     let bucket = format!("s3://{}/", server.bucket());
     let (code, report) = check("no-bucket", &bucket, "s3://no-such-bucket/");
     assert_eq!(code, Some(6), "{report}");
