@@ -137,7 +137,9 @@ fn run(cli: Cli, standby: bool) -> i32 {
     match &cli.command {
         Command::Keygen(_) => unreachable!("handled above"),
         Command::Check(args) => {
-            let lines = runtime().block_on(cli::check::run(&cfg, args));
+            let mut lines = runtime().block_on(cli::check::run(&cfg, args));
+            let argv: Vec<String> = std::env::args().collect();
+            lines.extend(cli::check::unused_pg_flags(args, &argv));
             let mut ok = true;
             for l in &lines {
                 println!("{:<12} {:<4} {}", l.what, l.status.label(), l.text);

@@ -275,6 +275,30 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
     out
 }
 
+/// A warning when the command line (`argv`, program name first) gives `--pg-*` flags that only
+/// `--archiving` uses: whoever typed them meant the server to be checked. The same settings from
+/// `WALSHIP_PG_*` are not warned about: they are there for the backup commands too.
+pub fn unused_pg_flags(args: &CheckArgs, argv: &[String]) -> Option<Line> {
+    if args.archiving {
+        return None;
+    }
+    let given: Vec<&str> = argv
+        .iter()
+        .skip(1)
+        .take_while(|a| *a != "--")
+        .filter_map(|a| a.split('=').next())
+        .filter(|a| a.starts_with("--pg-"))
+        .collect();
+    (!given.is_empty()).then(|| Line {
+        what: "server",
+        status: Status::Warn,
+        text: format!(
+            "not checked: {} used only with --archiving; add it to check the server too",
+            given.join(", ")
+        ),
+    })
+}
+
 /// Whether this host can create objects, and whether the storage refuses to replace one, as
 /// `wal-push` relies on (S3: `If-None-Match: *`, which some S3-compatible servers ignore): the
 /// check object is put twice. After the first check ever, the first put already finds it.
@@ -407,6 +431,29 @@ async fn server_lines(
 mod tests {
     use super::*;
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn pg_flags_without_archiving_are_warned_about() {
+        let warned = |argv: &[&str]| {
+            use clap::Parser;
+            let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+            let cli = crate::cli::Cli::try_parse_from(&argv).unwrap();
+            let crate::cli::Command::Check(args) = &cli.command else {
+                panic!("not check: {argv:?}")
+            };
+            unused_pg_flags(args, &argv).map(|l| l.text)
+        };
+        let text = warned(&["walship", "check", "--pg-host", "/run/pg", "--pg-port=5433"]).unwrap();
+        assert!(
+            text.contains("--pg-host, --pg-port used only with --archiving"),
+            "{text}"
+        );
+        assert_eq!(
+            warned(&["walship", "check", "--archiving", "--pg-port", "5433"]),
+            None
+        );
+        assert_eq!(warned(&["walship", "check"]), None);
+    }
 
     /// A storage that accepts every put (`Replaces`: as a server that ignores If-None-Match) or
     /// refuses them all (`ReadOnly`: as a restore host's role). Nothing else is called.
