@@ -803,6 +803,37 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     assert_eq!(accounts(&c), want);
     c.stop();
 
+    // A standby restored from the backup replays the archive through the failover and stays in
+    // recovery, then goes on to replay what the new primary archives later.
+    let copy = base.path().join("standby-restored");
+    ok(&restore(&cfg, &copy, &["--standby"]));
+    assert!(copy.join("standby.signal").exists() && !copy.join("recovery.signal").exists());
+    let c = Cluster::at(base.path(), copy, "standby-restored");
+    c.start();
+    let replayed = |want: &str| {
+        c.try_psql("select string_agg(note, ',' order by id) from marks")
+            .is_some_and(|m| m == want)
+    };
+    let all = "before backup,after backup,after failover,after the point";
+    common::wait_until(
+        "the restored standby to replay timeline 2",
+        Duration::from_secs(120),
+        || replayed(all),
+    );
+    assert_eq!(c.psql("select pg_is_in_recovery()"), "t");
+    standby.start();
+    standby.psql("insert into marks (note) values ('while a standby follows')");
+    let last = standby.switch_wal();
+    standby.wait_archived(&last);
+    standby.stop();
+    common::wait_until(
+        "the restored standby to replay newly archived WAL",
+        Duration::from_secs(120),
+        || replayed(&format!("{all},while a standby follows")),
+    );
+    assert_eq!(c.psql("select pg_is_in_recovery()"), "t");
+    c.stop();
+
     // Timeline 2's history file damaged in the repository: the listing still shows the backups
     // and says why it stops at timeline 1; a restore that would have to choose the timeline
     // refuses, and names the flag that lets the user choose it.
