@@ -854,9 +854,10 @@ fn follow_timeline(
              archived WAL before it ends, as after a failover ({}); recovery follows it \
              (recovery_target_timeline = {})",
             forks.join(", "),
-            match latest {
-                true => "'latest', which follows later failovers too".to_string(),
-                false => last.to_string(),
+            if latest {
+                "'latest', which follows later failovers too".to_string()
+            } else {
+                last.to_string()
             }
         );
         if latest {

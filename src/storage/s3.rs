@@ -131,8 +131,8 @@ impl S3Store {
                     describe_chain(&err)
                 )),
                 // A provider that timed out or failed (STS, the instance metadata service) may
-                // answer on the next try.
-                // On a host without a role the chain ends there too, where no retry helps.
+                // answer on the next try; on a host without a role the chain ends there too, so
+                // the message also says where keys go.
                 _ => StorageError::Transient(format!(
                     "cannot get S3 credentials for {what}: {}; if this host has no instance or \
                      pod role, give keys (access_key_id and secret_access_key_file in the \

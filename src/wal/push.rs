@@ -371,13 +371,15 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     if take_ahead_record(&records.join(fname), path, &ctx.repo_id) {
         return Ok(report);
     }
-    // The system's error ("No such file or directory", "Permission denied"), not a made-up one.
-    if let Err(e) = std::fs::File::open(path) {
-        return Err(WalError::local("cannot archive", path, e));
-    }
-    if !path.is_file() {
-        let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
-        return Err(WalError::local("cannot archive", path, e));
+    // One stat: the system's error ("No such file or directory", "Permission denied"), not a
+    // made-up one, or a path that is not a file.
+    match std::fs::metadata(path) {
+        Err(e) => return Err(WalError::local("cannot archive", path, e)),
+        Ok(m) if !m.is_file() => {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(WalError::local("cannot archive", path, e));
+        }
+        Ok(_) => {}
     }
 
     // Look-ahead: other .ready files, uploaded alongside ours with bounded concurrency.
