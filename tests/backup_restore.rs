@@ -510,6 +510,27 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert!(last.starts_with("00000003"), "{last}");
     c.wait_archived(&last);
     c.stop();
+    // The old primary comes back for a while and its nightly backup runs: a backup on timeline 1,
+    // taken after timeline 3 forked and newer than every other, while production (timeline 3)
+    // archives on. Restoring the newest backup would bring the batch job back along timeline 1.
+    // (Without the two recovery targets set above: PostgreSQL refuses to start with both.)
+    let conf = std::fs::read_to_string(&auto_conf).unwrap();
+    let conf: String = conf
+        .lines()
+        .filter(|l| !l.starts_with("recovery_target_time"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&auto_conf, conf).unwrap();
+    primary.append_conf("recovery_target_xid = ''");
+    primary.start();
+    let old_primary_backup = ok(&backup_push(&cfg, &primary, &[]));
+    primary.stop();
+    let prod = Cluster::at(base.path(), new_prod.clone(), "new-production");
+    prod.start();
+    prod.psql("insert into marks (note) values ('production goes on')");
+    let last = prod.switch_wal();
+    prod.wait_archived(&last);
+    prod.stop();
     let disaster = base.path().join("disaster");
     let out = restore(&cfg, &disaster, &["--tablespace-map", &ts_map(5)]);
     let err = stderr(&out);
@@ -530,13 +551,41 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("--target-timeline 1 | 2 | 3"), "{err}");
     assert!(!disaster.exists(), "nothing written");
+    // Timeline 1's history is the old primary's backup; timeline 3's cannot start from it.
+    let plan = ok(&restore(
+        &cfg,
+        &disaster,
+        &[
+            "--dry-run",
+            "--target-timeline",
+            "1",
+            "--tablespace-map",
+            &ts_map(5),
+        ],
+    ));
+    assert!(plan.contains(&old_primary_backup), "{plan}");
+    let out = restore(
+        &cfg,
+        &disaster,
+        &["--target-timeline", "3", "--backup", &old_primary_backup],
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("does not lie on timeline 3's history"),
+        "{err}"
+    );
+    let out = restore(&cfg, &disaster, &["--target-timeline", "lates"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     ok(&restore(
         &cfg,
         &disaster,
         &["--target-timeline", "3", "--tablespace-map", &ts_map(5)],
     ));
     let c = start_restored(base.path(), &disaster, "disaster");
-    assert_eq!(marks(&c), "before backup,good work,new production");
+    assert_eq!(
+        marks(&c),
+        "before backup,good work,new production,production goes on"
+    );
     assert_eq!(accounts(&c), good_accounts);
     c.stop();
 }
@@ -1085,9 +1134,17 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let err = stderr(&out);
     assert_eq!(out.status.code(), Some(4), "{err}");
     assert!(
-        err.contains("has a gap") && err.contains(&after[1]) && err.contains("--target-lsn"),
+        err.contains("has a gap") && err.contains(&after[1]) && err.contains("--accept-gap"),
         "{err}"
     );
+    // Accepting the loss restores to the gap, with a warning.
+    let out = restore(
+        &cfg,
+        &base.path().join("gap"),
+        &["--dry-run", "--accept-gap"],
+    );
+    assert!(ok(&out).starts_with("would restore backup "));
+    assert!(stderr(&out).contains("has a gap"), "{}", stderr(&out));
     std::fs::rename(&aside, &missing).unwrap();
     ok(&restore(&cfg, &base.path().join("gap"), &["--dry-run"]));
 

@@ -124,9 +124,14 @@ pub struct RestoreArgs {
     #[arg(long)]
     pub target_exclusive: bool,
     /// Timeline to recover along: current, latest or a number (default: with a target, current,
-    /// the backup's own; without one, latest)
+    /// the backup's own; without one, latest). With latest or a number, the backup is chosen
+    /// from that timeline's history
     #[arg(long)]
     pub target_timeline: Option<String>,
+    /// Restore to the end of the archive even though a segment is missing before its end:
+    /// recovery stops at the gap, and what was archived after it is lost
+    #[arg(long)]
+    pub accept_gap: bool,
     /// Start as a standby (standby.signal) that keeps fetching WAL from the archive
     #[arg(long)]
     pub standby: bool,
@@ -293,6 +298,14 @@ enum Histories<'a> {
     BestEffort(&'a Arc<codec::Identities>),
 }
 
+/// The WAL file an object of the archive's `wal/` holds, by its key's last part.
+fn wal_name(key: &crate::storage::ObjectKey) -> Option<WalFileName> {
+    key.as_str()
+        .rsplit('/')
+        .next()
+        .and_then(|n| WalFileName::parse(n).ok())
+}
+
 /// The end of the WAL that follows a backup (from its first segment) without a gap. With
 /// history files (and the identity that decrypts them), the path follows promotions whose
 /// parent's WAL ends where they forked (failovers, see `restore::timeline`); without, it stays
@@ -324,13 +337,7 @@ async fn archive_end(
     let mut history_names = Vec::new();
     let mut history_stored = std::collections::HashMap::new();
     for o in &objects {
-        let Some(name) = o
-            .key
-            .as_str()
-            .rsplit('/')
-            .next()
-            .and_then(|n| WalFileName::parse(n).ok())
-        else {
+        let Some(name) = wal_name(&o.key) else {
             continue;
         };
         match (name.kind(), name.segment()) {
@@ -449,6 +456,7 @@ fn check_reachable(
     chosen: &BackupManifest,
     target: &Target,
     end: Option<&ArchiveEnd>,
+    accept_gap: bool,
 ) -> Result<(), BackupError> {
     let Some(end) = end else {
         return Ok(());
@@ -478,7 +486,7 @@ fn check_reachable(
             )));
         }
         return match parse_lsn(&p.lsn) {
-            Some(lsn) => check_reachable(chosen, &Target::Lsn(lsn), Some(end)),
+            Some(lsn) => check_reachable(chosen, &Target::Lsn(lsn), Some(end), accept_gap),
             None => Ok(()),
         };
     }
@@ -491,18 +499,19 @@ fn check_reachable(
             chosen.id, end.last_segment
         );
         // Replaying to the end would promote at the gap, with every later transaction missing.
-        if *target == Target::EndOfArchive {
+        if *target == Target::EndOfArchive && !accept_gap {
             return Err(BackupError::Gap(format!(
                 "{gap}: restore the missing segments (a deleted one can be restored from a bucket \
-                 version), or, to accept losing what follows, restore to the gap with \
-                 --target-lsn {}",
-                format_lsn(end.lsn)
+                 version), or, to accept losing everything archived after the gap, restore with \
+                 --accept-gap"
             )));
         }
         eprintln!("walship: warning: {gap}; a target after the gap cannot be reached");
     }
     match target {
-        Target::Lsn(lsn) if *lsn > end.lsn => Err(BackupError::NoBackupForTarget(format!(
+        // Recovery stops at an LSN once it has read a record starting there or later: one
+        // starting at the end would be in the next segment.
+        Target::Lsn(lsn) if *lsn >= end.lsn => Err(BackupError::NoBackupForTarget(format!(
             "LSN {} is past the end of the archive: the WAL after backup {} ends at {} ({}{}); \
              archive more WAL or choose an earlier target{}{}",
             format_lsn(*lsn),
@@ -893,6 +902,291 @@ fn target_before_fork(target: &Target, branch: &timeline::Step, tip: Option<&Bra
     }
 }
 
+/// `--target-timeline`, as PostgreSQL's `recovery_target_timeline` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TimelineArg {
+    Current,
+    Latest,
+    Number(u32),
+}
+
+fn parse_timeline_arg(s: &str) -> Result<TimelineArg, BackupError> {
+    match s {
+        "current" => Ok(TimelineArg::Current),
+        "latest" => Ok(TimelineArg::Latest),
+        n => match n.parse::<u32>() {
+            Ok(t) if t > 0 => Ok(TimelineArg::Number(t)),
+            _ => Err(BackupError::Invalid(format!(
+                "--target-timeline {s}: expected current, latest or a timeline number such as 2"
+            ))),
+        },
+    }
+}
+
+/// Every history file in the archive, decoded, and when each was stored.
+async fn all_histories(
+    archive: &Archive,
+    ids: &Arc<codec::Identities>,
+) -> Result<
+    (
+        std::collections::BTreeMap<u32, timeline::History>,
+        std::collections::HashMap<u32, Option<i64>>,
+    ),
+    BackupError,
+> {
+    let objects = archive
+        .store()
+        .list("wal/history/")
+        .await
+        .map_err(ArchiveError::from)?;
+    let mut histories = std::collections::BTreeMap::new();
+    let mut stored = std::collections::HashMap::new();
+    for o in &objects {
+        let Some(name) = wal_name(&o.key).filter(|n| n.kind() == WalFileKind::History) else {
+            continue;
+        };
+        let text = archive.get_plain(&o.key, ids).await?;
+        let history = timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text))
+            .map_err(|why| BackupError::BadHistory {
+                name: name.to_string(),
+                why,
+            })?;
+        histories.insert(name.timeline(), history);
+        stored.insert(name.timeline(), o.stored_at);
+    }
+    Ok((histories, stored))
+}
+
+/// The history `--target-timeline latest` or a number names: PostgreSQL can only start recovery
+/// along it from a backup that ended on it.
+async fn pinned_lineage(
+    archive: &Archive,
+    ids: &Arc<codec::Identities>,
+    arg: TimelineArg,
+) -> Result<Option<(u32, Vec<(u32, u64)>)>, BackupError> {
+    let wanted = match arg {
+        TimelineArg::Current => return Ok(None),
+        TimelineArg::Latest | TimelineArg::Number(_) => arg,
+    };
+    let (histories, _) = all_histories(archive, ids).await?;
+    let tli = match wanted {
+        TimelineArg::Number(t) => t,
+        _ => histories.keys().max().copied().unwrap_or(1),
+    };
+    let line = timeline::lineage(tli, &histories).ok_or_else(|| {
+        BackupError::NoBackupForTarget(format!(
+            "timeline {tli} has no history file in the archive ({:08X}.history), so PostgreSQL \
+             cannot recover along it; the archive's timelines are 1{}",
+            tli,
+            histories
+                .keys()
+                .map(|t| format!(", {t}"))
+                .collect::<String>()
+        ))
+    })?;
+    Ok(Some((tli, line)))
+}
+
+/// What the archive holds of the histories that parted from the chosen backup's before it
+/// ended (`timeline::rivals`), by timeline: segment numbers with when each was stored, and
+/// the `.partial` ones.
+async fn rival_wal(
+    archive: &Archive,
+    seg_size: u64,
+    rivals: &[timeline::Rival],
+) -> Result<
+    (
+        std::collections::BTreeMap<u32, std::collections::BTreeMap<u64, Option<i64>>>,
+        std::collections::BTreeMap<u32, std::collections::BTreeSet<u64>>,
+    ),
+    BackupError,
+> {
+    let mut from: std::collections::BTreeMap<u32, u64> = Default::default();
+    for r in rivals {
+        for &t in &r.timelines {
+            let f = if r.parent_side {
+                r.fork.fork_lsn / seg_size
+            } else {
+                0
+            };
+            let e = from.entry(t).or_insert(f);
+            *e = (*e).min(f);
+        }
+    }
+    let (mut segments, mut partials) = (
+        std::collections::BTreeMap::<u32, std::collections::BTreeMap<u64, Option<i64>>>::new(),
+        std::collections::BTreeMap::<u32, std::collections::BTreeSet<u64>>::new(),
+    );
+    for (tli, first) in from {
+        let key = crate::repo::wal_key(&SegmentId::from_segno(tli, first, seg_size).file_name());
+        let dir = &key.as_str()[..key.as_str().rfind('/').expect("in a directory") + 1];
+        let objects = archive
+            .store()
+            .list_after(&format!("wal/{tli:08X}"), dir)
+            .await
+            .map_err(ArchiveError::from)?;
+        for o in &objects {
+            let Some(name) = o
+                .key
+                .as_str()
+                .rsplit('/')
+                .next()
+                .and_then(|n| WalFileName::parse(n).ok())
+            else {
+                continue;
+            };
+            let Some(seg) = name.segment().filter(|s| s.timeline == tli) else {
+                continue;
+            };
+            match name.kind() {
+                WalFileKind::Segment => {
+                    segments
+                        .entry(tli)
+                        .or_default()
+                        .insert(seg.segno(seg_size), o.stored_at);
+                }
+                WalFileKind::Partial => {
+                    partials.entry(tli).or_default().insert(seg.segno(seg_size));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok((segments, partials))
+}
+
+/// Refuse a restore whose backup was chosen on one side of a fork the archive cannot settle:
+/// a timeline forked before the backup ended while the history the backup lies on went on (or
+/// the backup lies on a timeline whose parent went on past the fork), and the other side's
+/// archived WAL reaches the target too. Which side is production only the user knows; a
+/// backup's recency says nothing about it (the old primary's backups go on after a copy was
+/// made production, a drill may take backups of its own).
+async fn check_rivals(
+    archive: &Archive,
+    ids: &Arc<codec::Identities>,
+    chosen: &BackupManifest,
+    target: &Target,
+    end: Option<&ArchiveEnd>,
+) -> Result<(), BackupError> {
+    if matches!(target, Target::Immediate) {
+        return Ok(());
+    }
+    let (histories, promoted) = all_histories(archive, ids).await?;
+    let seg_size = chosen.wal_segment_size;
+    let Some(stop) = parse_lsn(&chosen.stop_lsn) else {
+        return Ok(());
+    };
+    let found = timeline::rivals(
+        chosen.timeline,
+        stop,
+        seg_size,
+        &histories,
+        &Default::default(),
+    );
+    if found.is_empty() {
+        return Ok(());
+    }
+    let (segments, partials) = rival_wal(archive, seg_size, &found).await?;
+    let found = timeline::rivals(chosen.timeline, stop, seg_size, &histories, &partials);
+    let on_path = |t: u32| {
+        t == chosen.timeline || end.is_some_and(|e| e.path.steps.iter().any(|s| s.timeline == t))
+    };
+    let mut reaching = Vec::new();
+    for r in &found {
+        // The other side's archived WAL: its newest segment, and when it was stored.
+        let mut last: Option<(u32, u64, Option<i64>)> = None;
+        for &t in &r.timelines {
+            let Some(segs) = segments.get(&t) else {
+                continue;
+            };
+            for (&n, &at) in segs.range(r.from_segno..) {
+                if last.is_none_or(|(_, _, l)| at.unwrap_or(i64::MAX) > l.unwrap_or(i64::MAX)) {
+                    last = Some((t, n, at));
+                }
+            }
+        }
+        let (tip, end_lsn, last_at) = match last {
+            Some((t, n, at)) => (
+                SegmentId::from_segno(t, n, seg_size)
+                    .file_name()
+                    .to_string(),
+                (n + 1) * seg_size,
+                at,
+            ),
+            // A parent that stopped at the fork: a failover, nothing to choose.
+            None if r.parent_side => continue,
+            None => (
+                "nothing archived yet".to_string(),
+                r.fork.fork_lsn,
+                promoted.get(&r.fork.timeline).copied().flatten(),
+            ),
+        };
+        let slack = |at: Option<i64>| at.map(|a| (a + CLOCK_SLACK_SECS) as f64);
+        let reaches = match target {
+            Target::Immediate => false,
+            Target::Time { epoch, .. } => slack(last_at).is_none_or(|a| a >= *epoch),
+            Target::Lsn(lsn) => end_lsn > *lsn,
+            Target::Name { point: Some(p), .. } => {
+                !on_path(p.timeline) && parse_lsn(&p.lsn).is_none_or(|l| end_lsn > l)
+            }
+            // Both go on to their ends: the other side matters while it was still being
+            // archived when the backup's history last was.
+            Target::EndOfArchive | Target::Xid(_) | Target::Name { point: None, .. } => {
+                match (slack(last_at), end.and_then(|e| e.stored_at)) {
+                    (Some(o), Some(e)) => o >= e as f64,
+                    _ => true,
+                }
+            }
+        };
+        if reaches {
+            reaching.push((r, tip, last_at));
+        }
+    }
+    if reaching.is_empty() {
+        return Ok(());
+    }
+    let last = end.map_or(chosen.timeline, |e| e.timeline(chosen.timeline));
+    let mut choices = vec![last.to_string()];
+    let each: Vec<String> = reaching
+        .iter()
+        .map(|(r, tip, at)| {
+            let other = if r.parent_side {
+                r.fork.parent
+            } else {
+                r.fork.timeline
+            };
+            if !choices.contains(&other.to_string()) {
+                choices.push(other.to_string());
+            }
+            let what = if r.parent_side {
+                format!(
+                    "timeline {} went on past the fork of timeline {} at {}",
+                    r.fork.parent,
+                    r.fork.timeline,
+                    format_lsn(r.fork.fork_lsn)
+                )
+            } else {
+                format!("{} before the backup ended", r.fork)
+            };
+            format!(
+                "{what} (its WAL goes on to {tip}, stored {})",
+                stored_time(*at)
+            )
+        })
+        .collect();
+    Err(BackupError::Invalid(format!(
+        "backup {} (timeline {}) is the newest that reaches the target, but {}: one history is \
+         production, the other a restore drill or copy that archived into this repository (or \
+         the old primary after a failover), and walship cannot tell which; choose with \
+         --target-timeline {} (the backup is then chosen on that history; production's WAL is \
+         usually the one still being archived)",
+        chosen.id,
+        chosen.timeline,
+        each.join("; "),
+        choices.join(" | ")
+    )))
+}
+
 pub async fn restore(
     cfg: &Config,
     global: &GlobalArgs,
@@ -931,9 +1225,34 @@ pub async fn restore(
     } else {
         Target::EndOfArchive
     };
+    let timeline_arg = args
+        .target_timeline
+        .as_deref()
+        .map(parse_timeline_arg)
+        .transpose()?;
+    let pinned = match timeline_arg {
+        Some(arg) => pinned_lineage(&archive, &ids, arg).await?,
+        None => None,
+    };
+    let on_pinned = |tli: u32, stop_lsn: &str| {
+        pinned.as_ref().is_none_or(|(_, line)| {
+            parse_lsn(stop_lsn).is_some_and(|stop| timeline::on_lineage(line, tli, stop))
+        })
+    };
     let chosen = match &args.backup {
         Some(which) => {
             let m = backup::resolve(&archive, &ids, which).await?;
+            if let Some((tli, _)) = pinned
+                .as_ref()
+                .filter(|_| !on_pinned(m.timeline, &m.stop_lsn))
+            {
+                return Err(BackupError::NoBackupForTarget(format!(
+                    "backup {} (timeline {}, ended at {}) does not lie on timeline {tli}'s \
+                     history, so PostgreSQL cannot recover along it from there; leave out \
+                     --backup to let walship choose one that does",
+                    m.id, m.timeline, m.stop_lsn
+                )));
+            }
             // PostgreSQL would find out only after the download and replay, and refuse to start:
             // "requested recovery stop point is before consistent recovery point".
             let before_xid = match (&target, m.next_xid) {
@@ -950,7 +1269,18 @@ pub async fn restore(
             m
         }
         None => {
-            let all = backup::summaries(&archive, Some(&ids)).await?;
+            let mut all = backup::summaries(&archive, Some(&ids)).await?;
+            if let Some((tli, _)) = &pinned {
+                let before = all.len();
+                all.retain(|b| on_pinned(b.timeline, &b.stop_lsn));
+                if all.is_empty() && before > 0 {
+                    return Err(BackupError::NoBackupForTarget(format!(
+                        "no backup lies on timeline {tli}'s history: each ended on a timeline \
+                         it does not descend from, or after it forked off; take a backup on \
+                         timeline {tli}, or choose another --target-timeline"
+                    )));
+                }
+            }
             let id = &restore::choose_backup(&all, &target)?.id;
             backup::read_manifest(&archive, &ids, id).await?
         }
@@ -962,9 +1292,10 @@ pub async fn restore(
     // alone, PostgreSQL's 'latest' follows a drill's newer branch), but the checks are not made:
     // it waits for WAL yet to come.
     let follow = args.target_timeline.is_none() && target != Target::Immediate;
-    let own_timeline = match args.target_timeline.as_deref() {
-        None | Some("current") => true,
-        Some(t) => t.parse::<u32>().ok() == Some(chosen.timeline),
+    let own_timeline = match timeline_arg {
+        None | Some(TimelineArg::Current) => true,
+        Some(TimelineArg::Number(t)) => t == chosen.timeline,
+        Some(TimelineArg::Latest) => pinned.as_ref().is_some_and(|(t, _)| *t == chosen.timeline),
     };
     // The archive is listed only to choose the timeline, or for a target the checks can judge.
     let checkable = matches!(
@@ -991,8 +1322,11 @@ pub async fn restore(
         None => None,
         Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e, args.standby)?,
     };
+    if follow {
+        check_rivals(&archive, &ids, &chosen, &target, end.as_ref()).await?;
+    }
     if !args.standby {
-        check_reachable(&chosen, &target, end.as_ref())?;
+        check_reachable(&chosen, &target, end.as_ref(), args.accept_gap)?;
     }
     let opts = RecoveryOptions {
         target,

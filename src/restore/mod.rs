@@ -69,7 +69,8 @@ pub struct TargetTime {
 /// Parse `YYYY-MM-DD HH:MM:SS[.frac]` followed by `Z`, `UTC`, an offset (`+01`, `-05:30`,
 /// `+0100`) or an IANA zone name (`Europe/Berlin`, from this host's time zone database). A time
 /// without a zone is refused: PostgreSQL would read it in the server's TimeZone, which may not be
-/// what the person meant; so is a local time that a clock change skipped or repeated.
+/// what the person meant; so is a local time that a clock change skipped or repeated, and an
+/// abbreviation such as `CET` (tzdata and PostgreSQL read some of them differently).
 pub fn parse_target_time(s: &str) -> Result<TargetTime, String> {
     let bad = || {
         format!(
@@ -118,7 +119,7 @@ pub fn parse_target_time(s: &str) -> Result<TargetTime, String> {
                  target cannot be read in the wrong zone"
             ))
         }
-        "Z" | "UTC" | "z" => 0,
+        "Z" | "UTC" | "z" | "GMT" => 0,
         z if z.starts_with(['+', '-']) => {
             let sign = if z.starts_with('-') { -1 } else { 1 };
             let digits: String = z[1..].chars().filter(|c| *c != ':').collect();
@@ -130,6 +131,14 @@ pub fn parse_target_time(s: &str) -> Result<TargetTime, String> {
             let hh: i64 = hh.parse().map_err(|_| bad())?;
             let mm: i64 = mm.parse().map_err(|_| bad())?;
             sign * (hh * 3600 + mm * 60)
+        }
+        // tzdata's CET, EET, MET and WET change with daylight saving time, where PostgreSQL and
+        // most people read an abbreviation as one fixed offset: in July, CET would be an hour off.
+        name if !name.contains('/') => {
+            return Err(format!(
+                "'{s}': '{name}' is an abbreviation, which can mean more than one offset; give \
+                 the offset (e.g. '+01:00') or a zone name such as 'Europe/Berlin'"
+            ))
         }
         name => {
             let offset = zone_offset(s, name, (date, clock), (d[0], d[1], d[2]), (h, mi, sec))?;
@@ -287,9 +296,15 @@ pub fn command_arg(s: &str) -> String {
     shell_quote(s).replace('%', "%%")
 }
 
-/// Quote for postgresql.conf.
+/// Quote for postgresql.conf: PostgreSQL's lexer allows no line break inside a quoted value,
+/// and reads `\n` and `\r` back as them (a restore point's name may hold one).
 fn conf_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\\', r"\\").replace('\'', "''"))
+    let escaped = s
+        .replace('\\', r"\\")
+        .replace('\'', "''")
+        .replace('\n', r"\n")
+        .replace('\r', r"\r");
+    format!("'{escaped}'")
 }
 
 /// The lines walship adds to postgresql.auto.conf.
@@ -528,6 +543,16 @@ mod tests {
         );
         let never = parse_target_time("2026-03-29 02:30:00 Europe/Berlin").unwrap_err();
         assert!(never.contains("never happened"), "{never}");
+        // An abbreviation is refused: tzdata's CET is +02 in July, PostgreSQL's +01.
+        let cet = parse_target_time("2026-07-01 14:00:00 CET").unwrap_err();
+        assert!(
+            cet.contains("abbreviation") && cet.contains("Europe/Berlin"),
+            "{cet}"
+        );
+        assert_eq!(
+            parse_target_time("2026-07-01 14:00:00 GMT").unwrap().epoch,
+            parse_target_time("2026-07-01 14:00:00Z").unwrap().epoch
+        );
         let unknown = parse_target_time("2026-11-24 12:44:59 Mars/Olympus").unwrap_err();
         assert!(
             unknown.contains("not a time zone this host knows"),
@@ -646,6 +671,7 @@ mod tests {
         assert_eq!(shell_quote("/usr/bin/walship"), "/usr/bin/walship");
         assert_eq!(shell_quote("a b'c"), r"'a b'\''c'");
         assert_eq!(conf_quote("it's"), "'it''s'");
+        assert_eq!(conf_quote("a\\b\nc\rd"), r"'a\\b\nc\rd'");
         assert_eq!(command_arg("/keys/100%free.key"), "/keys/100%%free.key");
         assert_eq!(command_arg("/a b/%p"), "'/a b/%%p'");
     }

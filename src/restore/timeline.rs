@@ -179,7 +179,13 @@ pub fn follow(
                 // the fork copied into it.
                 let fork_seg = seg_of(at);
                 let streamed = || partials.get(&tli).is_some_and(|p| p.contains(&fork_seg));
-                end + 1 == fork_seg || (end == fork_seg && streamed())
+                // WAL of the parent after a gap past the fork: it went on, whatever was lost.
+                let went_on = || {
+                    segments
+                        .get(&tli)
+                        .is_some_and(|s| s.range(fork_seg + 1..).next().is_some())
+                };
+                (end + 1 == fork_seg || (end == fork_seg && streamed())) && !went_on()
             })
             .collect();
         match continuations.as_slice() {
@@ -218,6 +224,96 @@ pub fn follow(
             }
         }
     }
+}
+
+/// The timelines a server on `timeline` descends from, oldest first, each with the LSN where its
+/// history leaves it (`u64::MAX` for `timeline` itself). `None` for a timeline after the first
+/// whose history file the archive lacks: PostgreSQL cannot recover along it.
+pub fn lineage(timeline: u32, histories: &BTreeMap<u32, History>) -> Option<Vec<(u32, u64)>> {
+    let mut line = match histories.get(&timeline) {
+        Some(h) => h.forks.clone(),
+        None if timeline == 1 => Vec::new(),
+        None => return None,
+    };
+    line.push((timeline, u64::MAX));
+    Some(line)
+}
+
+/// Whether recovery along `line` (see `lineage`) can start from a backup on `timeline` that
+/// becomes consistent at `stop`: PostgreSQL requires the backup's end on that history.
+pub fn on_lineage(line: &[(u32, u64)], timeline: u32, stop: u64) -> bool {
+    line.iter()
+        .any(|&(t, leaves)| t == timeline && stop <= leaves)
+}
+
+/// A history that parted from a backup's before the backup became consistent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rival {
+    pub fork: Step,
+    /// True when the other history is the parent going on past the fork (the backup descends
+    /// from the child); false when it is the child and the timelines forked from it.
+    pub parent_side: bool,
+    /// The timelines of the other history.
+    pub timelines: Vec<u32>,
+    /// For `parent_side`: the parent's first segment past the fork (the one holding it counts
+    /// only without the promoted server's `.partial` of it).
+    pub from_segno: u64,
+}
+
+/// The histories that part from the one a backup on `timeline` (consistent at `stop`) lies on,
+/// at a fork before `stop`: a promotion this backup does not descend from while its own history
+/// went on, or the history the backup's own timeline forked from. Either may be production;
+/// whether its archived WAL reaches the target is the caller's to judge. Forks at or after `stop`
+/// are `follow`'s.
+pub fn rivals(
+    timeline: u32,
+    stop: u64,
+    segment_size: u64,
+    histories: &BTreeMap<u32, History>,
+    partials: &BTreeMap<u32, BTreeSet<u64>>,
+) -> Vec<Rival> {
+    let Some(line) = lineage(timeline, histories) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for h in histories.values() {
+        let (parent, at) = h.parent();
+        if at >= stop {
+            continue;
+        }
+        let fork = Step {
+            timeline: h.timeline,
+            parent,
+            fork_lsn: at,
+        };
+        if line.iter().any(|&(t, _)| t == h.timeline) {
+            // The backup descends from this promotion; the parent may have gone on.
+            let fork_seg = at / segment_size;
+            let streamed = partials.get(&parent).is_some_and(|p| p.contains(&fork_seg));
+            found.push(Rival {
+                fork,
+                parent_side: true,
+                timelines: vec![parent],
+                from_segno: if streamed { fork_seg + 1 } else { fork_seg },
+            });
+        } else if line.iter().any(|&(t, leaves)| t == parent && leaves > at) {
+            // The backup's history went on along the parent past this fork.
+            let mut timelines = vec![h.timeline];
+            timelines.extend(
+                histories
+                    .values()
+                    .filter(|d| d.forks.iter().any(|&(a, _)| a == h.timeline))
+                    .map(|d| d.timeline),
+            );
+            found.push(Rival {
+                fork,
+                parent_side: false,
+                timelines,
+                from_segno: 0,
+            });
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -366,6 +462,76 @@ mod tests {
                 children: vec![2, 3]
             })
         );
+    }
+
+    #[test]
+    fn a_parent_that_went_on_after_a_gap_is_not_a_failover() {
+        // Timeline 1 lost segments 10 and 11 but went on from 12: timeline 2, forked in 10,
+        // is not its continuation.
+        let p = path(
+            &[(1, 3..=9), (1, 12..=20), (2, 10..=14)],
+            &[],
+            &[(2, &[(1, mid(10))])],
+        );
+        assert!(p.steps.is_empty());
+        assert_eq!(p.end, Some((1, 9)));
+        assert_eq!(
+            timelines(&WalPath {
+                steps: p.branches.clone(),
+                ..p
+            }),
+            vec![2]
+        );
+    }
+
+    #[test]
+    fn lineages_and_the_histories_that_part_from_a_backups() {
+        // 1 -> 2 (in 10) -> 4 (in 20); 3 forked from 2 in 12; 5 from 1 in 6; 6 from 3.
+        let mut histories = BTreeMap::new();
+        for (tli, forks) in [
+            (2, vec![(1, mid(10))]),
+            (3, vec![(1, mid(10)), (2, mid(12))]),
+            (4, vec![(1, mid(10)), (2, mid(20))]),
+            (5, vec![(1, mid(6))]),
+            (6, vec![(1, mid(10)), (2, mid(12)), (3, mid(13))]),
+        ] {
+            histories.insert(
+                tli,
+                History {
+                    timeline: tli,
+                    forks,
+                },
+            );
+        }
+        let line = lineage(4, &histories).unwrap();
+        assert_eq!(line, vec![(1, mid(10)), (2, mid(20)), (4, u64::MAX)]);
+        assert!(on_lineage(&line, 2, mid(15)));
+        assert!(!on_lineage(&line, 2, mid(21)), "ends after 4 forked off");
+        assert!(!on_lineage(&line, 3, mid(13)));
+        assert_eq!(lineage(1, &histories), Some(vec![(1, u64::MAX)]));
+        assert_eq!(lineage(7, &histories), None, "no history file");
+
+        let partials = BTreeMap::from([(2, BTreeSet::from([20]))]);
+        let found = |tli, stop| -> Vec<(u32, bool, Vec<u32>, u64)> {
+            rivals(tli, stop, SEG, &histories, &partials)
+                .into_iter()
+                .map(|r| (r.fork.timeline, r.parent_side, r.timelines, r.from_segno))
+                .collect()
+        };
+        // A backup on 4: the parents 1 and 2 past their forks (2's fork segment is covered by
+        // the .partial), and the branches 5 (off 1) and 3 with its child 6 (off 2).
+        assert_eq!(
+            found(4, mid(22)),
+            vec![
+                (2, true, vec![1], 10),
+                (3, false, vec![3, 6], 0),
+                (4, true, vec![2], 21),
+                (5, false, vec![5], 0),
+            ]
+        );
+        // A backup on 1 that ended in 8: only 5 forked before it; 2 and 3 are follow's.
+        assert_eq!(found(1, mid(8)), vec![(5, false, vec![5], 0)]);
+        assert!(found(1, mid(5)).is_empty());
     }
 
     #[test]
