@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use super::progress::Progress;
 use super::BackupError;
 use crate::archive::{Archive, ArchiveError};
 use crate::codec::{self, CodecError, Identities};
-use crate::repo::backup::{self as layout, BackupManifest, Piece};
+use crate::repo::backup::{self as layout, BackupManifest, Piece, Tablespace};
 use crate::storage::StorageError;
 
 pub const INCOMPLETE_MARKER: &str = "walship-restore-incomplete";
@@ -38,12 +39,82 @@ pub struct FetchOptions {
     pub concurrency: usize,
 }
 
+/// Whether `--tablespace-map` FROM `from` names tablespace `oid`: by OID or by its old location.
+fn names_tablespace(from: &str, oid: u32, original: &str) -> bool {
+    from == oid.to_string() || from == original
+}
+
 /// Where `--tablespace-map` sends tablespace `oid` (named by OID or by its old location).
 fn mapped_location(opts: &FetchOptions, oid: u32, original: &str) -> Option<PathBuf> {
     opts.tablespace_map
         .iter()
-        .find(|(from, _)| from == &oid.to_string() || from == original)
+        .find(|(from, _)| names_tablespace(from, oid, original))
         .map(|(_, to)| to.clone())
+}
+
+/// Refuse a `--tablespace-map` that names no tablespace of backup `id` (a mistyped OID would
+/// otherwise send the tablespace to its original location, on the database host the live
+/// server's), or whose new location is relative (PostgreSQL links tablespaces by absolute path).
+fn check_tablespace_map(
+    id: &str,
+    tablespaces: &[Tablespace],
+    opts: &FetchOptions,
+) -> Result<(), BackupError> {
+    for (from, to) in &opts.tablespace_map {
+        let arg = format!("--tablespace-map {from}={}", to.display());
+        if !tablespaces
+            .iter()
+            .any(|t| names_tablespace(from, t.oid, &t.location))
+        {
+            let known = match tablespaces {
+                [] => "it has none".to_string(),
+                _ => {
+                    let each: Vec<String> = tablespaces
+                        .iter()
+                        .map(|t| format!("{} (was {})", t.oid, t.location))
+                        .collect();
+                    format!("its tablespaces are {}", each.join(", "))
+                }
+            };
+            return Err(BackupError::Invalid(format!(
+                "{arg}: backup {id} has no tablespace {from}; {known}; name one by its OID or \
+                 its original location"
+            )));
+        }
+        if !to.is_absolute() {
+            return Err(BackupError::Invalid(format!(
+                "{arg}: {} is a relative path; give the tablespace's new location as an \
+                 absolute path",
+                to.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether a path from a manifest stays inside the directory it is joined to: relative, with no
+/// empty, `.` or `..` component. A crafted manifest could otherwise write, chmod and chown
+/// outside the target (`/etc`, `../x`).
+fn is_safe_path(path: &str) -> bool {
+    !path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+}
+
+/// Refuse a manifest with a directory or file path that would leave the target directory.
+fn check_paths(m: &BackupManifest) -> Result<(), BackupError> {
+    let dirs = m.dirs.iter().map(|d| &d.path);
+    let files = m.files.iter().map(|f| &f.path);
+    match dirs.chain(files).find(|p| !is_safe_path(p)) {
+        Some(p) => Err(BackupError::BadManifest {
+            id: m.id.clone(),
+            why: format!(
+                "unsafe path {p:?} (it would be written outside the target directory); restore \
+                 another backup"
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Where tablespace `oid` goes: where it is mapped, else its original location.
@@ -163,10 +234,12 @@ fn file_system_of(place: &Path) -> Option<(u64, u64)> {
 }
 
 /// What `fetch` checks before writing anything, without writing anything (`restore --dry-run`):
-/// the target and tablespace directories are empty or absent (or `force`), and their file
-/// systems can hold the backup. With `force`, what is there now counts as free, as it will be
-/// once `fetch` has emptied the directories.
+/// the manifest's paths stay inside the target, `--tablespace-map` names the backup's
+/// tablespaces, the target and tablespace directories are empty or absent (or `force`), and
+/// their file systems can hold the backup. With `force`, what is there now counts as free, as it
+/// will be once `fetch` has emptied the directories.
 pub fn preflight(m: &BackupManifest, dest: &Path, opts: &FetchOptions) -> Result<(), BackupError> {
+    check_paths(m)?;
     let emptied = check_places(m, dest, opts)?;
     let links: HashMap<String, PathBuf> = m
         .tablespaces
@@ -188,8 +261,9 @@ pub fn preflight(m: &BackupManifest, dest: &Path, opts: &FetchOptions) -> Result
     })
 }
 
-/// Check every place the restore writes to before any is touched: the target directory and
-/// each tablespace's location. Returns each with whether it has contents `--force` would delete.
+/// Check every place the restore writes to before any is touched: `--tablespace-map` (see
+/// `check_tablespace_map`), the target directory and each tablespace's location. Returns each
+/// place with whether it has contents `--force` would delete.
 ///
 /// Two things are refused even with `--force`: a target directory a running server uses, and a
 /// non-empty tablespace location the user did not name with `--tablespace-map` (the original
@@ -200,6 +274,7 @@ fn check_places(
     dest: &Path,
     opts: &FetchOptions,
 ) -> Result<Vec<(PathBuf, bool)>, BackupError> {
+    check_tablespace_map(&m.id, &m.tablespaces, opts)?;
     if let Some(pid) = running_server(dest) {
         return Err(BackupError::TargetNotEmpty(format!(
             "a PostgreSQL server is running on {} (postmaster.pid names process {pid}); stop it \
@@ -260,21 +335,29 @@ fn used_under(dir: &Path) -> u64 {
         .sum()
 }
 
-/// The rewritten `tablespace_map` for the new locations.
-fn remap_tablespace_map(m: &BackupManifest, opts: &FetchOptions) -> Option<String> {
+/// The rewritten `tablespace_map` for the new locations, when the backup has one.
+fn remap_tablespace_map(m: &BackupManifest, opts: &FetchOptions) -> Option<Vec<u8>> {
     m.tablespace_map.as_ref()?;
-    Some(
-        m.tablespaces
-            .iter()
-            .map(|t| {
-                format!(
-                    "{} {}\n",
-                    t.oid,
-                    tablespace_location(opts, t.oid, &t.location).display()
-                )
-            })
-            .collect(),
-    )
+    Some(tablespace_map_text(&m.tablespaces, opts))
+}
+
+/// `tablespace_map` as PostgreSQL 15 writes it (`do_pg_backup_start`): one `<oid> <location>`
+/// line per tablespace, with a backslash before each newline, carriage return and backslash in
+/// the location, which PostgreSQL's reader takes away again.
+fn tablespace_map_text(tablespaces: &[Tablespace], opts: &FetchOptions) -> Vec<u8> {
+    let mut map = Vec::new();
+    for t in tablespaces {
+        map.extend_from_slice(format!("{} ", t.oid).as_bytes());
+        let loc = tablespace_location(opts, t.oid, &t.location);
+        for &b in loc.as_os_str().as_bytes() {
+            if matches!(b, b'\n' | b'\r' | b'\\') {
+                map.push(b'\\');
+            }
+            map.push(b);
+        }
+        map.push(b'\n');
+    }
+    map
 }
 
 /// Restore backup `m` into `dest`. `finish` runs once every file is on disk and flushed, before
@@ -293,18 +376,7 @@ pub async fn fetch(
         id: m.id.clone(),
         why,
     })?;
-    let bad = |why: String| BackupError::BadManifest {
-        id: m.id.clone(),
-        why,
-    };
-    for f in &m.files {
-        if f.path
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-        {
-            return Err(bad(format!("unsafe path {:?}", f.path)));
-        }
-    }
+    check_paths(m)?;
     if let Some(c) = m.page_checks.filter(|c| c.bad > 0) {
         let files = m.files.iter().filter(|f| f.bad_block_count() > 0).count();
         tracing::warn!(
@@ -568,5 +640,89 @@ mod tests {
         assert!(check_space(&need, |_| Some((1, 24575))).is_err());
         // Unknown: not checked.
         assert!(check_space(&need, |_| None).is_ok());
+    }
+
+    #[test]
+    fn manifest_paths_that_leave_the_target_are_unsafe() {
+        for ok in [
+            "base",
+            "base/1/1259",
+            "pg_tblspc/16400",
+            "pg_wal/archive_status",
+            "..x",
+        ] {
+            assert!(is_safe_path(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "/",
+            "/etc",
+            "../x",
+            "base/../..",
+            "./base",
+            "base/.",
+            "base//1",
+            "base/",
+        ] {
+            assert!(!is_safe_path(bad), "{bad}");
+        }
+    }
+
+    fn map(entries: &[(&str, &str)]) -> FetchOptions {
+        FetchOptions {
+            tablespace_map: entries
+                .iter()
+                .map(|&(from, to)| (from.to_string(), PathBuf::from(to)))
+                .collect(),
+            ..FetchOptions::default()
+        }
+    }
+
+    fn two_tablespaces() -> [Tablespace; 2] {
+        [(16400, "/srv/ts1"), (16401, "/srv/ts2")].map(|(oid, location)| Tablespace {
+            oid,
+            location: location.into(),
+        })
+    }
+
+    #[test]
+    fn a_tablespace_map_naming_no_tablespace_or_a_relative_dir_is_refused() {
+        let ts = two_tablespaces();
+        let id = "20261124T120000Z";
+        assert!(check_tablespace_map(id, &ts, &map(&[])).is_ok());
+        assert!(check_tablespace_map(id, &ts, &map(&[("16400", "/new/a")])).is_ok());
+        assert!(check_tablespace_map(id, &ts, &map(&[("/srv/ts2", "/new/b")])).is_ok());
+
+        let err = check_tablespace_map(id, &ts, &map(&[("16500", "/new/a")])).unwrap_err();
+        assert!(matches!(err, BackupError::Invalid(_)), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            "--tablespace-map 16500=/new/a: backup 20261124T120000Z has no tablespace 16500; its \
+             tablespaces are 16400 (was /srv/ts1), 16401 (was /srv/ts2); name one by its OID or \
+             its original location"
+        );
+        let err = check_tablespace_map(id, &[], &map(&[("16400", "/new/a")])).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("has no tablespace 16400; it has none"),
+            "{err}"
+        );
+
+        let err = check_tablespace_map(id, &ts, &map(&[("16401", "new/b")])).unwrap_err();
+        assert!(matches!(err, BackupError::Invalid(_)), "{err:?}");
+        assert!(
+            err.to_string().contains("new/b is a relative path"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_rewritten_tablespace_map_escapes_locations_as_postgresql_does() {
+        let ts = two_tablespaces();
+        let opts = map(&[("16401", "/new/a\\b\nc\rd")]);
+        assert_eq!(
+            tablespace_map_text(&ts, &opts),
+            b"16400 /srv/ts1\n16401 /new/a\\\\b\\\nc\\\rd\n".to_vec()
+        );
     }
 }

@@ -1,13 +1,15 @@
 //! `backup-push`: a non-exclusive base backup of a running server (primary or standby).
 //!
 //! 1. `pg_backup_start` on one session, which stays open to the end (the backup is aborted if the
-//!    session ends, e.g. when walship is killed).
+//!    session ends, e.g. when walship is killed), with the server's timeouts turned off for it: it
+//!    sits idle while the files upload.
 //! 2. One thread walks and reads the data directory and its tablespaces, cutting the bytes into
 //!    parts of `part_size`; as many parts as there are cores are encoded (sha256, zstd, age) at
 //!    once and `upload_concurrency` uploaded at once. Memory: at most `threads + uploads + 2`
 //!    parts.
-//! 3. `pg_backup_stop`, then wait until the WAL segment holding the stop point is in *this*
-//!    repository: without it the backup cannot be made consistent.
+//! 3. `pg_backup_stop` without its own wait for archiving (which has no time limit), then wait,
+//!    at most `wal_wait`, until the WAL segment holding the stop point is in *this* repository:
+//!    without it the backup cannot be made consistent.
 //! 4. The manifest, encrypted, last. Until it exists the backup does not.
 
 use std::fs::File;
@@ -25,7 +27,7 @@ use super::walk::{self, WalkedFile};
 use super::BackupError;
 use crate::archive::{Archive, ArchiveError, Stored};
 use crate::codec::{self, Recipients};
-use crate::pg::conn::PgError;
+use crate::pg::conn::{self, PgError};
 use crate::pg::page;
 use crate::repo::backup::{
     self as layout, BackupManifest, BackupSummary, FileEntry, PageChecks, PartEntry,
@@ -469,6 +471,8 @@ pub async fn push(
     pg: &Client,
     opts: &PushOptions,
 ) -> Result<BackupManifest, BackupError> {
+    // Before pg_backup_start: this session then sits idle for the whole upload.
+    conn::without_timeouts(pg).await?;
     let facts = server_facts(pg).await?;
     for w in check_archiving(&facts)? {
         tracing::warn!("{w}");
@@ -569,9 +573,12 @@ pub async fn push(
     .await?;
     progress.finish();
 
+    // wait_for_archive => false: PostgreSQL's own wait for the stop segment has no time limit,
+    // so a failing archiver would hang the backup here forever. The segment switch still happens
+    // (on a primary), and `wait_archived` below waits for the segment, at most `wal_wait`.
     let row = pg
         .query_one(
-            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)",
+            "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)",
             &[],
         )
         .await
@@ -580,8 +587,8 @@ pub async fn push(
     let label: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
     let stop_epoch = epoch(pg).await?;
-    // The first xid not yet completed: every transaction with it or a later one commits after
-    // the stop. Text, since tokio-postgres has no xid8; optional, since restore can do without.
+    // The first xid not yet assigned (the snapshot's xmax): every transaction with it or a later
+    // one begins, and so commits, after the stop. Text, since tokio-postgres has no xid8; optional, since restore can do without.
     let next_xid = pg
         .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
         .await
@@ -611,18 +618,48 @@ pub async fn push(
     } else {
         tracing::info!("backup {id}: stopped at {stop_lsn}; waiting for {stop_wal} in the archive");
     }
-    wait_archived(archive, &stop_wal, opts.wal_wait, Awaited::BackupEnd)
-        .await
-        .map_err(|e| match e {
-            BackupError::WalNotArchived(why) if facts.in_recovery => {
-                BackupError::WalNotArchived(format!(
-                    "{why}. This backup ran on a standby: the primary archives that segment when \
+    let waiting_since = Instant::now();
+    let archived = async {
+        wait_archived(archive, &stop_wal, opts.wal_wait, Awaited::BackupEnd).await?;
+        // Look-ahead uploads let later segments reach the repository while an earlier one keeps
+        // failing: every segment from the start on must be there, not only the last.
+        let first = WalFileName::parse(&start_wal)
+            .ok()
+            .and_then(|n| n.segment())
+            .map(|s| s.segno(facts.wal_segment_size));
+        let last = stop.saturating_sub(1) / facts.wal_segment_size;
+        let Some(first) = first else {
+            return Ok(());
+        };
+        let first_key = repo::wal_key(&WalFileName::parse(&start_wal).expect("parsed above"));
+        let dir = &first_key.as_str()[..first_key.as_str().rfind('/').expect("in a directory") + 1];
+        let present: std::collections::HashSet<String> = archive
+            .store()
+            .list_after(&format!("wal/{timeline:08X}"), dir)
+            .await
+            .map_err(ArchiveError::from)?
+            .into_iter()
+            .filter_map(|o| o.key.as_str().rsplit('/').next().map(str::to_string))
+            .collect();
+        for segno in first..last {
+            let name = SegmentId::from_segno(timeline, segno, facts.wal_segment_size).file_name();
+            if !present.contains(name.as_str()) {
+                let left = opts.wal_wait.saturating_sub(waiting_since.elapsed());
+                wait_archived(archive, &name, left, Awaited::BackupEnd).await?;
+            }
+        }
+        Ok(())
+    };
+    archived.await.map_err(|e| match e {
+        BackupError::WalNotArchived(why) if facts.in_recovery => {
+            BackupError::WalNotArchived(format!(
+                "{why}. This backup ran on a standby: the primary archives that segment when \
                      it fills or when archive_timeout passes, so set archive_timeout (e.g. 60) on \
                      the primary, or run `select pg_switch_wal()` there while the backup waits"
-                ))
-            }
-            e => e,
-        })?;
+            ))
+        }
+        e => e,
+    })?;
     // Archiving has run by now, so the repository has its metadata: check it is ours.
     match archive.read_meta().await? {
         Some(meta) => check_cluster(&meta, &facts, &describe)?,
@@ -1023,7 +1060,7 @@ struct PartReader<'a> {
     found: PageFindings,
     piece: usize,
     at: u64,
-    open: Option<(usize, Option<File>)>,
+    open: Option<(usize, Option<Arc<File>>)>,
 }
 
 impl<'a> PartReader<'a> {
@@ -1048,17 +1085,18 @@ impl<'a> PartReader<'a> {
     fn file(&mut self, index: usize) -> std::io::Result<Option<&File>> {
         if self.open.as_ref().map(|(i, _)| *i) != Some(index) {
             let path = &self.files[index].abs;
-            let file = match File::open(path) {
-                Ok(f) => Some(f),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let file = match (&self.files[index].pinned, File::open(path)) {
+                (Some(pinned), _) => Some(pinned.clone()),
+                (None, Ok(f)) => Some(Arc::new(f)),
+                (None, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
                     tracing::debug!("{} vanished during the backup", path.display());
                     None
                 }
-                Err(e) => return Err(with_path(e, path)),
+                (None, Err(e)) => return Err(with_path(e, path)),
             };
             self.open = Some((index, file));
         }
-        Ok(self.open.as_ref().and_then(|(_, f)| f.as_ref()))
+        Ok(self.open.as_ref().and_then(|(_, f)| f.as_deref()))
     }
 }
 
@@ -1342,6 +1380,7 @@ mod tests {
             mode: 0o600,
             mtime: 0,
             relation_segment: None,
+            pinned: None,
         }
     }
 

@@ -5,8 +5,9 @@
 //!   `pg_serial`, `pg_snapshots`, `pg_stat_tmp` and `pg_subtrans`; `pg_wal/archive_status` is kept
 //!   as an empty directory;
 //! - `postmaster.pid`, `postmaster.opts`, `backup_label`, `tablespace_map`, `backup_manifest`,
-//!   `current_logfiles`, `postgresql.auto.conf.tmp`, every `pg_internal.init`, and every file or
-//!   directory whose name starts with `pgsql_tmp`;
+//!   `current_logfiles`, `postgresql.auto.conf.tmp`, and every file or directory whose name starts
+//!   with `pg_internal.init` (the relcache init file and the `pg_internal.init.<pid>` files a
+//!   backend writes before renaming them into place) or `pgsql_tmp`;
 //! - in database directories (`base/<oid>`, `pg_tblspc/<oid>/PG_*/<oid>`): temporary relations
 //!   (`t<backend>_<relfilenode>…`), and every fork of an unlogged relation except its init fork.
 //!   Recovery makes an unlogged relation empty again by copying its init fork over the main fork,
@@ -53,6 +54,17 @@ pub struct WalkedFile {
     /// For a relation's file (whose pages carry checksums when the cluster has them): which
     /// segment of the relation it is, `0` for `<relfilenode>`, `n` for `<relfilenode>.<n>`.
     pub relation_segment: Option<u32>,
+    /// Held open from the walk on (see `pinned_while_walked`): read from this, not the path.
+    pub pinned: Option<std::sync::Arc<fs::File>>,
+}
+
+/// Files replaced whole (written beside and renamed over) at any moment, which WAL replay does
+/// not restore: the configuration files at the top (`ALTER SYSTEM`, configuration management)
+/// and the replication origins' checkpoint. A part is read long after the walk (the top comes
+/// last, after `base/`), and a newer file cut or padded to the walked size would be a wrong
+/// setting, or a file PostgreSQL refuses; held open, the file is read as it was when walked.
+fn pinned_while_walked(rel: &str) -> bool {
+    !rel.contains('/') || rel == "pg_logical/replorigin_checkpoint"
 }
 
 #[derive(Debug, Default)]
@@ -68,8 +80,10 @@ impl Walked {
     }
 }
 
+/// Names left out wherever they are. `pg_internal.init` by prefix, as pg_basebackup does: a
+/// backend writes `pg_internal.init.<pid>` and renames it, and a crash can leave one behind.
 fn skipped_name(name: &str) -> bool {
-    name.starts_with("pgsql_tmp") || name == "pg_internal.init"
+    name.starts_with("pgsql_tmp") || name.starts_with("pg_internal.init")
 }
 
 /// Whether `rel` (relative, `/`-separated) is a database directory, one that holds relation files.
@@ -226,13 +240,22 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()
             }
             walk_dir(&path, &child, out, false)?;
         } else if meta.is_file() {
+            let pinned = pinned_while_walked(&child)
+                .then(|| fs::File::open(&path).ok())
+                .flatten();
+            // The size of what is read: the open file's, should it have been replaced since.
+            let size = pinned
+                .as_ref()
+                .and_then(|f| f.metadata().ok())
+                .map_or(meta.len(), |m| m.len());
             out.files.push(WalkedFile {
                 path: child,
                 abs: path,
-                size: meta.len(),
+                size,
                 mode,
                 mtime: meta.mtime(),
                 relation_segment: relations.then(|| relation_segment(&name)).flatten(),
+                pinned: pinned.map(std::sync::Arc::new),
             });
         }
     }
@@ -242,6 +265,38 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_files_are_read_as_they_were_when_walked() {
+        use std::io::Read;
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        fs::create_dir_all(data.join("base/1")).unwrap();
+        fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+        fs::write(data.join("postgresql.auto.conf"), "max_connections = 100\n").unwrap();
+        fs::write(data.join("base/1/1259"), b"relation").unwrap();
+        let w = walk(&data).unwrap();
+        // ALTER SYSTEM after the walk: a new file renamed over the old one.
+        fs::write(
+            data.join("new.conf"),
+            "max_connections = 1000\nwork_mem = '1GB'\n",
+        )
+        .unwrap();
+        fs::rename(data.join("new.conf"), data.join("postgresql.auto.conf")).unwrap();
+        let conf = w
+            .files
+            .iter()
+            .find(|f| f.path == "postgresql.auto.conf")
+            .unwrap();
+        assert_eq!(conf.size, 22);
+        let mut text = String::new();
+        (&*conf.pinned.clone().expect("held open"))
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "max_connections = 100\n");
+        let rel = w.files.iter().find(|f| f.path == "base/1/1259").unwrap();
+        assert!(rel.pinned.is_none(), "relation files are read by path");
+    }
 
     #[test]
     fn leaves_out_what_postgresql_says_to_and_follows_tablespaces() {
@@ -265,6 +320,8 @@ mod tests {
             "base/1/1259",
             "global/pg_control",
             "global/pg_internal.init",
+            "global/pg_internal.init.4242",
+            "base/1/pg_internal.init.4243",
             "pg_wal/000000010000000000000001",
             "pg_replslot/slot/state",
             "pg_stat_tmp/x",

@@ -165,6 +165,20 @@ pub async fn connect(settings: &PgSettings) -> Result<Client, PgError> {
     Ok(client)
 }
 
+/// Turn off the server's timeouts for this session. A base backup's session holds
+/// `pg_backup_start` open, idle, for the whole upload; `idle_session_timeout` (or another
+/// timeout set for the role or database) ending it would abort the backup hours in.
+pub async fn without_timeouts(pg: &Client) -> Result<(), PgError> {
+    pg.batch_execute(
+        "SET statement_timeout = 0; SET idle_session_timeout = 0; \
+         SET idle_in_transaction_session_timeout = 0; SET lock_timeout = 0",
+    )
+    .await
+    .map_err(PgError::query(
+        "turning off this session's statement, idle and lock timeouts",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
