@@ -203,28 +203,54 @@ impl Archive {
 
     /// Download `key`, verify and decode it into a new file at `dest` atomically: a temp file in
     /// the same directory, renamed over `dest` once complete. With `Durability::Fsync` the file is
-    /// fsynced before the rename and the directory after it. On any error nothing appears at `dest`.
-    /// `hold` is dropped when the decode ends: a caller cancelled meanwhile (its future dropped)
-    /// can tell by it when the decode, which goes on, has stopped writing.
-    pub async fn fetch_to(
+    /// fsynced before the rename and the directory after it. `check` vets the complete decoded
+    /// file (at its temp path) before the rename. On any error, `check`'s included, nothing
+    /// appears at `dest`. `hold` is dropped when the decode ends: a caller cancelled meanwhile
+    /// (its future dropped) can tell by it when the decode, which goes on, has stopped writing.
+    pub async fn fetch_to<E>(
         &self,
         key: &ObjectKey,
         ids: &Arc<Identities>,
         dest: &Path,
         durability: Durability,
         hold: impl Send + 'static,
-    ) -> Result<Header, ArchiveError> {
-        let object = self.store.get(key).await?;
-        let ids = ids.clone();
-        let dest = dest.to_path_buf();
-        let key_s = key.to_string();
-        tokio::task::spawn_blocking(move || {
-            let _hold = hold;
-            decode_to_file(&object, &ids, &dest, &key_s, durability)
-        })
-        .await
-        .expect("decode task does not panic")
+        check: impl FnOnce(&Path) -> Result<(), E> + Send + 'static,
+    ) -> Result<Header, E>
+    where
+        E: From<ArchiveError> + Send + 'static,
+    {
+        let object = self.download(key).await?;
+        place(object, key, ids, dest, durability, hold, check).await
     }
+
+    /// The object as stored (still encoded), for `place`.
+    pub async fn download(&self, key: &ObjectKey) -> Result<Bytes, ArchiveError> {
+        self.store.get(key).await.map_err(ArchiveError::Storage)
+    }
+}
+
+/// `Archive::fetch_to` for an object already downloaded (`Archive::download`).
+pub async fn place<E>(
+    object: Bytes,
+    key: &ObjectKey,
+    ids: &Arc<Identities>,
+    dest: &Path,
+    durability: Durability,
+    hold: impl Send + 'static,
+    check: impl FnOnce(&Path) -> Result<(), E> + Send + 'static,
+) -> Result<Header, E>
+where
+    E: From<ArchiveError> + Send + 'static,
+{
+    let ids = ids.clone();
+    let dest = dest.to_path_buf();
+    let key_s = key.to_string();
+    tokio::task::spawn_blocking(move || {
+        let _hold = hold;
+        decode_to_file(&object, &ids, &dest, &key_s, durability, check)
+    })
+    .await
+    .expect("decode task does not panic")
 }
 
 /// Whether a placed file must survive a machine crash.
@@ -268,14 +294,16 @@ pub fn sweep_stale_temps(dir: &Path) -> usize {
     removed
 }
 
-/// Write-then-rename, so `dest` is either absent (on error) or complete and verified.
-pub fn decode_to_file(
+/// Write-then-rename, so `dest` is either absent (on error) or complete, verified, and passed by
+/// `check` (given the temp file, complete, before the rename).
+pub fn decode_to_file<E: From<ArchiveError>>(
     object: &[u8],
     ids: &Identities,
     dest: &Path,
     key: &str,
     durability: Durability,
-) -> Result<Header, ArchiveError> {
+    check: impl FnOnce(&Path) -> Result<(), E>,
+) -> Result<Header, E> {
     let dir = match dest.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -285,7 +313,7 @@ pub fn decode_to_file(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
-    let result = (|| {
+    let result = (|| -> Result<Header, E> {
         let mut f =
             File::create(&tmp).map_err(|e| ArchiveError::local("cannot create", &tmp, e))?;
         let header = {
@@ -301,6 +329,7 @@ pub fn decode_to_file(
                 .map_err(|e| ArchiveError::local("cannot write", &tmp, e))?;
             h
         };
+        check(&tmp)?;
         let durable = durability == Durability::Fsync;
         if durable {
             f.sync_all()

@@ -13,8 +13,12 @@ use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_object::GetObjectError;
+use aws_sdk_s3::operation::list_object_versions::ListObjectVersionsError;
+use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::BucketVersioningStatus;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_types::retry::RetryConfig;
 use aws_smithy_types::timeout::TimeoutConfig;
 use base64::Engine;
@@ -108,7 +112,7 @@ impl S3Store {
     fn map<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
         &self,
         key: &str,
-        err: SdkError<E, aws_smithy_runtime_api::client::orchestrator::HttpResponse>,
+        err: SdkError<E, HttpResponse>,
     ) -> StorageError {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let code = err.code().unwrap_or("").to_string();
@@ -147,6 +151,8 @@ impl S3Store {
                 "bucket '{}' does not exist; create it (see minio-test/ or terraform/) or fix the repository URL",
                 self.bucket
             )),
+            // A GET's 404 without NoSuchKey is transient (`map_get`); a 404 that gets here is a
+            // HEAD's (no body: a bare 404), a DELETE's or a listing's.
             (_, "NoSuchKey" | "NotFound", _) | (_, _, Some(404)) => StorageError::NotFound(what),
             // AWS answers requests signed for another region than the bucket's with a redirect
             // (HEAD: a bare 301) or a malformed-authorization error, naming the right region.
@@ -174,6 +180,51 @@ impl S3Store {
             (SdkError::ResponseError(_), _, _) => StorageError::Transient(format!("{what}: {}", describe_chain(&err))),
             _ => StorageError::Other(format!("{what}: {}", describe_chain(&err))),
         }
+    }
+
+    /// `map` for a GET, where only S3's `NoSuchKey` means the key does not exist. A GET's error
+    /// has a body, and S3 and the S3-compatible servers (MinIO, SeaweedFS) name the error in it;
+    /// a 404 without that name comes from something else answering for the server, such as an
+    /// ingress's default backend while the storage pod restarts. Taken for a missing object, it
+    /// would end recovery early (wal-fetch's exit 1); as a transient error it is retried.
+    fn map_get(&self, key: &str, err: SdkError<GetObjectError, HttpResponse>) -> StorageError {
+        let no_such_key = matches!(err.as_service_error(), Some(GetObjectError::NoSuchKey(_)))
+            || err.code() == Some("NoSuchKey");
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        match get_miss(no_such_key, status, err.code().unwrap_or("")) {
+            GetMiss::NoSuchKey => StorageError::NotFound(format!("s3://{}/{key}", self.bucket)),
+            GetMiss::Bare404 => StorageError::Transient(format!(
+                "s3://{}/{key}: the server answered HTTP 404 without S3's NoSuchKey error{}, which \
+                 walship does not take for a missing object: a proxy or ingress in front of the \
+                 storage may have answered for a server that is down",
+                self.bucket,
+                err.code()
+                    .map(|c| format!(" (error code {c})"))
+                    .unwrap_or_default()
+            )),
+            GetMiss::Other => self.map(key, err),
+        }
+    }
+}
+
+/// What a failed GET says about its key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GetMiss {
+    /// S3's `NoSuchKey`: the key does not exist.
+    NoSuchKey,
+    /// A 404 without `NoSuchKey` (or `NoSuchBucket`): not an answer about the key.
+    Bare404,
+    /// Anything else: `S3Store::map` decides.
+    Other,
+}
+
+fn get_miss(no_such_key: bool, status: Option<u16>, code: &str) -> GetMiss {
+    match (no_such_key, status, code) {
+        (true, _, _) => GetMiss::NoSuchKey,
+        (_, _, "NoSuchBucket") => GetMiss::Other,
+        // The SDK names an error without a body "NotFound" after its 404 (meant for HEAD).
+        (_, Some(404), _) | (_, _, "NotFound") => GetMiss::Bare404,
+        _ => GetMiss::Other,
     }
 }
 
@@ -230,9 +281,12 @@ impl S3Store {
 
     /// Whether the current version of `full` is a delete marker: deleted from a versioned bucket,
     /// not never written. Asked only when a GET found nothing, so that a WAL segment someone
-    /// deleted never reads as the end of the archive (recovery would promote there). Any error
-    /// (a role without s3:ListBucketVersions, a server without versions) answers no.
-    async fn deleted(&self, full: &str) -> bool {
+    /// deleted never reads as the end of the archive (recovery would promote there). A server
+    /// that cannot say answers no: a role without s3:ListBucketVersions (access denied), a server
+    /// without versions (501 NotImplemented, or an answer the SDK cannot read). A failure that may
+    /// pass (timeout, connection, 5xx, throttling) is a transient error, retried like the GET:
+    /// answered no, it would turn a deleted segment into the end of the archive.
+    async fn deleted(&self, full: &str) -> Result<bool, StorageError> {
         let listed = self
             .client
             .list_object_versions()
@@ -241,17 +295,39 @@ impl S3Store {
             .max_keys(16)
             .send()
             .await;
-        listed.is_ok_and(|out| {
-            out.delete_markers()
+        match listed {
+            Ok(out) => Ok(out
+                .delete_markers()
                 .iter()
-                .any(|m| m.key() == Some(full) && m.is_latest() == Some(true))
-        })
+                .any(|m| m.key() == Some(full) && m.is_latest() == Some(true))),
+            Err(e) => self.versions_unknown(full, e),
+        }
+    }
+
+    /// A failed listing of `full`'s versions: `Ok(false)` when the server cannot tell (see
+    /// `deleted`), the error when asking again may answer.
+    fn versions_unknown(
+        &self,
+        full: &str,
+        err: SdkError<ListObjectVersionsError, HttpResponse>,
+    ) -> Result<bool, StorageError> {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let unsupported = status == Some(501) || err.code() == Some("NotImplemented");
+        match self.map(full, err) {
+            _ if unsupported => Ok(false),
+            StorageError::Transient(why) => Err(StorageError::Transient(format!(
+                "{why} (listing the key's versions, to tell a deleted object from one never written)"
+            ))),
+            StorageError::NoBucket(why) => Err(StorageError::NoBucket(why)),
+            _ => Ok(false),
+        }
     }
 
     /// S3 answers a GET of a missing key with 403, not 404, unless the caller may list the bucket
     /// without a prefix condition, which least-privilege roles (terraform/'s) may not. A 403 would
     /// make the end of the archive look like an access problem to wal-fetch, and the wait for a
-    /// backup's WAL fail; so on 403 a listing of the key itself decides: absent is NotFound.
+    /// backup's WAL fail; so on 403 a listing of the key itself decides: absent is NotFound. A
+    /// listing that fails for a reason that may pass is a transient error (retried), not the 403.
     async fn missing_or_denied(&self, full: &str, err: StorageError) -> StorageError {
         if !matches!(err, StorageError::Denied(_)) {
             return err;
@@ -268,7 +344,22 @@ impl S3Store {
             Ok(out) if !out.contents().iter().any(|o| o.key() == Some(full)) => {
                 StorageError::NotFound(format!("s3://{}/{full}", self.bucket))
             }
-            _ => err,
+            Ok(_) => err,
+            Err(e) => self.listing_after_denied_failed(full, err, e),
+        }
+    }
+
+    fn listing_after_denied_failed(
+        &self,
+        full: &str,
+        denied: StorageError,
+        err: SdkError<ListObjectsV2Error, HttpResponse>,
+    ) -> StorageError {
+        match self.map(full, err) {
+            StorageError::Transient(why) => StorageError::Transient(format!(
+                "{why} (listing the key after its GET was refused, to tell a missing key from a denied one)"
+            )),
+            _ => denied,
         }
     }
 }
@@ -324,8 +415,8 @@ impl Store for S3Store {
         let out = match out {
             Ok(out) => out,
             Err(e) => {
-                let err = self.missing_or_denied(&full, self.map(&full, e)).await;
-                if matches!(err, StorageError::NotFound(_)) && self.deleted(&full).await {
+                let err = self.missing_or_denied(&full, self.map_get(&full, e)).await;
+                if matches!(err, StorageError::NotFound(_)) && self.deleted(&full).await? {
                     return Err(StorageError::Deleted(format!(
                         "s3://{}/{full}",
                         self.bucket
@@ -363,7 +454,7 @@ impl Store for S3Store {
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
                 return Ok(Bytes::new())
             }
-            Err(e) => return Err(self.missing_or_denied(&full, self.map(&full, e)).await),
+            Err(e) => return Err(self.missing_or_denied(&full, self.map_get(&full, e)).await),
         };
         let data = out.body.collect().await.map_err(|e| {
             StorageError::Transient(format!(
@@ -516,7 +607,129 @@ impl Store for S3Store {
 
 #[cfg(test)]
 mod tests {
-    use super::describe_chain;
+    use super::*;
+    use aws_sdk_s3::types::error::NoSuchKey;
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    /// A store whose client is never used: for the mapping of errors built here.
+    fn store() -> S3Store {
+        let conf = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("us-east-1"))
+            .build();
+        S3Store {
+            client: aws_sdk_s3::Client::from_conf(conf),
+            bucket: "b".into(),
+            prefix: String::new(),
+        }
+    }
+
+    fn response(status: u16, body: &'static str) -> HttpResponse {
+        HttpResponse::new(status.try_into().unwrap(), SdkBody::from(body))
+    }
+
+    fn code(code: &str) -> ErrorMetadata {
+        ErrorMetadata::builder().code(code).build()
+    }
+
+    fn get_error(status: u16, err: GetObjectError) -> SdkError<GetObjectError, HttpResponse> {
+        SdkError::service_error(err, response(status, ""))
+    }
+
+    #[test]
+    fn only_no_such_key_makes_a_get_a_missing_object() {
+        let s = store();
+        let modeled = GetObjectError::NoSuchKey(NoSuchKey::builder().build());
+        assert!(matches!(
+            s.map_get("k", get_error(404, modeled)),
+            StorageError::NotFound(_)
+        ));
+        let coded = GetObjectError::generic(code("NoSuchKey"));
+        assert!(matches!(
+            s.map_get("k", get_error(404, coded)),
+            StorageError::NotFound(_)
+        ));
+        // An ingress's default backend while the storage pod restarts: a page, no S3 error.
+        let html = SdkError::service_error(
+            GetObjectError::unhandled("not an S3 error document"),
+            response(404, "<html><body>default backend - 404</body></html>"),
+        );
+        let err = s.map_get("wal/x", html);
+        assert!(err.is_transient(), "{err:?}");
+        assert!(
+            err.to_string().contains("HTTP 404 without S3's NoSuchKey"),
+            "{err}"
+        );
+        // No body at all: the SDK calls that NotFound, as it does for a HEAD.
+        let bare = GetObjectError::generic(code("NotFound"));
+        assert!(s.map_get("k", get_error(404, bare)).is_transient());
+        // The rest maps as before.
+        let no_bucket = GetObjectError::generic(code("NoSuchBucket"));
+        assert!(matches!(
+            s.map_get("k", get_error(404, no_bucket)),
+            StorageError::NoBucket(_)
+        ));
+        let denied = GetObjectError::generic(code("AccessDenied"));
+        assert!(matches!(
+            s.map_get("k", get_error(403, denied)),
+            StorageError::Denied(_)
+        ));
+        let slow = GetObjectError::generic(code("SlowDown"));
+        assert!(s.map_get("k", get_error(503, slow)).is_transient());
+        // HEAD has no body: a bare 404 there stays "not found" (`map`, used for HEAD).
+        assert!(matches!(
+            s.map(
+                "k",
+                get_error(404, GetObjectError::generic(code("NotFound")))
+            ),
+            StorageError::NotFound(_)
+        ));
+    }
+
+    #[test]
+    fn a_delete_marker_check_that_may_pass_is_retried_not_answered_no() {
+        let s = store();
+        let list = |status: u16, c: &str| {
+            SdkError::service_error(
+                ListObjectVersionsError::generic(code(c)),
+                response(status, ""),
+            )
+        };
+        // No s3:ListBucketVersions, or a server without versions: not known to be deleted.
+        assert!(matches!(
+            s.versions_unknown("k", list(403, "AccessDenied")),
+            Ok(false)
+        ));
+        assert!(matches!(
+            s.versions_unknown("k", list(501, "NotImplemented")),
+            Ok(false)
+        ));
+        // Answered "not deleted", these would make a deleted segment the end of the archive.
+        for (status, c) in [
+            (503, "SlowDown"),
+            (500, "InternalError"),
+            (429, "TooManyRequests"),
+        ] {
+            let err = s.versions_unknown("k", list(status, c)).unwrap_err();
+            assert!(err.is_transient(), "{status} {c}: {err:?}");
+        }
+        let timeout = SdkError::<ListObjectVersionsError, HttpResponse>::timeout_error("timed out");
+        assert!(s.versions_unknown("k", timeout).unwrap_err().is_transient());
+    }
+
+    #[test]
+    fn a_listing_after_a_refused_get_that_may_pass_is_retried() {
+        let s = store();
+        let list = |status: u16, c: &str| {
+            SdkError::service_error(ListObjectsV2Error::generic(code(c)), response(status, ""))
+        };
+        let denied = || StorageError::Denied("s3://b/k: AccessDenied".into());
+        let err = s.listing_after_denied_failed("k", denied(), list(503, "SlowDown"));
+        assert!(err.is_transient(), "{err:?}");
+        let err = s.listing_after_denied_failed("k", denied(), list(403, "AccessDenied"));
+        assert!(matches!(err, StorageError::Denied(_)), "{err:?}");
+    }
 
     #[derive(Debug)]
     struct Layer(&'static str, Option<Box<Layer>>);

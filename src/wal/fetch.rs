@@ -5,22 +5,29 @@
 //! a wrong bucket, prefix or credentials can never look like the end of the archive. A miss is never
 //! cached: every call that would answer "not in archive" has asked the store.
 //!
+//! A WAL segment (or `.partial` file) is placed only once its first page's header agrees with
+//! its name and with the repository's `walship.json` (system identifier, segment size, page
+//! magic): PostgreSQL takes another cluster's page for the end of WAL, and would end recovery
+//! there. The prefetcher checks the same before a segment enters the spool.
+//!
 //! The prefetcher is started only for calls from recovery proper, which PostgreSQL makes with
 //! %p = `pg_wal/RECOVERYXLOG`. pg_rewind's `--restore-target-wal` calls restore straight into
 //! `pg_wal/<name>` and walks the data directory meanwhile: a prefetcher adding and removing spool
 //! files under it would make the rewind fail (the failure WAL-G users hit with `pg_wal/.wal-g`).
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::name::{WalFileKind, WalFileName};
+use super::name::{format_lsn, WalFileKind, WalFileName};
 use super::spool::Spool;
-use super::{parent_dir, state_dir, WalError};
-use crate::archive::{Archive, ArchiveError, Durability};
+use super::{parent_dir, state_dir, HeaderMismatch, WalError};
+use crate::archive::{self, Archive, ArchiveError, Durability};
 use crate::codec::Identities;
 use crate::config::WalSettings;
-use crate::repo;
+use crate::pg::walpage::{LongPageHeader, LONG_HEADER_LEN};
+use crate::repo::{self, RepoMeta};
 use crate::storage::StorageError;
 
 /// The file name PostgreSQL's recovery restores segments to.
@@ -87,34 +94,114 @@ pub async fn fetch(
 ) -> Result<FetchReport, WalError> {
     // What calls killed before they could clean up left beside `dest` (one small directory read
     // before a 16 MiB download; calls served from the spool leave it to the prefetcher's start).
-    crate::archive::sweep_stale_temps(&parent_dir(dest));
-    let placed = ctx
-        .archive
-        .fetch_to(
-            &repo::wal_key(name),
-            &ctx.identities,
-            dest,
-            Durability::Fsync,
-            (),
-        )
-        .await;
-    match placed {
-        Ok(_) => Ok(after(
-            &ctx.settings,
-            name,
-            dest,
-            spool_for(&ctx.settings, &ctx.repo_id, dest),
-            FetchOutcome::Downloaded,
-        )),
-        Err(ArchiveError::Storage(StorageError::NotFound(_))) => match ctx.archive.read_meta().await? {
-            Some(_) => Err(WalError::NotInArchive(format!("{name} (repository {})", ctx.archive.store().describe()))),
-            None => Err(WalError::NoRepository(format!(
-                "{} has no walship.json: this is not a walship repository (wrong bucket, prefix or directory?), so walship cannot tell whether {name} is archived",
+    archive::sweep_stale_temps(&parent_dir(dest));
+    let key = repo::wal_key(name);
+    // A segment is checked against walship.json: read it beside the download, not after it.
+    let (object, meta) = if has_long_header(name) {
+        let (object, meta) = tokio::join!(ctx.archive.download(&key), ctx.archive.read_meta());
+        (object, Some(meta))
+    } else {
+        (ctx.archive.download(&key).await, None)
+    };
+    let object = match object {
+        Ok(object) => object,
+        Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
+            let meta = match meta {
+                Some(meta) => meta?,
+                None => ctx.archive.read_meta().await?,
+            };
+            return Err(match meta {
+                Some(_) => WalError::NotInArchive(format!("{name} (repository {})", ctx.archive.store().describe())),
+                None => WalError::NoRepository(format!(
+                    "{} has no walship.json: this is not a walship repository (wrong bucket, prefix or directory?), so walship cannot tell whether {name} is archived",
+                    ctx.archive.store().describe()
+                )),
+            });
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let expected = match meta {
+        None => None,
+        Some(meta) => Some(meta?.ok_or_else(|| {
+            WalError::NoRepository(format!(
+                "{} holds {name} but no walship.json, so walship cannot check that the segment is this cluster's WAL and does not restore it; \
+                 restore walship.json (a versioned bucket keeps its earlier versions) or point restore_command at this cluster's repository",
                 ctx.archive.store().describe()
-            ))),
+            ))
+        })?),
+    };
+    let (seg, repository) = (name.clone(), ctx.archive.store().describe());
+    archive::place(
+        object,
+        &key,
+        &ctx.identities,
+        dest,
+        Durability::Fsync,
+        (),
+        move |restored: &Path| match &expected {
+            Some(meta) => check_restored(restored, &seg, meta, &repository),
+            None => Ok(()),
         },
-        Err(e) => Err(e.into()),
-    }
+    )
+    .await?;
+    Ok(after(
+        &ctx.settings,
+        name,
+        dest,
+        spool_for(&ctx.settings, &ctx.repo_id, dest),
+        FetchOutcome::Downloaded,
+    ))
+}
+
+/// Whether `name` is a file that starts with a WAL long page header: segments and `.partial`
+/// segments, not history or backup-history files.
+fn has_long_header(name: &WalFileName) -> bool {
+    matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial)
+}
+
+/// Check a restored WAL segment, complete at `restored` but not yet placed, against its name and
+/// the repository's `walship.json`: another cluster's segment (a repository recreated at the same
+/// URL, a prefix shared by two clusters) or a misnamed one must not reach PostgreSQL, which would
+/// take its first page for the end of WAL and end recovery there. The error names what the header
+/// says and what was expected; not "not in the archive" (exit 1), which would end recovery too.
+pub(super) fn check_restored(
+    restored: &Path,
+    name: &WalFileName,
+    meta: &RepoMeta,
+    repository: &str,
+) -> Result<(), WalError> {
+    let mut first = Vec::with_capacity(LONG_HEADER_LEN);
+    std::fs::File::open(restored)
+        .and_then(|f| f.take(LONG_HEADER_LEN as u64).read_to_end(&mut first))
+        .map_err(|e| WalError::local("cannot read back", restored, e))?;
+    let h = LongPageHeader::parse(&first).map_err(|e| {
+        WalError::Invalid(format!(
+            "{name} in {repository} decodes, but is {e}; walship did not restore it: find out what archived this object under a segment's name"
+        ))
+    })?;
+    let Some(mismatch) = super::header_mismatch(&h, name, Some(meta)) else {
+        return Ok(());
+    };
+    Err(match mismatch {
+        HeaderMismatch::Position { header, name: by_name } => WalError::Invalid(format!(
+            "{name} in {repository}: its WAL page header says it starts at {}, but its name says {}; walship did not restore this misnamed segment: find out what archived it under this name",
+            format_lsn(header),
+            format_lsn(by_name)
+        )),
+        HeaderMismatch::System { header, repository: expected } => WalError::ForeignCluster(format!(
+            "{name} in {repository} belongs to database system {header}, but the repository's walship.json says system {expected}; \
+             walship did not restore it: check that restore_command points at this cluster's repository (one recreated at the same URL, or shared with another cluster, holds other WAL)"
+        )),
+        HeaderMismatch::Format {
+            magic,
+            segment_size,
+            repository_magic,
+            repository_segment_size,
+        } => WalError::ForeignCluster(format!(
+            "{name} in {repository}: its WAL page header says magic {magic:#06x}, segment size {segment_size}, but the repository's walship.json says magic \
+             {repository_magic:#06x}, segment size {repository_segment_size}; walship did not restore it: check that restore_command points at this cluster's repository"
+        )),
+    })
 }
 
 /// Whether a call restoring to `dest` comes from recovery proper (not pg_rewind, not a person).
@@ -181,6 +268,144 @@ fn after(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit;
+
+    const SEG_SIZE: u64 = 16 << 20;
+
+    fn meta(system: u64) -> RepoMeta {
+        RepoMeta {
+            format: repo::REPO_FORMAT,
+            system_identifier: system.to_string(),
+            wal_page_magic: 0xD110,
+            pg_major: Some(15),
+            wal_segment_size: SEG_SIZE,
+            wal_block_size: 8192,
+            codec: "zstd+age-x25519".into(),
+            recipient_fingerprints: Vec::new(),
+            created_at: "2024-01-01T00:00:00Z".into(),
+            created_by: "test".into(),
+        }
+    }
+
+    /// The start of segment `at` of database system `system` (the checks read only its header).
+    fn segment(system: u64, at: &WalFileName) -> Vec<u8> {
+        let addr = at.segment().unwrap().segno(SEG_SIZE) * SEG_SIZE;
+        let mut b =
+            crate::pg::walpage::synthetic_header(system, at.timeline(), addr, SEG_SIZE as u32);
+        b.resize(8192, 0);
+        b
+    }
+
+    fn settings(prefetch: usize) -> WalSettings {
+        WalSettings {
+            lookahead: 0,
+            upload_concurrency: 1,
+            prefetch,
+            download_concurrency: 4,
+            state_dir: None,
+            fetch_attempts: 1,
+            prefetch_idle: Duration::from_secs(60),
+            prefetch_min_free: 0,
+        }
+    }
+
+    #[test]
+    fn only_the_repositorys_segment_at_its_named_place_is_restored() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = WalFileName::parse("000000010000000200000003").unwrap();
+        let restored = dir.path().join(".RECOVERYXLOG.walship-tmp.1");
+        let check = |bytes: Vec<u8>, meta: &RepoMeta| {
+            std::fs::write(&restored, bytes).unwrap();
+            check_restored(&restored, &name, meta, "file:///repo")
+        };
+        check(segment(7, &name), &meta(7)).unwrap();
+        fn refused(err: WalError, says: &[&str]) {
+            let msg = err.to_string();
+            for s in says {
+                assert!(msg.contains(s), "'{s}' missing: {msg}");
+            }
+            // Never "not in the archive", which would end recovery there.
+            let code = exit::for_wal(&err);
+            assert!(
+                code == exit::CONFLICT || code == exit::CORRUPT,
+                "{code}: {msg}"
+            );
+        }
+        // Another cluster's WAL under the name: a repository recreated at the same URL.
+        let err = check(segment(8, &name), &meta(7)).unwrap_err();
+        assert!(matches!(err, WalError::ForeignCluster(_)), "{err}");
+        refused(
+            err,
+            &[
+                "000000010000000200000003",
+                "database system 8",
+                "says system 7",
+                "did not restore",
+            ],
+        );
+        // Another WAL format.
+        let newer = RepoMeta {
+            wal_page_magic: 0xD113,
+            ..meta(7)
+        };
+        let err = check(segment(7, &name), &newer).unwrap_err();
+        refused(err, &["magic 0xd110", "magic 0xd113"]);
+        // Misnamed: the page header says another position.
+        let four = WalFileName::parse("000000010000000200000004").unwrap();
+        let err = check(segment(7, &four), &meta(7)).unwrap_err();
+        assert!(matches!(err, WalError::Invalid(_)), "{err}");
+        refused(err, &["2/4000000", "2/3000000", "misnamed"]);
+        // Not WAL at all.
+        let err = check(Vec::new(), &meta(7)).unwrap_err();
+        refused(err, &["not a WAL segment"]);
+    }
+
+    #[tokio::test]
+    async fn another_clusters_segment_is_never_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_dir, pg_wal) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+        std::fs::create_dir_all(&store_dir).unwrap();
+        std::fs::create_dir_all(&pg_wal).unwrap();
+        let (text, _) = crate::codec::generate_identity();
+        let ids = Identities::parse(&text, "test").unwrap();
+        let recipients = ids.recipients();
+        let archive = Archive::new(Arc::new(crate::storage::fs::FsStore::new(&store_dir)));
+        archive.ensure_meta(&meta(7)).await.unwrap();
+        let put = |name: &WalFileName, system: u64| {
+            let enc = crate::codec::encode(&segment(system, name)[..], &recipients, 1).unwrap();
+            let (archive, key) = (archive.clone(), repo::wal_key(name));
+            async move { archive.put(&key, enc).await.unwrap() }
+        };
+        let ctx = FetchContext {
+            archive: archive.clone(),
+            identities: Arc::new(ids),
+            settings: settings(0),
+            repo_id: "file:///repo".into(),
+        };
+        let dest = pg_wal.join(RECOVERY_TARGET_NAME);
+
+        let foreign = WalFileName::parse("000000010000000000000003").unwrap();
+        put(&foreign, 8).await;
+        let err = fetch(&ctx, &foreign, &dest).await.err().expect("refused");
+        assert!(matches!(err, WalError::ForeignCluster(_)), "{err}");
+        assert!(!dest.exists(), "nothing placed");
+        assert_eq!(
+            std::fs::read_dir(&pg_wal).unwrap().count(),
+            0,
+            "no temp file left"
+        );
+
+        let own = WalFileName::parse("000000010000000000000004").unwrap();
+        put(&own, 7).await;
+        fetch(&ctx, &own, &dest).await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), segment(7, &own));
+
+        let missing = WalFileName::parse("000000010000000000000005").unwrap();
+        assert!(matches!(
+            fetch(&ctx, &missing, &dest).await,
+            Err(WalError::NotInArchive(_))
+        ));
+    }
 
     #[test]
     fn only_recovery_proper_starts_a_prefetcher() {

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::{OnceCell, Semaphore};
 
 use super::name::{WalFileKind, WalFileName};
-use super::{parent_dir, state_dir, WalError};
+use super::{parent_dir, state_dir, HeaderMismatch, WalError};
 use crate::archive::{Archive, ArchiveError, Stored};
 use crate::codec::{self, Recipients};
 use crate::config::WalSettings;
@@ -135,33 +135,28 @@ fn check_segment(
         .map_err(|e| WalError::local("cannot read WAL page header of", path, e))?;
     let h = LongPageHeader::parse(&buf)
         .map_err(|e| WalError::Invalid(format!("{}: {e}", path.display())))?;
-    let seg = name.segment().expect("segments have a position");
-    let expect_addr = seg.segno(u64::from(h.segment_size)) * u64::from(h.segment_size);
-    if h.page_addr != expect_addr {
-        return Err(WalError::Invalid(format!(
+    match super::header_mismatch(&h, name, meta) {
+        None => Ok(h),
+        Some(HeaderMismatch::Position { header, name: by_name }) => Err(WalError::Invalid(format!(
             "{}: the WAL page header says the file starts at {}, but its name says {}; refusing to archive a misnamed segment",
             path.display(),
-            super::name::format_lsn(h.page_addr),
-            super::name::format_lsn(expect_addr)
-        )));
+            super::name::format_lsn(header),
+            super::name::format_lsn(by_name)
+        ))),
+        Some(HeaderMismatch::System { header, repository }) => Err(WalError::ForeignCluster(format!(
+            "{name} belongs to database system {header}, but the repository holds WAL of system {repository}; \
+             every cluster needs its own repository (a different prefix or directory)"
+        ))),
+        Some(HeaderMismatch::Format {
+            magic,
+            segment_size,
+            repository_magic,
+            repository_segment_size,
+        }) => Err(WalError::ForeignCluster(format!(
+            "{name}: WAL format (magic {magic:#06x}, segment size {segment_size}) differs from the repository's \
+             (magic {repository_magic:#06x}, segment size {repository_segment_size}); use a new repository after a major upgrade"
+        ))),
     }
-    if let Some(meta) = meta {
-        if meta.system_identifier != h.system_identifier.to_string() {
-            return Err(WalError::ForeignCluster(format!(
-                "{} belongs to database system {}, but the repository holds WAL of system {}; \
-                 every cluster needs its own repository (a different prefix or directory)",
-                name, h.system_identifier, meta.system_identifier
-            )));
-        }
-        if meta.wal_segment_size != u64::from(h.segment_size) || meta.wal_page_magic != h.magic {
-            return Err(WalError::ForeignCluster(format!(
-                "{name}: WAL format (magic {:#06x}, segment size {}) differs from the repository's (magic {:#06x}, segment size {}); \
-                 use a new repository after a major upgrade",
-                h.magic, h.segment_size, meta.wal_page_magic, meta.wal_segment_size
-            )));
-        }
-    }
-    Ok(h)
 }
 
 fn meta_for(h: &LongPageHeader, recipients: &Recipients) -> RepoMeta {

@@ -16,7 +16,12 @@
 //! killed process cannot leave a torn one, and a machine crash (which could) changes the boot id,
 //! after which nothing in the spool is served. PostgreSQL would take a torn segment for the end of
 //! WAL and end recovery early; fsyncing 16 MiB per segment instead would bound prefetch by the
-//! disk's flush speed. Where the boot id cannot be read, the spool is not used.
+//! disk's flush speed. Where the boot id cannot be read, the spool is not used. A crash-consistent
+//! snapshot of the volume started on the same host keeps the boot id, so a prefetcher empties the
+//! spool of segments as it takes the lock: only segments the running prefetcher wrote are served,
+//! never ones an earlier one left (torn in such a clone, or from a repository since recreated at
+//! the same URL). Each segment is checked against the repository's `walship.json` before it
+//! enters the spool, as `wal-fetch` checks the ones it downloads itself.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -29,8 +34,9 @@ use tokio::sync::Semaphore;
 
 use sha2::{Digest, Sha256};
 
-use super::fetch::FetchContext;
+use super::fetch::{check_restored, FetchContext};
 use super::name::{WalFileKind, WalFileName};
+use super::WalError;
 use crate::archive::{ArchiveError, Durability};
 use crate::repo;
 use crate::storage::StorageError;
@@ -75,9 +81,10 @@ impl Spool {
     pub fn take(&self, name: &str, dest: &Path) -> bool {
         let src = self.dir.join(self.file_name(name));
         // The name vouches for the file's repository and completeness, `valid` for its boot (see
-        // the module docs), and a running prefetcher for the storage under it: spooled files exist
-        // only while one runs (it empties the spool as it exits), so files a killed one left, or
-        // a copy of the volume taken without a reboot (a snapshot clone), are never served.
+        // the module docs), and a running prefetcher for the rest: a prefetcher empties the spool
+        // of segments as it takes the lock and again as it exits, so a file here while one runs
+        // is one it wrote (and checked). Never one a killed prefetcher left, nor one in a copy of
+        // the volume taken without a reboot (a snapshot clone, where it may be torn).
         if !src.exists() || !self.valid() || !self.prefetcher_running() {
             return false;
         }
@@ -125,12 +132,15 @@ impl Spool {
         self.take(name, dest).then(|| since.elapsed())
     }
 
-    /// Remove what a killed prefetcher may have left: in-flight markers and temp files.
-    fn clear_in_flight(&self) {
+    /// Remove what earlier prefetchers left: spooled segments (of any repository), in-flight
+    /// markers and temp files. Keeps the markers, which say what the spool is for and where
+    /// recovery is: `.lock`, `.repo`, `.boot`, and `.want` (with the `.want.tmp` a `wal-fetch`
+    /// may be writing right now).
+    fn clear_left_behind(&self) {
         for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if n.starts_with('.') && (n.ends_with(".inflight") || n.contains(".walship-tmp.")) {
+            if !n.starts_with('.') || n.ends_with(".inflight") || n.contains(".walship-tmp.") {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -173,11 +183,17 @@ impl Spool {
     }
 
     /// The prefetcher's lock, when no other prefetcher holds it: whoever has it is the one
-    /// prefetcher of this spool until it drops it.
+    /// prefetcher of this spool until it drops it. Taking it empties the spool of what earlier
+    /// prefetchers left (see `clear_left_behind`): from now on `take` serves what this one
+    /// writes, and only that (see the module docs).
     pub fn lock_for_prefetcher(&self) -> io::Result<Option<File>> {
         fs::create_dir_all(&self.dir)?;
         let lock = self.open_lock()?;
-        Ok(lock.try_lock().is_ok().then_some(lock))
+        if lock.try_lock().is_err() {
+            return Ok(None);
+        }
+        self.clear_left_behind();
+        Ok(Some(lock))
     }
 
     /// Whether a prefetcher holds the lock now.
@@ -299,15 +315,15 @@ impl ServerWatch {
 
 /// The background prefetcher: keeps the `depth` segments after `.want` in the spool until recovery
 /// has not asked for anything for `idle`, or the server stops, then empties the spool and exits.
-/// Only one runs per spool.
-/// `lock` is the spool's, from `lock_for_prefetcher`.
+/// Only one runs per spool. A segment enters the spool only once it passed the checks `wal-fetch`
+/// makes (verified, and its page header agrees with its name and `walship.json`).
+/// `lock` is the spool's, from `lock_for_prefetcher` (which emptied the spool).
 pub async fn run_prefetcher(
     ctx: Arc<FetchContext>,
     spool: Spool,
     lock: File,
     server: ServerWatch,
 ) -> io::Result<()> {
-    spool.clear_in_flight();
     // Calls served from the spool never sweep pg_wal; after a restart, this process does.
     let swept = crate::archive::sweep_stale_temps(&server.pg_wal());
     if swept > 0 {
@@ -316,16 +332,19 @@ pub async fn run_prefetcher(
             server.pg_wal().display()
         );
     }
-    // Without the segment size every name after a log's last segment would be wrong: give up
-    // for now, and the next call from recovery starts another prefetcher.
-    let seg_size = match ctx.archive.read_meta().await {
-        Ok(Some(m)) => m.wal_segment_size,
+    // Without the segment size every name after a log's last segment would be wrong, and without
+    // walship.json no segment can be checked before it enters the spool: give up for now, and
+    // the next call from recovery starts another prefetcher.
+    let meta = match ctx.archive.read_meta().await {
+        Ok(Some(m)) => Arc::new(m),
         Ok(None) => return spool.clear(), // nothing archived yet: nothing to prefetch
         Err(e) => {
             tracing::warn!("cannot read the repository's metadata, not prefetching: {e}");
             return spool.clear();
         }
     };
+    let seg_size = meta.wal_segment_size;
+    let repository = ctx.archive.store().describe();
     let depth = ctx.settings.prefetch as u64;
     let sem = Arc::new(Semaphore::new(ctx.settings.download_concurrency));
     let mut last_want: Option<WalFileName> = None;
@@ -413,17 +432,26 @@ pub async fn run_prefetcher(
                     tracing::debug!("cannot create {}: {e}", marker.display());
                 }
                 let (ctx, name, busy) = (ctx.clone(), name.clone(), decoding.clone());
+                let (meta, repository) = (meta.clone(), repository.clone());
                 let dest = spool.dir().join(file);
                 tasks.spawn(async move {
                     let _permit = permit;
                     // Gone once the task ends, whatever the outcome; after the segment's rename.
                     let _marker = RemoveOnDrop(marker);
-                    let key = repo::wal_key(
-                        &WalFileName::parse(&name).expect("generated names are valid"),
-                    );
+                    let seg = WalFileName::parse(&name).expect("generated names are valid");
+                    let key = repo::wal_key(&seg);
                     let res = ctx
                         .archive
-                        .fetch_to(&key, &ctx.identities, &dest, Durability::UntilReboot, busy)
+                        .fetch_to(
+                            &key,
+                            &ctx.identities,
+                            &dest,
+                            Durability::UntilReboot,
+                            busy,
+                            move |restored: &Path| {
+                                check_restored(restored, &seg, &meta, &repository)
+                            },
+                        )
                         .await
                         .map(|_| ());
                     (name, res)
@@ -472,7 +500,7 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-type PrefetchResult = (String, Result<(), ArchiveError>);
+type PrefetchResult = (String, Result<(), WalError>);
 
 /// How long a segment found missing counts as the end of the archive.
 const END_SEEN_FOR: Duration = Duration::from_secs(2);
@@ -490,7 +518,7 @@ fn finished(
         Ok(()) => {
             spooled.insert(name);
         }
-        Err(ArchiveError::Storage(StorageError::NotFound(_))) => {
+        Err(WalError::Archive(ArchiveError::Storage(StorageError::NotFound(_)))) => {
             // The lowest name found missing is where the archive ends, whichever answer came
             // last; else the names between would be asked for again at once.
             let lower = match end_seen {
@@ -528,9 +556,16 @@ mod tests {
         assert!(!a.take("000000010000000000000002", &dest));
         let _prefetcher = a.lock_for_prefetcher().unwrap().expect("the lock is free");
         assert!(
+            !a.take("000000010000000000000002", &dest),
+            "nor by the next prefetcher: it empties the spool as it starts"
+        );
+        assert!(a.entries().is_empty());
+        assert!(
             a.lock_for_prefetcher().unwrap().is_none(),
             "one prefetcher per spool"
         );
+        // The running prefetcher spools a segment.
+        spooled(&a, "000000010000000000000002");
         fs::write(
             a.dir().join(format!(
                 ".{}.walship-tmp.1",
@@ -605,6 +640,59 @@ mod tests {
         left.sort();
         assert_eq!(left, [".boot", ".lock", ".repo"]);
         assert_eq!(spool.sweep_abandoned(), (0, 0), "nothing left to sweep");
+    }
+
+    /// Regression: a prefetcher served what an earlier one left in the spool, which a
+    /// crash-consistent snapshot clone started on the same host (same boot id) may hold torn,
+    /// and a repository recreated at the same URL may hold from another cluster.
+    #[test]
+    fn a_new_prefetcher_serves_nothing_an_earlier_one_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path(), "repo-a");
+        let other = Spool::new(dir.path(), "repo-b");
+        let dest = dir.path().join("RECOVERYXLOG");
+        spool.set_want("000000010000000000000001").unwrap();
+        let left = [
+            spool.file_name("000000010000000000000002"),
+            other.file_name("000000010000000000000003"),
+            format!(".{}.inflight", spool.file_name("000000010000000000000004")),
+            format!(
+                ".{}.walship-tmp.1",
+                spool.file_name("000000010000000000000004")
+            ),
+        ];
+        for n in &left {
+            fs::write(spool.dir().join(n), b"torn").unwrap();
+        }
+        fs::write(spool.dir().join(".want.tmp"), b"000000010000000000000002").unwrap();
+        let _prefetcher = spool
+            .lock_for_prefetcher()
+            .unwrap()
+            .expect("the lock is free");
+        assert!(!spool.take("000000010000000000000002", &dest));
+        assert!(!dest.exists());
+        let mut kept: Vec<String> = fs::read_dir(spool.dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        kept.sort();
+        // The markers stay: the spool still works for this repository, recovery is where it was.
+        assert_eq!(kept, [".boot", ".lock", ".repo", ".want", ".want.tmp"]);
+        assert!(spool.valid());
+        assert_eq!(
+            spool.want().map(|w| w.to_string()).as_deref(),
+            Some("000000010000000000000001")
+        );
+        // What the running prefetcher writes is served.
+        fs::write(
+            spool
+                .dir()
+                .join(spool.file_name("000000010000000000000002")),
+            b"seg",
+        )
+        .unwrap();
+        assert!(spool.take("000000010000000000000002", &dest));
+        assert_eq!(fs::read(&dest).unwrap(), b"seg");
     }
 
     #[test]
