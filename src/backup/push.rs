@@ -623,15 +623,14 @@ pub async fn push(
         wait_archived(archive, &stop_wal, opts.wal_wait, Awaited::BackupEnd).await?;
         // Look-ahead uploads let later segments reach the repository while an earlier one keeps
         // failing: every segment from the start on must be there, not only the last.
-        let first = WalFileName::parse(&start_wal)
+        let Some((first_name, first)) = WalFileName::parse(&start_wal)
             .ok()
-            .and_then(|n| n.segment())
-            .map(|s| s.segno(facts.wal_segment_size));
-        let last = stop.saturating_sub(1) / facts.wal_segment_size;
-        let Some(first) = first else {
+            .and_then(|n| Some((n.clone(), n.segment()?.segno(facts.wal_segment_size))))
+        else {
             return Ok(());
         };
-        let first_key = repo::wal_key(&WalFileName::parse(&start_wal).expect("parsed above"));
+        let last = stop.saturating_sub(1) / facts.wal_segment_size;
+        let first_key = repo::wal_key(&first_name);
         let dir = &first_key.as_str()[..first_key.as_str().rfind('/').expect("in a directory") + 1];
         let present: std::collections::HashSet<String> = archive
             .store()

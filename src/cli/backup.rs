@@ -964,12 +964,11 @@ async fn pinned_lineage(
     ids: &Arc<codec::Identities>,
     arg: TimelineArg,
 ) -> Result<Option<(u32, Vec<(u32, u64)>)>, BackupError> {
-    let wanted = match arg {
-        TimelineArg::Current => return Ok(None),
-        TimelineArg::Latest | TimelineArg::Number(_) => arg,
-    };
+    if arg == TimelineArg::Current {
+        return Ok(None);
+    }
     let (histories, _) = all_histories(archive, ids).await?;
-    let tli = match wanted {
+    let tli = match arg {
         TimelineArg::Number(t) => t,
         _ => histories.keys().max().copied().unwrap_or(1),
     };
@@ -1076,18 +1075,11 @@ async fn check_rivals(
     let Some(stop) = parse_lsn(&chosen.stop_lsn) else {
         return Ok(());
     };
-    let found = timeline::rivals(
-        chosen.timeline,
-        stop,
-        seg_size,
-        &histories,
-        &Default::default(),
-    );
+    let found = timeline::rivals(chosen.timeline, stop, &histories);
     if found.is_empty() {
         return Ok(());
     }
     let (segments, partials) = rival_wal(archive, seg_size, &found).await?;
-    let found = timeline::rivals(chosen.timeline, stop, seg_size, &histories, &partials);
     let on_path = |t: u32| {
         t == chosen.timeline || end.is_some_and(|e| e.path.steps.iter().any(|s| s.timeline == t))
     };
@@ -1099,7 +1091,7 @@ async fn check_rivals(
             let Some(segs) = segments.get(&t) else {
                 continue;
             };
-            for (&n, &at) in segs.range(r.from_segno..) {
+            for (&n, &at) in segs.range(r.from_segno(seg_size, &partials)..) {
                 if last.is_none_or(|(_, _, l)| at.unwrap_or(i64::MAX) > l.unwrap_or(i64::MAX)) {
                     last = Some((t, n, at));
                 }

@@ -255,9 +255,21 @@ pub struct Rival {
     pub parent_side: bool,
     /// The timelines of the other history.
     pub timelines: Vec<u32>,
-    /// For `parent_side`: the parent's first segment past the fork (the one holding it counts
-    /// only without the promoted server's `.partial` of it).
-    pub from_segno: u64,
+}
+
+impl Rival {
+    /// The first segment of the other history's WAL: for `parent_side`, the parent's past the
+    /// fork (the one holding it counts only without the promoted server's `.partial` of it).
+    pub fn from_segno(&self, segment_size: u64, partials: &BTreeMap<u32, BTreeSet<u64>>) -> u64 {
+        if !self.parent_side {
+            return 0;
+        }
+        let fork_seg = self.fork.fork_lsn / segment_size;
+        let streamed = partials
+            .get(&self.fork.parent)
+            .is_some_and(|p| p.contains(&fork_seg));
+        fork_seg + u64::from(streamed)
+    }
 }
 
 /// The histories that part from the one a backup on `timeline` (consistent at `stop`) lies on,
@@ -265,13 +277,7 @@ pub struct Rival {
 /// went on, or the history the backup's own timeline forked from. Either may be production;
 /// whether its archived WAL reaches the target is the caller's to judge. Forks at or after `stop`
 /// are `follow`'s.
-pub fn rivals(
-    timeline: u32,
-    stop: u64,
-    segment_size: u64,
-    histories: &BTreeMap<u32, History>,
-    partials: &BTreeMap<u32, BTreeSet<u64>>,
-) -> Vec<Rival> {
+pub fn rivals(timeline: u32, stop: u64, histories: &BTreeMap<u32, History>) -> Vec<Rival> {
     let Some(line) = lineage(timeline, histories) else {
         return Vec::new();
     };
@@ -288,13 +294,10 @@ pub fn rivals(
         };
         if line.iter().any(|&(t, _)| t == h.timeline) {
             // The backup descends from this promotion; the parent may have gone on.
-            let fork_seg = at / segment_size;
-            let streamed = partials.get(&parent).is_some_and(|p| p.contains(&fork_seg));
             found.push(Rival {
                 fork,
                 parent_side: true,
                 timelines: vec![parent],
-                from_segno: if streamed { fork_seg + 1 } else { fork_seg },
             });
         } else if line.iter().any(|&(t, leaves)| t == parent && leaves > at) {
             // The backup's history went on along the parent past this fork.
@@ -309,7 +312,6 @@ pub fn rivals(
                 fork,
                 parent_side: false,
                 timelines,
-                from_segno: 0,
             });
         }
     }
@@ -513,9 +515,12 @@ mod tests {
 
         let partials = BTreeMap::from([(2, BTreeSet::from([20]))]);
         let found = |tli, stop| -> Vec<(u32, bool, Vec<u32>, u64)> {
-            rivals(tli, stop, SEG, &histories, &partials)
+            rivals(tli, stop, &histories)
                 .into_iter()
-                .map(|r| (r.fork.timeline, r.parent_side, r.timelines, r.from_segno))
+                .map(|r| {
+                    let from = r.from_segno(SEG, &partials);
+                    (r.fork.timeline, r.parent_side, r.timelines, from)
+                })
                 .collect()
         };
         // A backup on 4: the parents 1 and 2 past their forks (2's fork segment is covered by
