@@ -190,7 +190,36 @@ pub struct Config {
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
     let text =
         std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))
+    let mut file: FileConfig =
+        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+    let dir = std::path::absolute(path)
+        .map_err(|e| ConfigError::Read(path.to_path_buf(), e))?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    file.anchor_paths(&dir);
+    Ok(file)
+}
+
+impl FileConfig {
+    /// Relative paths in a config file name files beside it, not in whatever directory walship
+    /// runs in: PostgreSQL runs archive_command and restore_command in the data directory.
+    fn anchor_paths(&mut self, dir: &Path) {
+        for p in [
+            &mut self.recipients_file,
+            &mut self.identity_file,
+            &mut self.s3.ca_bundle,
+            &mut self.s3.secret_access_key_file,
+            &mut self.wal.state_dir,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        }
+    }
 }
 
 impl Config {
@@ -437,6 +466,35 @@ mod tests {
             Config::resolve(o).unwrap().repo,
             RepoLocation::Dir("/x".into())
         );
+    }
+
+    #[test]
+    fn relative_paths_in_a_config_file_name_files_beside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cr3t\n").unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "repo = \"s3://bucket/p\"\nidentity_file = \"keys/id\"\n\
+             [s3]\naccess_key_id = \"AK\"\nsecret_access_key_file = \"secret\"\n\
+             ca_bundle = \"/etc/ca.pem\"\n[wal]\nstate_dir = \"state\"\n",
+        )
+        .unwrap();
+        // The test runs in the crate's directory, which has no file named `secret`.
+        let c = Config::resolve(Overrides {
+            config: Some(cfg),
+            ..Default::default()
+        })
+        .unwrap();
+        let s3 = c.s3.unwrap();
+        assert_eq!(
+            s3.static_credentials,
+            Some(("AK".to_string(), "s3cr3t".to_string()))
+        );
+        assert_eq!(s3.ca_bundle, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.s3_secret_file, Some(dir.path().join("secret")));
+        assert_eq!(c.identity_file, Some(dir.path().join("keys/id")));
+        assert_eq!(c.wal.state_dir, Some(dir.path().join("state")));
     }
 
     #[test]
