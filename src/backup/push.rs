@@ -842,6 +842,7 @@ async fn upload_parts(
     let mut tasks = tokio::task::JoinSet::new();
     let mut settled = Settled::default();
     for (index, pieces) in plan.into_iter().enumerate() {
+        let mut control = None;
         if Some(index) == control_part {
             while let Some(done) = tasks.join_next().await {
                 settled.take(done);
@@ -849,6 +850,7 @@ async fn upload_parts(
             if settled.failed.is_some() {
                 break;
             }
+            control = Some(read_control(&files).await?);
         }
         let held = in_memory.clone().acquire_owned().await.expect("open");
         let working = cpu.clone().acquire_owned().await.expect("open");
@@ -868,6 +870,7 @@ async fn upload_parts(
             let key_s = key.to_string();
             let (enc, found) = tokio::task::spawn_blocking(move || {
                 let mut reader = PartReader::new(&files, &pieces, &progress, pages);
+                reader.fixed = control;
                 let enc = codec::encode(&mut reader, &recipients, level);
                 enc.map(|enc| (enc, reader.found))
             })
@@ -907,6 +910,23 @@ async fn upload_parts(
     let mut parts = settled.parts;
     parts.sort_by_key(|p| p.index);
     Ok((entries, parts, pages.map(|_| settled.found)))
+}
+
+/// `global/pg_control`, read once its checksum holds (see [`crate::pg::control`]): its index in
+/// `files` and its bytes, for the part that stores it.
+async fn read_control(files: &Arc<Vec<WalkedFile>>) -> Result<(usize, Arc<[u8]>), BackupError> {
+    let index = files
+        .iter()
+        .position(|f| f.path == PG_CONTROL)
+        .expect("the control part holds pg_control");
+    let path = files[index].abs.clone();
+    let bytes = tokio::task::spawn_blocking(move || {
+        crate::pg::control::read_checked(&path)
+            .map_err(|e| BackupError::local("cannot read", &path, e))
+    })
+    .await
+    .expect("reading pg_control does not panic")?;
+    Ok((index, bytes.into()))
 }
 
 /// The outcomes of the part tasks so far: stored parts, page findings, the first error.
@@ -1060,6 +1080,9 @@ struct PartReader<'a> {
     piece: usize,
     at: u64,
     open: Option<(usize, Option<Arc<File>>)>,
+    /// A file already read and checked (pg_control): its index in `files` and its bytes, served
+    /// instead of reading the path.
+    fixed: Option<(usize, Arc<[u8]>)>,
 }
 
 impl<'a> PartReader<'a> {
@@ -1078,6 +1101,7 @@ impl<'a> PartReader<'a> {
             piece: 0,
             at: 0,
             open: None,
+            fixed: None,
         }
     }
 
@@ -1125,15 +1149,24 @@ impl Read for PartReader<'_> {
                 want = (aligned - pos) as usize;
             }
         }
-        let n = match self.file(p.file)? {
-            Some(f) => loop {
-                match f.read_at(&mut buf[..want], pos) {
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(with_path(e, &files[p.file].abs)),
-                    Ok(n) => break n,
-                }
+        let fixed = self.fixed.as_ref().filter(|(i, _)| *i == p.file);
+        let n = match fixed {
+            Some((_, bytes)) => {
+                let from = (pos as usize).min(bytes.len());
+                let n = want.min(bytes.len() - from);
+                buf[..n].copy_from_slice(&bytes[from..from + n]);
+                n
+            }
+            None => match self.file(p.file)? {
+                Some(f) => loop {
+                    match f.read_at(&mut buf[..want], pos) {
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(with_path(e, &files[p.file].abs)),
+                        Ok(n) => break n,
+                    }
+                },
+                None => 0,
             },
-            None => 0,
         };
         let n = if n == 0 {
             // Shorter than when walked: zeros to the walked size.

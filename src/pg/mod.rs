@@ -2,6 +2,7 @@
 //! nothing of storage.
 
 pub mod conn;
+pub mod control;
 pub mod page;
 pub mod walpage;
 
