@@ -56,6 +56,15 @@ pub enum CodecError {
     Io(#[from] io::Error),
 }
 
+impl CodecError {
+    /// Whether a download that failed to decode might decode when made again: damage might be the
+    /// transfer's (plain http, a faulty proxy); a wrong key or a format this walship does not read
+    /// stays so.
+    pub fn may_be_transfer_damage(&self) -> bool {
+        matches!(self, CodecError::BadHeader | CodecError::Corrupt(_))
+    }
+}
+
 /// The fixed-size header in front of every object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -278,11 +287,16 @@ pub fn decode(
     mut sink: impl Write,
 ) -> Result<Header, CodecError> {
     let header = Header::parse(object)?;
-    let decryptor = age::Decryptor::new(&object[HEADER_LEN..])
-        .map_err(|e| CodecError::Decrypt(e.to_string()))?;
+    // Only "no identity opens it" is a key problem; a header that fails its MAC or cannot be
+    // parsed is damage, like any other.
+    let age_error = |e: age::DecryptError| match e {
+        age::DecryptError::NoMatchingKeys => CodecError::Decrypt(e.to_string()),
+        e => CodecError::Corrupt(format!("age: {e}")),
+    };
+    let decryptor = age::Decryptor::new(&object[HEADER_LEN..]).map_err(age_error)?;
     let mut plain = decryptor
         .decrypt(identities.0.iter().map(|i| i as &dyn age::Identity))
-        .map_err(|e| CodecError::Decrypt(e.to_string()))?;
+        .map_err(age_error)?;
     let mut check = Check {
         hasher: Sha256::new(),
         size: 0,
@@ -482,10 +496,15 @@ mod tests {
                 "truncated at {cut}"
             );
         }
+        // In age's header (its MAC), the payload, the last chunk's tag: damage, not a key problem.
         for pos in [HEADER_LEN + 200, enc.bytes.len() / 2, enc.bytes.len() - 5] {
             let mut bad = enc.bytes.clone();
             bad[pos] ^= 0x01;
-            assert!(decode(&bad, &ids, Vec::new()).is_err(), "flip at {pos}");
+            let err = decode(&bad, &ids, Vec::new()).unwrap_err();
+            assert!(
+                matches!(err, CodecError::Corrupt(_)),
+                "flip at {pos}: {err}"
+            );
         }
         // A header that lies about the content is caught by the recomputed sha256.
         let mut bad = enc.bytes.clone();

@@ -471,32 +471,57 @@ pub async fn fetch(
         let (size, sha) = (part.plain_size, part.sha256.clone());
         tasks.spawn(async move {
             let _permit = permit;
-            // A part of a finished backup that is gone is damage, not "no such backup".
-            let object = archive.store().get(&key).await.map_err(|e| match e {
-                StorageError::NotFound(what) => ArchiveError::Codec {
-                    key: key.to_string(),
-                    source: CodecError::Corrupt(format!(
-                        "{what} is missing, though the backup's manifest lists it"
-                    )),
-                },
-                e => ArchiveError::from(e),
-            })?;
-            tokio::task::spawn_blocking(move || {
-                let mut plain = pool.take();
-                let done = restore_part(
-                    &object,
-                    &ids,
-                    &key.to_string(),
-                    (size, &sha),
-                    &part_pieces,
-                    &paths,
-                    &mut plain,
+            let part_pieces = Arc::new(part_pieces);
+            let mut downloads = 0;
+            loop {
+                downloads += 1;
+                // A part of a finished backup that is gone is damage, not "no such backup".
+                let object = archive.store().get(&key).await.map_err(|e| match e {
+                    StorageError::NotFound(what) => ArchiveError::Codec {
+                        key: key.to_string(),
+                        source: CodecError::Corrupt(format!(
+                            "{what} is missing, though the backup's manifest lists it"
+                        )),
+                    },
+                    e => ArchiveError::from(e),
+                })?;
+                let (ids, sha, part_pieces, paths, pool) = (
+                    ids.clone(),
+                    sha.clone(),
+                    part_pieces.clone(),
+                    paths.clone(),
+                    pool.clone(),
                 );
-                pool.give(plain);
-                done
-            })
-            .await
-            .expect("restore task does not panic")?;
+                let key_s = key.to_string();
+                let done = tokio::task::spawn_blocking(move || {
+                    let mut plain = pool.take();
+                    let done = restore_part(
+                        &object,
+                        &ids,
+                        &key_s,
+                        (size, &sha),
+                        &part_pieces,
+                        &paths,
+                        &mut plain,
+                    );
+                    pool.give(plain);
+                    done
+                })
+                .await
+                .expect("restore task does not panic");
+                match done {
+                    // Verified whole before anything is written: a part damaged on the way is
+                    // downloaded once more before the backup is called corrupt.
+                    Err(BackupError::Archive(ArchiveError::Codec { source, .. }))
+                        if downloads == 1 && source.may_be_transfer_damage() =>
+                    {
+                        tracing::warn!(
+                            "{key} failed verification ({source}); downloading it once more"
+                        );
+                    }
+                    done => break done?,
+                }
+            }
             progress.inc(size);
             Ok::<_, BackupError>(())
         });
@@ -640,6 +665,42 @@ mod tests {
         assert!(check_space(&need, |_| Some((1, 24575))).is_err());
         // Unknown: not checked.
         assert!(check_space(&need, |_| None).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_part_damaged_on_the_way_is_downloaded_once_more() {
+        use crate::storage::testing::Faulty;
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 % 251) as u8).collect();
+        for damaged in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store_dir, dest) = (dir.path().join("repo"), dir.path().join("restored"));
+            std::fs::create_dir_all(&store_dir).unwrap();
+            let store = Arc::new(Faulty::damaging(&store_dir, "backups/", damaged));
+            let archive = Archive::new(store.clone());
+            let (text, _) = codec::generate_identity();
+            let ids = Arc::new(Identities::parse(&text, "test").unwrap());
+            let mut m = crate::repo::backup::tests::manifest(&[(data.len() as u64, 0, 0)], &[0]);
+            let enc = codec::encode(&data[..], &ids.recipients(), 1).unwrap();
+            m.parts[0].plain_size = data.len() as u64;
+            m.parts[0].sha256 = enc.header.sha256_hex();
+            archive.put(&layout::part_key(&m.id, 0), enc).await.unwrap();
+
+            let opts = FetchOptions {
+                concurrency: 1,
+                ..FetchOptions::default()
+            };
+            let done = fetch(&archive, &ids, &m, &dest, &opts, || Ok(())).await;
+            assert_eq!(store.downloads(), 2, "one download more, never a third");
+            if damaged == 1 {
+                done.unwrap();
+                assert_eq!(std::fs::read(dest.join("f0")).unwrap(), data);
+                assert!(!dest.join(INCOMPLETE_MARKER).exists());
+            } else {
+                let err = done.unwrap_err();
+                assert_eq!(crate::exit::for_backup(&err), crate::exit::CORRUPT, "{err}");
+                assert!(dest.join(INCOMPLETE_MARKER).exists(), "marked incomplete");
+            }
+        }
     }
 
     #[test]

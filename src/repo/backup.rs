@@ -325,10 +325,11 @@ pub struct RestorePoint {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn manifest(files: &[(u64, u32, u64)], parts: &[u64]) -> BackupManifest {
+    /// A manifest of files `f<i>` (size, part, offset in the part) in parts of the given sizes.
+    pub(crate) fn manifest(files: &[(u64, u32, u64)], parts: &[u64]) -> BackupManifest {
         BackupManifest {
             format: MANIFEST_FORMAT,
             id: "20261124T120000Z".into(),

@@ -143,6 +143,118 @@ pub trait Store: Send + Sync + 'static {
 pub type DynStore = std::sync::Arc<dyn Store>;
 
 #[cfg(test)]
+pub mod testing {
+    use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::storage::fs::FsStore;
+
+    /// A directory store with faults on purpose: the first `fail` puts and gets fail (with a
+    /// transient error or a denial), and the first `damaged` downloads of objects under `prefix`
+    /// come back with one bit flipped in their last bytes (the payload's last chunk), as over a
+    /// faulty link.
+    pub struct Faulty {
+        inner: FsStore,
+        fail: u32,
+        transient: bool,
+        /// Puts and gets so far, failed ones included.
+        pub calls: AtomicU32,
+        prefix: &'static str,
+        damaged: usize,
+        downloads: AtomicUsize,
+    }
+
+    impl Faulty {
+        /// Its first `fail` puts and gets fail: transient errors, or denials.
+        pub fn failing(dir: &std::path::Path, fail: u32, transient: bool) -> Self {
+            Self {
+                inner: FsStore::new(dir),
+                fail,
+                transient,
+                calls: AtomicU32::new(0),
+                prefix: "",
+                damaged: 0,
+                downloads: AtomicUsize::new(0),
+            }
+        }
+
+        /// Its first `damaged` downloads under `prefix` arrive damaged.
+        pub fn damaging(dir: &std::path::Path, prefix: &'static str, damaged: usize) -> Self {
+            Self {
+                prefix,
+                damaged,
+                ..Self::failing(dir, 0, false)
+            }
+        }
+
+        /// Downloads of objects under the prefix so far.
+        pub fn downloads(&self) -> usize {
+            self.downloads.load(Ordering::SeqCst)
+        }
+
+        fn gate(&self) -> Result<(), StorageError> {
+            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
+                if self.transient {
+                    return Err(StorageError::Transient("connection reset".into()));
+                }
+                return Err(StorageError::Denied("nope".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Store for Faulty {
+        async fn put_if_absent(
+            &self,
+            key: &ObjectKey,
+            body: Bytes,
+        ) -> Result<PutOutcome, StorageError> {
+            self.gate()?;
+            self.inner.put_if_absent(key, body).await
+        }
+        async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
+            self.gate()?;
+            let body = self.inner.get(key).await?;
+            if self.damaged == 0
+                || !key.as_str().starts_with(self.prefix)
+                || self.downloads.fetch_add(1, Ordering::SeqCst) >= self.damaged
+            {
+                return Ok(body);
+            }
+            // Not in age's recipient stanza: damage there reads as a wrong key.
+            let mut bad = body.to_vec();
+            let at = bad.len() - 5;
+            bad[at] ^= 0x10;
+            Ok(bad.into())
+        }
+        async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
+            self.gate()?;
+            self.inner.get_prefix(key, len).await
+        }
+        async fn list_after(
+            &self,
+            prefix: &str,
+            after: &str,
+        ) -> Result<Vec<ObjectInfo>, StorageError> {
+            self.inner.list_after(prefix, after).await
+        }
+        async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
+            self.inner.list_dirs(prefix).await
+        }
+        async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
+            self.inner.delete(key).await
+        }
+        async fn probe(&self) -> Result<StoreInfo, StorageError> {
+            self.inner.probe().await
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -98,66 +98,8 @@ impl<S: Store> Store for Retrying<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    /// Fails the first `fail` calls with the given error, then answers from a directory store.
-    struct Flaky {
-        inner: crate::storage::fs::FsStore,
-        fail: u32,
-        calls: AtomicU32,
-        transient: bool,
-    }
-
-    #[async_trait]
-    impl Store for Flaky {
-        async fn put_if_absent(
-            &self,
-            key: &ObjectKey,
-            body: Bytes,
-        ) -> Result<PutOutcome, StorageError> {
-            self.gate()?;
-            self.inner.put_if_absent(key, body).await
-        }
-        async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
-            self.gate()?;
-            self.inner.get(key).await
-        }
-        async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
-            self.gate()?;
-            self.inner.get_prefix(key, len).await
-        }
-        async fn list_after(
-            &self,
-            prefix: &str,
-            after: &str,
-        ) -> Result<Vec<ObjectInfo>, StorageError> {
-            self.inner.list_after(prefix, after).await
-        }
-        async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-            self.inner.list_dirs(prefix).await
-        }
-        async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
-            self.inner.delete(key).await
-        }
-        async fn probe(&self) -> Result<StoreInfo, StorageError> {
-            self.inner.probe().await
-        }
-        fn describe(&self) -> String {
-            "flaky".into()
-        }
-    }
-
-    impl Flaky {
-        fn gate(&self) -> Result<(), StorageError> {
-            if self.calls.fetch_add(1, Ordering::SeqCst) < self.fail {
-                if self.transient {
-                    return Err(StorageError::Transient("connection reset".into()));
-                }
-                return Err(StorageError::Denied("nope".into()));
-            }
-            Ok(())
-        }
-    }
+    use crate::storage::testing::Faulty;
+    use std::sync::atomic::Ordering;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy {
@@ -170,12 +112,7 @@ mod tests {
     #[tokio::test]
     async fn transient_errors_are_retried_until_success() {
         let dir = tempfile::tempdir().unwrap();
-        let flaky = Flaky {
-            inner: crate::storage::fs::FsStore::new(dir.path()),
-            fail: 2,
-            calls: 0.into(),
-            transient: true,
-        };
+        let flaky = Faulty::failing(dir.path(), 2, true);
         let store = Retrying::new(flaky, policy(3));
         let key = ObjectKey::new("a").unwrap();
         store
@@ -188,23 +125,13 @@ mod tests {
     #[tokio::test]
     async fn gives_up_after_the_budget_and_never_retries_final_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let flaky = Flaky {
-            inner: crate::storage::fs::FsStore::new(dir.path()),
-            fail: 5,
-            calls: 0.into(),
-            transient: true,
-        };
+        let flaky = Faulty::failing(dir.path(), 5, true);
         let store = Retrying::new(flaky, policy(3));
         let key = ObjectKey::new("a").unwrap();
         assert!(store.get(&key).await.unwrap_err().is_transient());
         assert_eq!(store.inner.calls.load(Ordering::SeqCst), 3);
 
-        let flaky = Flaky {
-            inner: crate::storage::fs::FsStore::new(dir.path()),
-            fail: 5,
-            calls: 0.into(),
-            transient: false,
-        };
+        let flaky = Faulty::failing(dir.path(), 5, false);
         let store = Retrying::new(flaky, policy(3));
         assert!(matches!(
             store.get(&key).await,

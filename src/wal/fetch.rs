@@ -130,20 +130,39 @@ pub async fn fetch(
             ))
         })?),
     };
-    let (seg, repository) = (name.clone(), ctx.archive.store().describe());
-    archive::place(
-        object,
-        &key,
-        &ctx.identities,
-        dest,
-        Durability::Fsync,
-        (),
-        move |restored: &Path| match &expected {
-            Some(meta) => check_restored(restored, &seg, meta, &repository),
-            None => Ok(()),
-        },
-    )
-    .await?;
+    let place = |object| {
+        let (seg, repository, expected) = (
+            name.clone(),
+            ctx.archive.store().describe(),
+            expected.clone(),
+        );
+        archive::place(
+            object,
+            &key,
+            &ctx.identities,
+            dest,
+            Durability::Fsync,
+            (),
+            move |restored: &Path| match &expected {
+                Some(meta) => check_restored(restored, &seg, meta, &repository),
+                None => Ok(()),
+            },
+        )
+    };
+    match place(object).await {
+        // A download that fails verification is made once more before the object is called
+        // corrupt: a stop of recovery over bits flipped on the way (plain http, a faulty proxy)
+        // costs an operator's restart; a truly corrupt object fails again at once.
+        Err(WalError::Archive(ArchiveError::Codec { source, .. }))
+            if source.may_be_transfer_damage() =>
+        {
+            tracing::warn!("{name} failed verification ({source}); downloading it once more");
+            place(ctx.archive.download(&key).await?).await?;
+        }
+        other => {
+            other?;
+        }
+    }
     Ok(after(
         &ctx.settings,
         name,
@@ -269,6 +288,7 @@ fn after(
 mod tests {
     use super::*;
     use crate::exit;
+    use crate::storage::testing::Faulty;
 
     const SEG_SIZE: u64 = 16 << 20;
 
@@ -405,6 +425,45 @@ mod tests {
             fetch(&ctx, &missing, &dest).await,
             Err(WalError::NotInArchive(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_download_damaged_on_the_way_is_made_once_more() {
+        let name = WalFileName::parse("000000010000000000000003").unwrap();
+        for damaged in [1, 2] {
+            let dir = tempfile::tempdir().unwrap();
+            let (store_dir, pg_wal) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+            std::fs::create_dir_all(&store_dir).unwrap();
+            std::fs::create_dir_all(&pg_wal).unwrap();
+            let store = Arc::new(Faulty::damaging(&store_dir, "wal/", damaged));
+            let (text, _) = crate::codec::generate_identity();
+            let ids = Identities::parse(&text, "test").unwrap();
+            let archive = Archive::new(store.clone());
+            archive.ensure_meta(&meta(7)).await.unwrap();
+            let enc = crate::codec::encode(&segment(7, &name)[..], &ids.recipients(), 1).unwrap();
+            archive.put(&repo::wal_key(&name), enc).await.unwrap();
+            let ctx = FetchContext {
+                archive,
+                identities: Arc::new(ids),
+                settings: settings(0),
+                repo_id: "file:///repo".into(),
+            };
+            let dest = pg_wal.join(RECOVERY_TARGET_NAME);
+            let got = fetch(&ctx, &name, &dest).await;
+            assert_eq!(store.downloads(), 2, "one download more, never a third");
+            if damaged == 1 {
+                got.unwrap();
+                assert_eq!(std::fs::read(&dest).unwrap(), segment(7, &name));
+            } else {
+                let err = got.err().expect("damaged twice: corrupt");
+                assert_eq!(exit::for_wal(&err), exit::CORRUPT, "{err}");
+                assert_eq!(
+                    std::fs::read_dir(&pg_wal).unwrap().count(),
+                    0,
+                    "nothing placed"
+                );
+            }
+        }
     }
 
     #[test]
