@@ -39,7 +39,7 @@ pub enum CodecError {
         "walship object format version {0} is newer than this walship understands; upgrade walship"
     )]
     UnsupportedVersion(u8),
-    #[error("cannot decrypt: {0}; check that the identity file matches a recipient the repository was written for")]
+    #[error("cannot decrypt: {0}; check that the identity file matches a recipient the repository was written for (or the object's key stanza is damaged)")]
     Decrypt(String),
     #[error("object is corrupt: {0}")]
     Corrupt(String),
@@ -58,10 +58,16 @@ pub enum CodecError {
 
 impl CodecError {
     /// Whether a download that failed to decode might decode when made again: damage might be the
-    /// transfer's (plain http, a faulty proxy); a wrong key or a format this walship does not read
-    /// stays so.
+    /// transfer's (plain http, a faulty proxy). Damage can pass for any decode failure: a flip in
+    /// age's recipient stanza reads as a wrong key, one in the version byte as a newer format.
     pub fn may_be_transfer_damage(&self) -> bool {
-        matches!(self, CodecError::BadHeader | CodecError::Corrupt(_))
+        matches!(
+            self,
+            CodecError::BadHeader
+                | CodecError::UnsupportedVersion(_)
+                | CodecError::Decrypt(_)
+                | CodecError::Corrupt(_)
+        )
     }
 }
 

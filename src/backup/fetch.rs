@@ -473,6 +473,7 @@ pub async fn fetch(
             let _permit = permit;
             let part_pieces = Arc::new(part_pieces);
             let mut downloads = 0;
+            let mut damaged = None;
             loop {
                 downloads += 1;
                 // A part of a finished backup that is gone is damage, not "no such backup".
@@ -515,11 +516,22 @@ pub async fn fetch(
                     Err(BackupError::Archive(ArchiveError::Codec { source, .. }))
                         if downloads == 1 && source.may_be_transfer_damage() =>
                     {
-                        tracing::warn!(
+                        tracing::info!(
                             "{key} failed verification ({source}); downloading it once more"
                         );
+                        damaged = Some(source);
                     }
-                    done => break done?,
+                    done => {
+                        done?;
+                        if let Some(source) = damaged {
+                            tracing::warn!(
+                                "{key} failed verification on its first download ({source}) and \
+                                 passed on the second: something between this host and the \
+                                 repository damages data"
+                            );
+                        }
+                        break;
+                    }
                 }
             }
             progress.inc(size);

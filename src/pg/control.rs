@@ -123,7 +123,10 @@ mod tests {
             let (path, good) = (path.clone(), good.clone());
             std::thread::spawn(move || {
                 std::thread::sleep(PAUSE * 3);
-                std::fs::write(path, good).unwrap();
+                // Replaced whole: a read never sees a short file that happens to hold the data.
+                let tmp = path.with_extension("tmp");
+                std::fs::write(&tmp, good).unwrap();
+                std::fs::rename(tmp, path).unwrap();
             })
         };
         assert_eq!(read_checked(&path).unwrap(), good);

@@ -161,6 +161,8 @@ pub mod testing {
         pub calls: AtomicU32,
         prefix: &'static str,
         damaged: usize,
+        /// Delete each object once a damaged copy of it is handed out.
+        then_gone: bool,
         downloads: AtomicUsize,
     }
 
@@ -174,6 +176,7 @@ pub mod testing {
                 calls: AtomicU32::new(0),
                 prefix: "",
                 damaged: 0,
+                then_gone: false,
                 downloads: AtomicUsize::new(0),
             }
         }
@@ -184,6 +187,15 @@ pub mod testing {
                 prefix,
                 damaged,
                 ..Self::failing(dir, 0, false)
+            }
+        }
+
+        /// Its first download under `prefix` arrives damaged, and the object is then deleted (a
+        /// retention run between two downloads).
+        pub fn damaging_then_gone(dir: &std::path::Path, prefix: &'static str) -> Self {
+            Self {
+                then_gone: true,
+                ..Self::damaging(dir, prefix, 1)
             }
         }
 
@@ -222,10 +234,13 @@ pub mod testing {
             {
                 return Ok(body);
             }
-            // Not in age's recipient stanza: damage there reads as a wrong key.
+            // Always the same place, in the payload's last chunk.
             let mut bad = body.to_vec();
             let at = bad.len() - 5;
             bad[at] ^= 0x10;
+            if self.then_gone {
+                self.inner.delete(key).await?;
+            }
             Ok(bad.into())
         }
         async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {

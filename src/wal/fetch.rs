@@ -24,7 +24,7 @@ use super::name::{format_lsn, WalFileKind, WalFileName};
 use super::spool::Spool;
 use super::{parent_dir, state_dir, HeaderMismatch, WalError};
 use crate::archive::{self, Archive, ArchiveError, Durability};
-use crate::codec::Identities;
+use crate::codec::{CodecError, Identities};
 use crate::config::WalSettings;
 use crate::pg::walpage::{LongPageHeader, LONG_HEADER_LEN};
 use crate::repo::{self, RepoMeta};
@@ -156,8 +156,23 @@ pub async fn fetch(
         Err(WalError::Archive(ArchiveError::Codec { source, .. }))
             if source.may_be_transfer_damage() =>
         {
-            tracing::warn!("{name} failed verification ({source}); downloading it once more");
-            place(ctx.archive.download(&key).await?).await?;
+            tracing::info!("{name} failed verification ({source}); downloading it once more");
+            // Gone since the first download (a delete, a retention run): still damage, never
+            // "not in the archive", which would end recovery here.
+            let again = ctx.archive.download(&key).await.map_err(|e| match e {
+                ArchiveError::Storage(StorageError::NotFound(_)) => ArchiveError::Codec {
+                    key: key.to_string(),
+                    source: CodecError::Corrupt(format!(
+                        "failed verification ({source}), and was gone when downloaded again"
+                    )),
+                },
+                e => e,
+            })?;
+            place(again).await?;
+            tracing::warn!(
+                "{name} failed verification on its first download ({source}) and passed on the \
+                 second: something between this host and the repository damages data"
+            );
         }
         other => {
             other?;
@@ -464,6 +479,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[tokio::test]
+    async fn a_damaged_segment_gone_when_downloaded_again_is_corrupt_not_missing() {
+        let name = WalFileName::parse("000000010000000000000003").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (store_dir, pg_wal) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+        std::fs::create_dir_all(&store_dir).unwrap();
+        std::fs::create_dir_all(&pg_wal).unwrap();
+        let archive = Archive::new(Arc::new(Faulty::damaging_then_gone(&store_dir, "wal/")));
+        let (text, _) = crate::codec::generate_identity();
+        let ids = Identities::parse(&text, "test").unwrap();
+        archive.ensure_meta(&meta(7)).await.unwrap();
+        let enc = crate::codec::encode(&segment(7, &name)[..], &ids.recipients(), 1).unwrap();
+        archive.put(&repo::wal_key(&name), enc).await.unwrap();
+        let ctx = FetchContext {
+            archive,
+            identities: Arc::new(ids),
+            settings: settings(0),
+            repo_id: "file:///repo".into(),
+        };
+        let err = fetch(&ctx, &name, &pg_wal.join(RECOVERY_TARGET_NAME))
+            .await
+            .err()
+            .expect("damaged, then gone");
+        // Exit 1 would end recovery here, short of WAL the archive had.
+        assert_eq!(exit::for_wal(&err), exit::CORRUPT, "{err}");
+        assert!(
+            err.to_string().contains("gone when downloaded again"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&pg_wal).unwrap().count(), 0);
     }
 
     #[test]
