@@ -442,6 +442,22 @@ mod tests {
         ));
     }
 
+    /// A fetch context over `store`, a repository of system 7 holding segment `name`.
+    async fn holding(store: Arc<Faulty>, name: &WalFileName) -> FetchContext {
+        let (text, _) = crate::codec::generate_identity();
+        let ids = Identities::parse(&text, "test").unwrap();
+        let archive = Archive::new(store);
+        archive.ensure_meta(&meta(7)).await.unwrap();
+        let enc = crate::codec::encode(&segment(7, name)[..], &ids.recipients(), 1).unwrap();
+        archive.put(&repo::wal_key(name), enc).await.unwrap();
+        FetchContext {
+            archive,
+            identities: Arc::new(ids),
+            settings: settings(0),
+            repo_id: "file:///repo".into(),
+        }
+    }
+
     #[tokio::test]
     async fn a_download_damaged_on_the_way_is_made_once_more() {
         let name = WalFileName::parse("000000010000000000000003").unwrap();
@@ -451,18 +467,7 @@ mod tests {
             std::fs::create_dir_all(&store_dir).unwrap();
             std::fs::create_dir_all(&pg_wal).unwrap();
             let store = Arc::new(Faulty::damaging(&store_dir, "wal/", damaged));
-            let (text, _) = crate::codec::generate_identity();
-            let ids = Identities::parse(&text, "test").unwrap();
-            let archive = Archive::new(store.clone());
-            archive.ensure_meta(&meta(7)).await.unwrap();
-            let enc = crate::codec::encode(&segment(7, &name)[..], &ids.recipients(), 1).unwrap();
-            archive.put(&repo::wal_key(&name), enc).await.unwrap();
-            let ctx = FetchContext {
-                archive,
-                identities: Arc::new(ids),
-                settings: settings(0),
-                repo_id: "file:///repo".into(),
-            };
+            let ctx = holding(store.clone(), &name).await;
             let dest = pg_wal.join(RECOVERY_TARGET_NAME);
             let got = fetch(&ctx, &name, &dest).await;
             assert_eq!(store.downloads(), 2, "one download more, never a third");
@@ -488,18 +493,8 @@ mod tests {
         let (store_dir, pg_wal) = (dir.path().join("repo"), dir.path().join("pg_wal"));
         std::fs::create_dir_all(&store_dir).unwrap();
         std::fs::create_dir_all(&pg_wal).unwrap();
-        let archive = Archive::new(Arc::new(Faulty::damaging_then_gone(&store_dir, "wal/")));
-        let (text, _) = crate::codec::generate_identity();
-        let ids = Identities::parse(&text, "test").unwrap();
-        archive.ensure_meta(&meta(7)).await.unwrap();
-        let enc = crate::codec::encode(&segment(7, &name)[..], &ids.recipients(), 1).unwrap();
-        archive.put(&repo::wal_key(&name), enc).await.unwrap();
-        let ctx = FetchContext {
-            archive,
-            identities: Arc::new(ids),
-            settings: settings(0),
-            repo_id: "file:///repo".into(),
-        };
+        let store = Arc::new(Faulty::damaging_then_gone(&store_dir, "wal/"));
+        let ctx = holding(store, &name).await;
         let err = fetch(&ctx, &name, &pg_wal.join(RECOVERY_TARGET_NAME))
             .await
             .err()
