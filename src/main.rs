@@ -44,7 +44,17 @@ fn main() -> ExitCode {
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
             .unwrap_or_default();
-        eprintln!("walship: error: internal error: {what}{at}; this is a bug, please report it");
+        // Threads that cannot start (tokio panics) are the host's limit, not a bug.
+        if what.contains("can't spawn") || what.contains("os error 11") {
+            eprintln!(
+                "walship: error: cannot start its threads ({what}): the process or thread limit \
+                 is reached (ulimit -u, a container's pids limit); raise it or stop what uses it"
+            );
+        } else {
+            eprintln!(
+                "walship: error: internal error: {what}{at}; this is a bug, please report it"
+            );
+        }
         std::process::exit(code);
     }));
     tracing_subscriber::fmt()

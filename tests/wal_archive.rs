@@ -1131,3 +1131,52 @@ fn a_prefetcher_killed_under_a_postmaster_that_is_pid_1_does_not_restart_it() {
     drop(server);
     assert!(!data.join("postmaster.pid").exists(), "the server stopped");
 }
+
+/// Exit 8 (136 from wal-fetch outside standby mode, so recovery stops): a walship that cannot
+/// start its threads, here under a process limit its user has already reached, says so in one
+/// line and never exits 1, which restore_command would take for the end of the archive.
+#[test]
+fn a_process_limit_is_exit_8_and_never_the_end_of_the_archive() {
+    let dir = common::shared_tempdir("nproc");
+    let under_limit = |args: &[&str]| {
+        // An unused uid: as root the limit would not apply.
+        let out = std::process::Command::new("prlimit")
+            .args([
+                "--nproc=1",
+                "--",
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+            ])
+            .args([
+                "--clear-groups",
+                common::WALSHIP,
+                "--repo",
+                "file:///nonexistent",
+            ])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("WALSHIP_LOG")
+            .output()
+            .expect("run prlimit");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = under_limit(&["check"]);
+    assert_eq!(code, Some(8), "{err}");
+    assert!(
+        err.contains("cannot start its threads") && err.contains("limit"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    let dest = dir.path().join("RECOVERYXLOG");
+    let (code, err) = under_limit(&[
+        "wal-fetch",
+        "000000010000000000000001",
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(128 + 8), "{err}");
+    assert!(!dest.exists());
+}
