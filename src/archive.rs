@@ -132,6 +132,10 @@ impl Archive {
 
     /// Store an encoded object under `key` unless it is there. The same content there already is
     /// success (`AlreadyThere`); other content is a `Conflict`, and nothing is overwritten.
+    ///
+    /// The no-overwrite rests on the storage honouring a conditional put; S3-compatible servers
+    /// that ignore `If-None-Match` replace instead. For names that may be pushed again
+    /// ([`Archive::put_unless_archived`]), the object's header is read first.
     pub async fn put(&self, key: &ObjectKey, enc: Encoded) -> Result<Stored, ArchiveError> {
         let stored_bytes = enc.bytes.len() as u64;
         let ours = enc.header;
@@ -144,23 +148,43 @@ impl Archive {
                 version_id,
                 stored_bytes,
             }),
-            PutOutcome::AlreadyExists => {
-                let theirs = self.header(key).await?;
-                if theirs == ours {
-                    Ok(Stored::AlreadyThere)
-                } else {
-                    Err(ArchiveError::Conflict(format!(
-                        "{} already holds {key} with different content (archived sha256 {}, {} bytes; local sha256 {}, {} bytes); \
-                         refusing to overwrite. Another cluster may be archiving into this repository, or this file was changed after archiving",
-                        self.store.describe(),
-                        theirs.sha256_hex(),
-                        theirs.plain_size,
-                        ours.sha256_hex(),
-                        ours.plain_size
-                    )))
-                }
-            }
+            PutOutcome::AlreadyExists => self.same_as_archived(key, &ours, self.header(key).await?),
         }
+    }
+
+    /// `put` after one small ranged GET of `key`'s header: what is archived there already decides
+    /// without an upload, and nothing is replaced on storage that ignores conditional puts (a
+    /// WAL segment, a timeline history, pushed again after a crash or by a second server).
+    pub async fn put_unless_archived(
+        &self,
+        key: &ObjectKey,
+        enc: Encoded,
+    ) -> Result<Stored, ArchiveError> {
+        match self.header(key).await {
+            Ok(theirs) => self.same_as_archived(key, &enc.header, theirs),
+            Err(ArchiveError::Storage(StorageError::NotFound(_))) => self.put(key, enc).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    fn same_as_archived(
+        &self,
+        key: &ObjectKey,
+        ours: &Header,
+        theirs: Header,
+    ) -> Result<Stored, ArchiveError> {
+        if theirs == *ours {
+            return Ok(Stored::AlreadyThere);
+        }
+        Err(ArchiveError::Conflict(format!(
+            "{} already holds {key} with different content (archived sha256 {}, {} bytes; local sha256 {}, {} bytes); \
+             refusing to overwrite. Another cluster may be archiving into this repository, or this file was changed after archiving",
+            self.store.describe(),
+            theirs.sha256_hex(),
+            theirs.plain_size,
+            ours.sha256_hex(),
+            ours.plain_size
+        )))
     }
 
     /// Encode a small in-memory object (a manifest, a record) off the executor and `put` it.
@@ -352,6 +376,40 @@ pub fn decode_to_file<E: From<ArchiveError>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn what_is_archived_is_never_replaced_even_where_conditional_puts_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::new(Arc::new(crate::storage::testing::Faulty::replacing(
+            dir.path(),
+        )));
+        let (text, _) = codec::generate_identity();
+        let recipients = Identities::parse(&text, "test").unwrap().recipients();
+        let enc = |b: &'static [u8]| codec::encode(b, &recipients, 1).unwrap();
+        let key = ObjectKey::new("wal/0000000100000000/000000010000000000000001").unwrap();
+        let first = enc(b"first");
+        let archived = first.header;
+        assert!(matches!(
+            archive.put_unless_archived(&key, first).await.unwrap(),
+            Stored::Created { .. }
+        ));
+        assert_eq!(
+            archive
+                .put_unless_archived(&key, enc(b"first"))
+                .await
+                .unwrap(),
+            Stored::AlreadyThere
+        );
+        let err = archive
+            .put_unless_archived(&key, enc(b"other"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ArchiveError::Conflict(_)), "{err}");
+        assert_eq!(archive.header(&key).await.unwrap(), archived, "untouched");
+        // A plain put trusts the storage, which replaces here.
+        archive.put(&key, enc(b"other")).await.unwrap();
+        assert_ne!(archive.header(&key).await.unwrap(), archived);
+    }
 
     #[test]
     fn only_temp_files_of_processes_that_are_gone_are_swept() {

@@ -163,6 +163,8 @@ pub mod testing {
         damaged: usize,
         /// Delete each object once a damaged copy of it is handed out.
         then_gone: bool,
+        /// Replace on put, as a server that ignores `If-None-Match`.
+        replaces: bool,
         downloads: AtomicUsize,
     }
 
@@ -177,6 +179,7 @@ pub mod testing {
                 prefix: "",
                 damaged: 0,
                 then_gone: false,
+                replaces: false,
                 downloads: AtomicUsize::new(0),
             }
         }
@@ -196,6 +199,14 @@ pub mod testing {
             Self {
                 then_gone: true,
                 ..Self::damaging(dir, prefix, 1)
+            }
+        }
+
+        /// Puts replace what is there, as on a server that ignores conditional puts.
+        pub fn replacing(dir: &std::path::Path) -> Self {
+            Self {
+                replaces: true,
+                ..Self::failing(dir, 0, false)
             }
         }
 
@@ -223,6 +234,9 @@ pub mod testing {
             body: Bytes,
         ) -> Result<PutOutcome, StorageError> {
             self.gate()?;
+            if self.replaces {
+                self.inner.delete(key).await?;
+            }
             self.inner.put_if_absent(key, body).await
         }
         async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {

@@ -231,7 +231,7 @@ async fn push_one(
     .map_err(|source| WalError::Encode { path: p, source })?;
     let sha = enc.header.sha256_hex();
     let key = repo::wal_key(name);
-    let outcome = match ctx.archive.put(&key, enc).await? {
+    let outcome = match ctx.archive.put_unless_archived(&key, enc).await? {
         Stored::Created { stored_bytes, .. } => PushOutcome::Uploaded { stored_bytes },
         Stored::AlreadyThere => PushOutcome::AlreadyArchived,
     };
@@ -267,7 +267,7 @@ fn ready_files(archive_status: &Path, skip: &str, limit: usize) -> Vec<WalFileNa
     let Ok(entries) = std::fs::read_dir(archive_status) else {
         return Vec::new();
     };
-    let mut names: Vec<WalFileName> = entries
+    let ready: Vec<WalFileName> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             e.file_name()
@@ -275,10 +275,22 @@ fn ready_files(archive_status: &Path, skip: &str, limit: usize) -> Vec<WalFileNa
                 .and_then(|n| n.strip_suffix(".ready"))
                 .map(str::to_string)
         })
-        .filter(|n| n != skip)
         .filter_map(|n| WalFileName::parse(&n).ok())
         .collect();
-    names.sort_by_key(|n| (n.kind() != WalFileKind::History, n.as_str().to_string()));
+    // A timeline's history goes first, alone, by PostgreSQL's own call for it: refused (the
+    // timeline is taken in this repository, by a drill or another promotion), nothing of this
+    // server's timeline may be stored under names the other history owns.
+    let first_unarchived_timeline = ready
+        .iter()
+        .filter(|n| n.kind() == WalFileKind::History)
+        .map(WalFileName::timeline)
+        .min()
+        .unwrap_or(u32::MAX);
+    let mut names: Vec<WalFileName> = ready
+        .into_iter()
+        .filter(|n| n.as_str() != skip && n.timeline() < first_unarchived_timeline)
+        .collect();
+    names.sort_by_key(|n| n.as_str().to_string());
     names.truncate(limit);
     names
 }
@@ -428,8 +440,18 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     }
     let own = push_one(&ctx, path, &name).await;
     drop(own_permit);
+    if own.is_err() {
+        // Refused (another cluster, a taken name) or failing: uploads ahead of a file PostgreSQL
+        // must retry would claim names before the cause is seen to. Puts are atomic, so one
+        // stopped mid-way stores nothing.
+        tasks.abort_all();
+    }
     while let Some(joined) = tasks.join_next().await {
-        let (n, res) = joined.expect("push task does not panic");
+        let (n, res) = match joined {
+            Ok(done) => done,
+            Err(e) if e.is_cancelled() => continue,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        };
         match res {
             Ok(_) => report.ahead_uploaded.push(n.to_string()),
             // PostgreSQL will call us for it anyway; the error then surfaces with its own call.
@@ -586,30 +608,54 @@ mod tests {
     }
 
     #[test]
-    fn ready_files_put_history_first_and_skip_the_current_one() {
+    fn look_ahead_skips_the_current_file_and_any_timeline_whose_history_is_not_archived() {
         let dir = tempfile::tempdir().unwrap();
-        for n in [
+        let ready = |names: &[&str]| {
+            for n in names {
+                std::fs::write(dir.path().join(format!("{n}.ready")), b"").unwrap();
+            }
+        };
+        ready(&[
             "000000010000000000000005",
             "000000010000000000000004",
-            "00000002.history",
             "000000010000000000000003",
             "junk",
-        ] {
-            std::fs::write(dir.path().join(format!("{n}.ready")), b"").unwrap();
-        }
+        ]);
         std::fs::write(dir.path().join("000000010000000000000002.done"), b"").unwrap();
-        let got: Vec<String> = ready_files(dir.path(), "000000010000000000000003", 10)
-            .iter()
-            .map(|n| n.to_string())
-            .collect();
+        let ahead = |skip: &str| -> Vec<String> {
+            ready_files(dir.path(), skip, 10)
+                .iter()
+                .map(|n| n.to_string())
+                .collect()
+        };
         assert_eq!(
-            got,
-            [
-                "00000002.history",
-                "000000010000000000000004",
-                "000000010000000000000005"
-            ]
+            ahead("000000010000000000000003"),
+            ["000000010000000000000004", "000000010000000000000005"]
         );
         assert_eq!(ready_files(dir.path(), "", 1).len(), 1);
+        // After a promotion: the old timeline's last segment goes ahead, the new timeline's
+        // files wait until its history is archived, whichever file PostgreSQL asks for.
+        ready(&[
+            "00000002.history",
+            "000000010000000000000006.partial",
+            "000000020000000000000006",
+            "000000020000000000000007",
+        ]);
+        let old_timeline = [
+            "000000010000000000000004",
+            "000000010000000000000005",
+            "000000010000000000000006.partial",
+        ];
+        assert_eq!(ahead("000000010000000000000003"), old_timeline);
+        let mut with_three = vec!["000000010000000000000003"];
+        with_three.extend(old_timeline);
+        assert_eq!(ahead("00000002.history"), with_three);
+        // Once it is: the new timeline's segments too.
+        std::fs::rename(
+            dir.path().join("00000002.history.ready"),
+            dir.path().join("00000002.history.done"),
+        )
+        .unwrap();
+        assert_eq!(ahead("000000010000000000000003").len(), 5);
     }
 }
