@@ -182,6 +182,25 @@ impl S3Store {
         }
     }
 
+    /// `map` for a listing: its 404 means a missing bucket only with `NoSuchBucket`; a bare one
+    /// comes from something answering for the server (see `map_get`), and is retried.
+    fn map_list<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(
+        &self,
+        prefix: &str,
+        err: SdkError<E, HttpResponse>,
+    ) -> StorageError {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        if status == Some(404) && err.code() != Some("NoSuchBucket") {
+            return StorageError::Transient(format!(
+                "listing s3://{}/{prefix}: the server answered HTTP 404 without S3's NoSuchBucket \
+                 error; a proxy or ingress in front of the storage may have answered for a server \
+                 that is down",
+                self.bucket
+            ));
+        }
+        self.map(prefix, err)
+    }
+
     /// `map` for a GET, where only S3's `NoSuchKey` means the key does not exist. A GET's error
     /// has a body, and S3 and the S3-compatible servers (MinIO, SeaweedFS) name the error in it;
     /// a 404 without that name comes from something else answering for the server, such as an
@@ -204,6 +223,30 @@ impl S3Store {
             )),
             GetMiss::Other => self.map(key, err),
         }
+    }
+}
+
+/// A listing page that says more follows but gives no way to it (no continuation token, or the
+/// one before again): the SDK's paginator stops there, and a listing taken for complete would
+/// make WAL or backups look missing. `seen` carries the previous page's token.
+fn check_page(
+    prefix: &str,
+    truncated: Option<bool>,
+    next: Option<&str>,
+    seen: &mut Option<String>,
+) -> Result<(), StorageError> {
+    if truncated != Some(true) {
+        return Ok(());
+    }
+    match next {
+        Some(t) if seen.as_deref() != Some(t) => {
+            *seen = Some(t.to_string());
+            Ok(())
+        }
+        _ => Err(StorageError::Transient(format!(
+            "listing {prefix}: the server said the listing goes on but gave no new continuation \
+             token; walship does not take a cut listing for the whole"
+        ))),
     }
 }
 
@@ -313,7 +356,7 @@ impl S3Store {
     ) -> Result<bool, StorageError> {
         let status = err.raw_response().map(|r| r.status().as_u16());
         let unsupported = status == Some(501) || err.code() == Some("NotImplemented");
-        match self.map(full, err) {
+        match self.map_list(full, err) {
             _ if unsupported => Ok(false),
             StorageError::Transient(why) => Err(StorageError::Transient(format!(
                 "{why} (listing the key's versions, to tell a deleted object from one never written)"
@@ -355,7 +398,7 @@ impl S3Store {
         denied: StorageError,
         err: SdkError<ListObjectsV2Error, HttpResponse>,
     ) -> StorageError {
-        match self.map(full, err) {
+        match self.map_list(full, err) {
             StorageError::Transient(why) => StorageError::Transient(format!(
                 "{why} (listing the key after its GET was refused, to tell a missing key from a denied one)"
             )),
@@ -379,9 +422,9 @@ impl Store for S3Store {
             .bucket(&self.bucket)
             .key(&full)
             .if_none_match("*")
-            .checksum_sha256(checksum)
+            .checksum_sha256(&checksum)
             .content_type("application/octet-stream")
-            .body(ByteStream::from(body))
+            .body(ByteStream::from(body.clone()))
             .send()
             .await;
         match res {
@@ -390,6 +433,33 @@ impl Store for S3Store {
             }),
             Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(412) => {
                 Ok(PutOutcome::AlreadyExists)
+            }
+            // A server that does not implement conditional writes: put without the condition,
+            // as on servers that ignore it. wal-push reads an archived name's header before each
+            // upload, so only two uploads of one name at the same moment can meet; `walship
+            // check` warns about such storage.
+            Err(e)
+                if e.raw_response().map(|r| r.status().as_u16()) == Some(501)
+                    || e.code() == Some("NotImplemented") =>
+            {
+                tracing::info!(
+                    "s3://{}/{full}: no conditional writes here; put without",
+                    self.bucket
+                );
+                let out = self
+                    .client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .checksum_sha256(checksum)
+                    .content_type("application/octet-stream")
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| self.map(&full, e))?;
+                Ok(PutOutcome::Created {
+                    version_id: out.version_id().map(str::to_string),
+                })
             }
             // 409 ConditionalRequestConflict: a concurrent conditional put is in flight; retrying
             // resolves it into Created or AlreadyExists.
@@ -415,8 +485,16 @@ impl Store for S3Store {
         let out = match out {
             Ok(out) => out,
             Err(e) => {
+                // S3 says so on the GET itself when the current version is a delete marker, with
+                // no listing permission needed; the listing below is for servers that do not.
+                let marker = e
+                    .raw_response()
+                    .and_then(|r| r.headers().get("x-amz-delete-marker"))
+                    == Some("true");
                 let err = self.missing_or_denied(&full, self.map_get(&full, e)).await;
-                if matches!(err, StorageError::NotFound(_)) && self.deleted(&full).await? {
+                if matches!(err, StorageError::NotFound(_))
+                    && (marker || self.deleted(&full).await?)
+                {
                     return Err(StorageError::Deleted(format!(
                         "s3://{}/{full}",
                         self.bucket
@@ -479,8 +557,15 @@ impl Store for S3Store {
             .set_start_after((!after.is_empty()).then(|| format!("{}{after}", self.prefix)))
             .into_paginator()
             .send();
+        let mut token = None;
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.map(&full_prefix, e))?;
+            let page = page.map_err(|e| self.map_list(&full_prefix, e))?;
+            check_page(
+                &full_prefix,
+                page.is_truncated(),
+                page.next_continuation_token(),
+                &mut token,
+            )?;
             for obj in page.contents() {
                 let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;
@@ -509,8 +594,15 @@ impl Store for S3Store {
             .delimiter("/")
             .into_paginator()
             .send();
+        let mut token = None;
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.map(&full_prefix, e))?;
+            let page = page.map_err(|e| self.map_list(&full_prefix, e))?;
+            check_page(
+                &full_prefix,
+                page.is_truncated(),
+                page.next_continuation_token(),
+                &mut token,
+            )?;
             out.extend(
                 page.common_prefixes()
                     .iter()
@@ -729,6 +821,44 @@ mod tests {
         assert!(err.is_transient(), "{err:?}");
         let err = s.listing_after_denied_failed("k", denied(), list(403, "AccessDenied"));
         assert!(matches!(err, StorageError::Denied(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_listing_is_never_taken_for_missing_or_complete_on_a_doubtful_answer() {
+        let s = store();
+        let list = |status: u16, c: &str| {
+            SdkError::service_error(ListObjectsV2Error::generic(code(c)), response(status, ""))
+        };
+        // A bare 404: something answered for the server.
+        let err = s.map_list("wal/", list(404, "NotFound"));
+        assert!(err.is_transient(), "{err:?}");
+        assert!(matches!(
+            s.map_list("wal/", list(404, "NoSuchBucket")),
+            StorageError::NoBucket(_)
+        ));
+        // Nor is a version listing's bare 404 an answer "not deleted".
+        let versions = SdkError::service_error(
+            ListObjectVersionsError::generic(code("NotFound")),
+            response(404, ""),
+        );
+        assert!(s
+            .versions_unknown("k", versions)
+            .unwrap_err()
+            .is_transient());
+
+        // Pages: complete, then ones that say more follows.
+        let mut seen = None;
+        assert!(check_page("p", Some(false), None, &mut seen).is_ok());
+        assert!(check_page("p", None, None, &mut seen).is_ok());
+        assert!(check_page("p", Some(true), Some("t1"), &mut seen).is_ok());
+        assert!(check_page("p", Some(true), Some("t2"), &mut seen).is_ok());
+        // ... with the same token again, or none: the SDK would stop there, cut.
+        assert!(check_page("p", Some(true), Some("t2"), &mut seen)
+            .unwrap_err()
+            .is_transient());
+        assert!(check_page("p", Some(true), None, &mut seen)
+            .unwrap_err()
+            .is_transient());
     }
 
     #[derive(Debug)]
