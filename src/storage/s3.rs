@@ -15,7 +15,7 @@ use aws_sdk_s3::config::{
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::operation::list_object_versions::ListObjectVersionsError;
-use aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Error;
+use aws_sdk_s3::operation::list_objects_v2::{ListObjectsV2Error, ListObjectsV2Output};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::BucketVersioningStatus;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -180,6 +180,23 @@ impl S3Store {
             (SdkError::ResponseError(_), _, _) => StorageError::Transient(format!("{what}: {}", describe_chain(&err))),
             _ => StorageError::Other(format!("{what}: {}", describe_chain(&err))),
         }
+    }
+
+    /// A page of a listing of `prefix`, or why the listing cannot be trusted (see `check_page`).
+    fn checked_page(
+        &self,
+        prefix: &str,
+        page: Result<ListObjectsV2Output, SdkError<ListObjectsV2Error, HttpResponse>>,
+        token: &mut Option<String>,
+    ) -> Result<ListObjectsV2Output, StorageError> {
+        let page = page.map_err(|e| self.map_list(prefix, e))?;
+        check_page(
+            prefix,
+            page.is_truncated(),
+            page.next_continuation_token(),
+            token,
+        )?;
+        Ok(page)
     }
 
     /// `map` for a listing: its 404 means a missing bucket only with `NoSuchBucket`; a bare one
@@ -416,17 +433,18 @@ impl Store for S3Store {
     ) -> Result<PutOutcome, StorageError> {
         let full = self.full(key);
         let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&body));
-        let res = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(&full)
-            .if_none_match("*")
-            .checksum_sha256(&checksum)
-            .content_type("application/octet-stream")
-            .body(ByteStream::from(body.clone()))
-            .send()
-            .await;
+        let put = |condition: Option<&str>| {
+            self.client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .set_if_none_match(condition.map(str::to_string))
+                .checksum_sha256(&checksum)
+                .content_type("application/octet-stream")
+                .body(ByteStream::from(body.clone()))
+                .send()
+        };
+        let res = put(Some("*")).await;
         match res {
             Ok(out) => Ok(PutOutcome::Created {
                 version_id: out.version_id().map(str::to_string),
@@ -446,17 +464,7 @@ impl Store for S3Store {
                     "s3://{}/{full}: no conditional writes here; put without",
                     self.bucket
                 );
-                let out = self
-                    .client
-                    .put_object()
-                    .bucket(&self.bucket)
-                    .key(&full)
-                    .checksum_sha256(checksum)
-                    .content_type("application/octet-stream")
-                    .body(ByteStream::from(body))
-                    .send()
-                    .await
-                    .map_err(|e| self.map(&full, e))?;
+                let out = put(None).await.map_err(|e| self.map(&full, e))?;
                 Ok(PutOutcome::Created {
                     version_id: out.version_id().map(str::to_string),
                 })
@@ -559,13 +567,7 @@ impl Store for S3Store {
             .send();
         let mut token = None;
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.map_list(&full_prefix, e))?;
-            check_page(
-                &full_prefix,
-                page.is_truncated(),
-                page.next_continuation_token(),
-                &mut token,
-            )?;
+            let page = self.checked_page(&full_prefix, page, &mut token)?;
             for obj in page.contents() {
                 let Some(k) = obj.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
                     continue;
@@ -596,13 +598,7 @@ impl Store for S3Store {
             .send();
         let mut token = None;
         while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| self.map_list(&full_prefix, e))?;
-            check_page(
-                &full_prefix,
-                page.is_truncated(),
-                page.next_continuation_token(),
-                &mut token,
-            )?;
+            let page = self.checked_page(&full_prefix, page, &mut token)?;
             out.extend(
                 page.common_prefixes()
                     .iter()
