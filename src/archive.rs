@@ -36,6 +36,21 @@ pub enum ArchiveError {
     },
 }
 
+/// An error that may carry a failure to decode an object, for
+/// [`Archive::verified_or_refetched`].
+pub trait CodecFailure {
+    fn codec_failure(&self) -> Option<&CodecError>;
+}
+
+impl CodecFailure for ArchiveError {
+    fn codec_failure(&self) -> Option<&CodecError> {
+        match self {
+            ArchiveError::Codec { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
 impl ArchiveError {
     pub fn local(what: &'static str, path: &Path, err: std::io::Error) -> Self {
         ArchiveError::Local {
@@ -225,26 +240,45 @@ impl Archive {
         .expect("decode task does not panic")
     }
 
-    /// Download `key`, verify and decode it into a new file at `dest` atomically: a temp file in
-    /// the same directory, renamed over `dest` once complete. With `Durability::Fsync` the file is
-    /// fsynced before the rename and the directory after it. `check` vets the complete decoded
-    /// file (at its temp path) before the rename. On any error, `check`'s included, nothing
-    /// appears at `dest`. `hold` is dropped when the decode ends: a caller cancelled meanwhile
-    /// (its future dropped) can tell by it when the decode, which goes on, has stopped writing.
-    pub async fn fetch_to<E>(
+    /// Run `verify` (decode and check, writing nothing where it is read before the object passes)
+    /// on `object`, a download of `key`. When that fails on damage a transfer might have done,
+    /// download `key` once more and run it again: a stop of recovery or a failed restore over bits
+    /// flipped on the way (plain http, a faulty proxy) costs an operator's restart, and a truly
+    /// corrupt object fails again at once. A key gone by then is damage too, never "not in the
+    /// archive" (exit 1 would end recovery there). A warning only when the second try passes.
+    pub async fn verified_or_refetched<T, E, Fut>(
         &self,
         key: &ObjectKey,
-        ids: &Arc<Identities>,
-        dest: &Path,
-        durability: Durability,
-        hold: impl Send + 'static,
-        check: impl FnOnce(&Path) -> Result<(), E> + Send + 'static,
-    ) -> Result<Header, E>
+        object: Bytes,
+        mut verify: impl FnMut(Bytes) -> Fut,
+    ) -> Result<T, E>
     where
-        E: From<ArchiveError> + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, E>>,
+        E: From<ArchiveError> + CodecFailure,
     {
-        let object = self.download(key).await?;
-        place(object, key, ids, dest, durability, hold, check).await
+        let why = match verify(object).await {
+            Ok(t) => return Ok(t),
+            Err(e) => match e.codec_failure() {
+                Some(c) if c.may_be_transfer_damage() => c.to_string(),
+                _ => return Err(e),
+            },
+        };
+        tracing::info!("{key} failed verification ({why}); downloading it once more");
+        let again = self.download(key).await.map_err(|e| match e {
+            ArchiveError::Storage(StorageError::NotFound(_)) => ArchiveError::Codec {
+                key: key.to_string(),
+                source: CodecError::Corrupt(format!(
+                    "failed verification ({why}), and was gone when downloaded again"
+                )),
+            },
+            e => e,
+        })?;
+        let t = verify(again).await?;
+        tracing::warn!(
+            "{key} failed verification on its first download ({why}) and passed on the second: \
+             something between this host and the repository damages data"
+        );
+        Ok(t)
     }
 
     /// The object as stored (still encoded), for `place`.
@@ -253,7 +287,12 @@ impl Archive {
     }
 }
 
-/// `Archive::fetch_to` for an object already downloaded (`Archive::download`).
+/// Verify and decode `object` (a download of `key`) into a new file at `dest` atomically: a temp
+/// file in the same directory, renamed over `dest` once complete. With `Durability::Fsync` the
+/// file is fsynced before the rename and the directory after it. `check` vets the complete decoded
+/// file (at its temp path) before the rename. On any error, `check`'s included, nothing appears at
+/// `dest`. `hold` is dropped when the decode ends: a caller cancelled meanwhile (its future
+/// dropped) can tell by it when the decode, which goes on, has stopped writing.
 pub async fn place<E>(
     object: Bytes,
     key: &ObjectKey,

@@ -472,20 +472,18 @@ pub async fn fetch(
         tasks.spawn(async move {
             let _permit = permit;
             let part_pieces = Arc::new(part_pieces);
-            let mut downloads = 0;
-            let mut damaged = None;
-            loop {
-                downloads += 1;
-                // A part of a finished backup that is gone is damage, not "no such backup".
-                let object = archive.store().get(&key).await.map_err(|e| match e {
-                    StorageError::NotFound(what) => ArchiveError::Codec {
-                        key: key.to_string(),
-                        source: CodecError::Corrupt(format!(
-                            "{what} is missing, though the backup's manifest lists it"
-                        )),
-                    },
-                    e => ArchiveError::from(e),
-                })?;
+            // A part of a finished backup that is gone is damage, not "no such backup".
+            let object = archive.store().get(&key).await.map_err(|e| match e {
+                StorageError::NotFound(what) => ArchiveError::Codec {
+                    key: key.to_string(),
+                    source: CodecError::Corrupt(format!(
+                        "{what} is missing, though the backup's manifest lists it"
+                    )),
+                },
+                e => ArchiveError::from(e),
+            })?;
+            // Verified whole before anything is written, so a damaged download can be made again.
+            let restore = |object: bytes::Bytes| {
                 let (ids, sha, part_pieces, paths, pool) = (
                     ids.clone(),
                     sha.clone(),
@@ -494,46 +492,26 @@ pub async fn fetch(
                     pool.clone(),
                 );
                 let key_s = key.to_string();
-                let done = tokio::task::spawn_blocking(move || {
-                    let mut plain = pool.take();
-                    let done = restore_part(
-                        &object,
-                        &ids,
-                        &key_s,
-                        (size, &sha),
-                        &part_pieces,
-                        &paths,
-                        &mut plain,
-                    );
-                    pool.give(plain);
-                    done
-                })
-                .await
-                .expect("restore task does not panic");
-                match done {
-                    // Verified whole before anything is written: a part damaged on the way is
-                    // downloaded once more before the backup is called corrupt.
-                    Err(BackupError::Archive(ArchiveError::Codec { source, .. }))
-                        if downloads == 1 && source.may_be_transfer_damage() =>
-                    {
-                        tracing::info!(
-                            "{key} failed verification ({source}); downloading it once more"
+                async move {
+                    tokio::task::spawn_blocking(move || {
+                        let mut plain = pool.take();
+                        let done = restore_part(
+                            &object,
+                            &ids,
+                            &key_s,
+                            (size, &sha),
+                            &part_pieces,
+                            &paths,
+                            &mut plain,
                         );
-                        damaged = Some(source);
-                    }
-                    done => {
-                        done?;
-                        if let Some(source) = damaged {
-                            tracing::warn!(
-                                "{key} failed verification on its first download ({source}) and \
-                                 passed on the second: something between this host and the \
-                                 repository damages data"
-                            );
-                        }
-                        break;
-                    }
+                        pool.give(plain);
+                        done
+                    })
+                    .await
+                    .expect("restore task does not panic")
                 }
-            }
+            };
+            archive.verified_or_refetched(&key, object, restore).await?;
             progress.inc(size);
             Ok::<_, BackupError>(())
         });

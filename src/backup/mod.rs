@@ -57,6 +57,15 @@ pub enum BackupError {
     Gap(String),
 }
 
+impl crate::archive::CodecFailure for BackupError {
+    fn codec_failure(&self) -> Option<&crate::codec::CodecError> {
+        match self {
+            BackupError::Archive(a) => a.codec_failure(),
+            _ => None,
+        }
+    }
+}
+
 impl BackupError {
     pub fn local(what: &'static str, path: &Path, err: std::io::Error) -> Self {
         BackupError::Local {

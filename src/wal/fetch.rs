@@ -24,7 +24,7 @@ use super::name::{format_lsn, WalFileKind, WalFileName};
 use super::spool::Spool;
 use super::{parent_dir, state_dir, HeaderMismatch, WalError};
 use crate::archive::{self, Archive, ArchiveError, Durability};
-use crate::codec::{CodecError, Identities};
+use crate::codec::Identities;
 use crate::config::WalSettings;
 use crate::pg::walpage::{LongPageHeader, LONG_HEADER_LEN};
 use crate::repo::{self, RepoMeta};
@@ -149,35 +149,9 @@ pub async fn fetch(
             },
         )
     };
-    match place(object).await {
-        // A download that fails verification is made once more before the object is called
-        // corrupt: a stop of recovery over bits flipped on the way (plain http, a faulty proxy)
-        // costs an operator's restart; a truly corrupt object fails again at once.
-        Err(WalError::Archive(ArchiveError::Codec { source, .. }))
-            if source.may_be_transfer_damage() =>
-        {
-            tracing::info!("{name} failed verification ({source}); downloading it once more");
-            // Gone since the first download (a delete, a retention run): still damage, never
-            // "not in the archive", which would end recovery here.
-            let again = ctx.archive.download(&key).await.map_err(|e| match e {
-                ArchiveError::Storage(StorageError::NotFound(_)) => ArchiveError::Codec {
-                    key: key.to_string(),
-                    source: CodecError::Corrupt(format!(
-                        "failed verification ({source}), and was gone when downloaded again"
-                    )),
-                },
-                e => e,
-            })?;
-            place(again).await?;
-            tracing::warn!(
-                "{name} failed verification on its first download ({source}) and passed on the \
-                 second: something between this host and the repository damages data"
-            );
-        }
-        other => {
-            other?;
-        }
-    }
+    ctx.archive
+        .verified_or_refetched(&key, object, place)
+        .await?;
     Ok(after(
         &ctx.settings,
         name,

@@ -40,6 +40,15 @@ pub enum WalError {
     Encode { path: PathBuf, source: CodecError },
 }
 
+impl crate::archive::CodecFailure for WalError {
+    fn codec_failure(&self) -> Option<&CodecError> {
+        match self {
+            WalError::Archive(a) => a.codec_failure(),
+            _ => None,
+        }
+    }
+}
+
 impl WalError {
     pub fn local(what: &'static str, path: &Path, err: std::io::Error) -> Self {
         WalError::Local {

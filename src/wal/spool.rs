@@ -440,9 +440,10 @@ pub async fn run_prefetcher(
                     let _marker = RemoveOnDrop(marker);
                     let seg = WalFileName::parse(&name).expect("generated names are valid");
                     let key = repo::wal_key(&seg);
-                    let res = ctx
-                        .archive
-                        .fetch_to(
+                    let res = async {
+                        let object = ctx.archive.download(&key).await?;
+                        crate::archive::place(
+                            object,
                             &key,
                             &ctx.identities,
                             &dest,
@@ -453,7 +454,9 @@ pub async fn run_prefetcher(
                             },
                         )
                         .await
-                        .map(|_| ());
+                        .map(|_| ())
+                    }
+                    .await;
                     (name, res)
                 });
             }
