@@ -290,9 +290,8 @@ struct WalStart<'a> {
 enum Histories<'a> {
     /// Not read: the path stays on the backup's timeline.
     Skip,
-    /// One that cannot be decoded fails the call: a restore would not know which timeline the
-    /// WAL goes on along.
-    Required(&'a Arc<codec::Identities>),
+    /// Read already, every one decoded (`all_histories`, which a restore needs anyway).
+    Read(&'a std::collections::BTreeMap<u32, timeline::History>),
     /// One that cannot be decoded is left out with a warning, and its timeline is not followed:
     /// a listing still shows the backups.
     BestEffort(&'a Arc<codec::Identities>),
@@ -365,15 +364,21 @@ async fn archive_end(
         .map(|n| n.timeline())
         .max()
         .unwrap_or(1);
-    let (ids, required) = match histories {
-        Histories::Skip => (None, false),
-        Histories::Required(ids) => (Some(ids), true),
-        Histories::BestEffort(ids) => (Some(ids), false),
-    };
     let later = history_names
         .iter()
         .filter(|n| n.timeline() > start.timeline);
-    for (name, ids) in later.filter_map(|n| Some((n, ids?))) {
+    for name in later {
+        let ids = match histories {
+            Histories::Skip => break,
+            Histories::Read(read) => {
+                // One stored since `all_histories` listed them is not followed.
+                if let Some(h) = read.get(&name.timeline()) {
+                    archived.histories.insert(name.timeline(), h.clone());
+                }
+                continue;
+            }
+            Histories::BestEffort(ids) => ids,
+        };
         let decoded = match archive.get_plain(&crate::repo::wal_key(name), ids).await {
             Ok(text) => timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text)),
             Err(ArchiveError::Codec { source, .. }) => Err(source.to_string()),
@@ -382,12 +387,6 @@ async fn archive_end(
         match decoded {
             Ok(history) => {
                 archived.histories.insert(name.timeline(), history);
-            }
-            Err(why) if required => {
-                return Err(BackupError::BadHistory {
-                    name: name.to_string(),
-                    why,
-                })
             }
             Err(why) => tracing::warn!(
                 "timeline history {name} cannot be read ({why}): the newest recoverable point \
@@ -945,12 +944,15 @@ async fn all_histories(
         let Some(name) = wal_name(&o.key).filter(|n| n.kind() == WalFileKind::History) else {
             continue;
         };
-        let text = archive.get_plain(&o.key, ids).await?;
-        let history = timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text))
-            .map_err(|why| BackupError::BadHistory {
-                name: name.to_string(),
-                why,
-            })?;
+        let history = match archive.get_plain(&o.key, ids).await {
+            Ok(text) => timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text)),
+            Err(ArchiveError::Codec { source, .. }) => Err(source.to_string()),
+            Err(e) => return Err(e.into()),
+        }
+        .map_err(|why| BackupError::BadHistory {
+            name: name.to_string(),
+            why,
+        })?;
         histories.insert(name.timeline(), history);
         stored.insert(name.timeline(), o.stored_at);
     }
@@ -1062,7 +1064,8 @@ async fn rival_wal(
 /// made production, a drill may take backups of its own).
 async fn check_rivals(
     archive: &Archive,
-    ids: &Arc<codec::Identities>,
+    histories: &std::collections::BTreeMap<u32, timeline::History>,
+    promoted: &std::collections::HashMap<u32, Option<i64>>,
     chosen: &BackupManifest,
     target: &Target,
     end: Option<&ArchiveEnd>,
@@ -1070,12 +1073,11 @@ async fn check_rivals(
     if matches!(target, Target::Immediate) {
         return Ok(());
     }
-    let (histories, promoted) = all_histories(archive, ids).await?;
     let seg_size = chosen.wal_segment_size;
     let Some(stop) = parse_lsn(&chosen.stop_lsn) else {
         return Ok(());
     };
-    let found = timeline::rivals(chosen.timeline, stop, &histories);
+    let found = timeline::rivals(chosen.timeline, stop, histories);
     if found.is_empty() {
         return Ok(());
     }
@@ -1289,6 +1291,11 @@ pub async fn restore(
         Some(TimelineArg::Number(t)) => t == chosen.timeline,
         Some(TimelineArg::Latest) => pinned.as_ref().is_some_and(|(t, _)| *t == chosen.timeline),
     };
+    // Following the path needs every history file: read once, for the path and the rivals.
+    let all = match follow {
+        true => Some(all_histories(&archive, &ids).await?),
+        false => None,
+    };
     // The archive is listed only to choose the timeline, or for a target the checks can judge.
     let checkable = matches!(
         target,
@@ -1300,10 +1307,9 @@ pub async fn restore(
             stop_lsn: &chosen.stop_lsn,
             wal_segment_size: chosen.wal_segment_size,
         };
-        let histories = if follow {
-            Histories::Required(&ids)
-        } else {
-            Histories::Skip
+        let histories = match &all {
+            Some((read, _)) => Histories::Read(read),
+            None => Histories::Skip,
         };
         archive_end(&archive, histories, start).await?
     } else {
@@ -1314,8 +1320,16 @@ pub async fn restore(
         None => None,
         Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e, args.standby)?,
     };
-    if follow {
-        check_rivals(&archive, &ids, &chosen, &target, end.as_ref()).await?;
+    if let Some((histories, promoted)) = &all {
+        check_rivals(
+            &archive,
+            histories,
+            promoted,
+            &chosen,
+            &target,
+            end.as_ref(),
+        )
+        .await?;
     }
     if !args.standby {
         check_reachable(&chosen, &target, end.as_ref(), args.accept_gap)?;
