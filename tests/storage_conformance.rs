@@ -15,7 +15,7 @@ async fn s3_and_directory_backends_keep_the_contract() {
     let info = s3.probe().await.unwrap();
     assert_eq!(
         info.versioning,
-        Some(true),
+        Some(Ok(true)),
         "minio-test creates the bucket with versioning on"
     );
 

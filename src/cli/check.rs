@@ -53,14 +53,6 @@ pub enum Status {
 }
 
 impl Status {
-    fn of(ok: bool) -> Self {
-        if ok {
-            Status::Ok
-        } else {
-            Status::Fail
-        }
-    }
-
     pub fn label(self) -> &'static str {
         match self {
             Status::Ok => "ok",
@@ -92,17 +84,11 @@ pub fn loose_secret_file(path: &Path) -> Option<String> {
 
 pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
     let mut out = Vec::new();
-    let mut line = |what, ok: bool, text: String| {
-        out.push(Line {
-            what,
-            status: Status::of(ok),
-            text,
-        })
-    };
+    let mut line = |what, status, text: String| out.push(Line { what, status, text });
     let archive = match Archive::open(cfg, 2).await {
         Ok(a) => a,
         Err(e) => {
-            line("repository", false, format!("{}: {e}", cfg.repo_url));
+            line("repository", Status::Fail, format!("{}: {e}", cfg.repo_url));
             return out;
         }
     };
@@ -110,30 +96,37 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         Ok(info) => {
             line(
                 "repository",
-                true,
+                Status::Ok,
                 format!("{} is reachable and readable", archive.store().describe()),
             );
-            match info.versioning {
-                Some(true) => line("versioning", true, "enabled".into()),
-                Some(false) => line(
-                    "versioning",
-                    false,
+            let (status, text) = match info.versioning {
+                Some(Ok(true)) => (Status::Ok, "enabled".into()),
+                Some(Ok(false)) => (
+                    Status::Fail,
                     "OFF: turn bucket versioning on, so that an overwritten or deleted object can be recovered".into(),
                 ),
-                None => line("versioning", true, "not applicable (directory repository)".into()),
-            }
+                Some(Err(why)) => (
+                    Status::Warn,
+                    format!(
+                        "unknown, the storage would not say ({why}); make sure versioning is on \
+                         (or grant s3:GetBucketVersioning so that check can tell)"
+                    ),
+                ),
+                None => (Status::Ok, "not applicable (directory repository)".into()),
+            };
+            line("versioning", status, text);
             match info.object_lock {
                 Some(Ok(lock)) => line(
                     "object lock",
-                    true,
+                    Status::Ok,
                     if lock { "enabled" } else { "off (optional)" }.into(),
                 ),
-                Some(Err(why)) => line("object lock", true, format!("unknown: {why}")),
+                Some(Err(why)) => line("object lock", Status::Ok, format!("unknown: {why}")),
                 None => {}
             }
         }
         Err(e) => {
-            line("repository", false, e.to_string());
+            line("repository", Status::Fail, e.to_string());
             return out;
         }
     }
@@ -141,7 +134,7 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         Ok(Some(m)) => {
             line(
                 "metadata",
-                true,
+                Status::Ok,
                 format!(
                     "system {}, PostgreSQL {}, {} MiB segments, created {}",
                     m.system_identifier,
@@ -157,13 +150,13 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         Ok(None) => {
             line(
                 "metadata",
-                true,
+                Status::Ok,
                 "none yet: the first wal-push initialises the repository".into(),
             );
             None
         }
         Err(e) => {
-            line("metadata", false, e.to_string());
+            line("metadata", Status::Fail, e.to_string());
             None
         }
     };
@@ -176,7 +169,7 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                 {
                     line(
                         "recipients",
-                        false,
+                        Status::Fail,
                         format!(
                         "fingerprints {} differ from the repository's {}: pushes would be refused",
                         fps.join(","),
@@ -186,7 +179,7 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                 }
                 _ => line(
                     "recipients",
-                    true,
+                    Status::Ok,
                     format!("{} key(s), fingerprints {}", fps.len(), fps.join(",")),
                 ),
             }
@@ -197,13 +190,13 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         {
             line(
                 "recipients",
-                true,
+                Status::Ok,
                 "not configured (needed only where WAL and backups are pushed)".into(),
             )
         }
         Err(e) => line(
             "recipients",
-            false,
+            Status::Fail,
             format!("{e} (needed for wal-push and backup-push)"),
         ),
     }
@@ -224,21 +217,21 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                     .and_then(|r| codec::encode(&b"walship check"[..], &r, 1).ok())
                     .map(|enc| codec::decode(&enc.bytes, &ids, Vec::new()).is_ok());
                 if !fits || round_trip == Some(false) {
-                    line("identity", false, "does not match the repository's recipients: wal-fetch could not decrypt the archive".into());
+                    line("identity", Status::Fail, "does not match the repository's recipients: wal-fetch could not decrypt the archive".into());
                 } else {
                     line(
                         "identity",
-                        true,
+                        Status::Ok,
                         format!("matches recipient {}", mine.join(",")),
                     );
                 }
             }
-            Err(e) => line("identity", false, e.to_string()),
+            Err(e) => line("identity", Status::Fail, e.to_string()),
         }
     } else {
         line(
             "identity",
-            true,
+            Status::Ok,
             "not configured (needed only where WAL is fetched)".into(),
         );
     }

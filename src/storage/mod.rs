@@ -75,8 +75,9 @@ pub struct ObjectInfo {
 /// What `Store::probe` learned about the storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoreInfo {
-    /// `Some(true)` when object versioning is enabled, `None` when the backend has no such notion.
-    pub versioning: Option<bool>,
+    /// `Some(Ok(true))` when object versioning is enabled, `Some(Err(why))` when the storage would
+    /// not say, `None` when the backend has no such notion.
+    pub versioning: Option<Result<bool, String>>,
     /// `Some(Ok(true))` when object lock is on, `Some(Err(why))` when the storage would not say,
     /// `None` when the backend has no such notion.
     pub object_lock: Option<Result<bool, String>>,

@@ -13,6 +13,7 @@ use aws_sdk_s3::config::{
     Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::get_bucket_versioning::GetBucketVersioningError;
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::operation::list_object_versions::ListObjectVersionsError;
 use aws_sdk_s3::operation::list_objects_v2::{ListObjectsV2Error, ListObjectsV2Output};
@@ -383,6 +384,23 @@ impl S3Store {
         }
     }
 
+    /// A failed GetBucketVersioning: why the storage would not say, or the error when asking
+    /// again may answer. Pushes and fetches do not need to know, so a role without
+    /// s3:GetBucketVersioning, or a server without the call (501), leaves it unknown rather than
+    /// failing the probe.
+    fn versioning_unknown(
+        &self,
+        err: SdkError<GetBucketVersioningError, HttpResponse>,
+    ) -> Result<String, StorageError> {
+        let status = err.raw_response().map(|r| r.status().as_u16());
+        let unsupported = status == Some(501) || err.code() == Some("NotImplemented");
+        match self.map("?versioning", err) {
+            e if unsupported => Ok(e.to_string()),
+            e @ (StorageError::Transient(_) | StorageError::NoBucket(_)) => Err(e),
+            e => Ok(e.to_string()),
+        }
+    }
+
     /// S3 answers a GET of a missing key with 403, not 404, unless the caller may list the bucket
     /// without a prefix condition, which least-privilege roles (terraform/'s) may not. A 403 would
     /// make the end of the archive look like an access problem to wal-fetch, and the wait for a
@@ -650,8 +668,8 @@ impl Store for S3Store {
             .send()
             .await
         {
-            Ok(v) => Some(v.status() == Some(&BucketVersioningStatus::Enabled)),
-            Err(e) => return Err(self.map("?versioning", e)),
+            Ok(v) => Ok(v.status() == Some(&BucketVersioningStatus::Enabled)),
+            Err(e) => Err(self.versioning_unknown(e)?),
         };
         let object_lock = match self
             .client
@@ -683,7 +701,7 @@ impl Store for S3Store {
             .await
             .map_err(|e| self.map(&self.prefix, e))?;
         Ok(StoreInfo {
-            versioning,
+            versioning: Some(versioning),
             object_lock,
         })
     }
@@ -804,6 +822,28 @@ mod tests {
         }
         let timeout = SdkError::<ListObjectVersionsError, HttpResponse>::timeout_error("timed out");
         assert!(s.versions_unknown("k", timeout).unwrap_err().is_transient());
+    }
+
+    #[test]
+    fn versioning_the_storage_will_not_report_is_unknown_not_a_failed_probe() {
+        let s = store();
+        let err = |status: u16, c: &str| {
+            SdkError::service_error(
+                GetBucketVersioningError::generic(code(c)),
+                response(status, ""),
+            )
+        };
+        // A role without s3:GetBucketVersioning, a server without the call.
+        let why = s.versioning_unknown(err(403, "AccessDenied")).unwrap();
+        assert!(why.contains("access denied"), "{why}");
+        assert!(s.versioning_unknown(err(501, "NotImplemented")).is_ok());
+        // What may pass, or a missing bucket, still fails the probe.
+        let slow = s.versioning_unknown(err(503, "SlowDown")).unwrap_err();
+        assert!(slow.is_transient(), "{slow:?}");
+        assert!(matches!(
+            s.versioning_unknown(err(404, "NoSuchBucket")),
+            Err(StorageError::NoBucket(_))
+        ));
     }
 
     #[test]
