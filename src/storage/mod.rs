@@ -166,6 +166,8 @@ pub mod testing {
         then_gone: bool,
         /// Replace on put, as a server that ignores `If-None-Match`.
         replaces: bool,
+        /// Puts of keys ending so never finish, as over a stalled connection.
+        hangs: Option<&'static str>,
         downloads: AtomicUsize,
     }
 
@@ -181,6 +183,7 @@ pub mod testing {
                 damaged: 0,
                 then_gone: false,
                 replaces: false,
+                hangs: None,
                 downloads: AtomicUsize::new(0),
             }
         }
@@ -211,6 +214,14 @@ pub mod testing {
             }
         }
 
+        /// Puts of keys ending with `suffix` never finish.
+        pub fn hanging(dir: &std::path::Path, suffix: &'static str) -> Self {
+            Self {
+                hangs: Some(suffix),
+                ..Self::failing(dir, 0, false)
+            }
+        }
+
         /// Downloads of objects under the prefix so far.
         pub fn downloads(&self) -> usize {
             self.downloads.load(Ordering::SeqCst)
@@ -235,6 +246,9 @@ pub mod testing {
             body: Bytes,
         ) -> Result<PutOutcome, StorageError> {
             self.gate()?;
+            if self.hangs.is_some_and(|end| key.as_str().ends_with(end)) {
+                std::future::pending::<()>().await;
+            }
             if self.replaces {
                 self.inner.delete(key).await?;
             }

@@ -8,6 +8,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -333,6 +334,12 @@ fn timeline_taken(name: &WalFileName, e: WalError) -> WalError {
     }
 }
 
+/// How long uploads ahead may go without one finishing, once PostgreSQL's own file is done: four
+/// times what that file took (a slow link is not a stall), and never under 30 s.
+fn ahead_stall_limit(own_took: Duration) -> Duration {
+    (own_took * 4).max(Duration::from_secs(30))
+}
+
 /// The name PostgreSQL gave (%p's file name), validated.
 fn wal_name_of(path: &Path) -> Result<WalFileName, WalError> {
     let fname = path
@@ -438,7 +445,9 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
             (n, res.map(|(o, _)| o))
         });
     }
+    let own_started = Instant::now();
     let own = push_one(&ctx, path, &name).await;
+    let stall = ahead_stall_limit(own_started.elapsed());
     drop(own_permit);
     if own.is_err() {
         // Refused (another cluster, a taken name) or failing: uploads ahead of a file PostgreSQL
@@ -446,7 +455,24 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
         // stopped mid-way stores nothing.
         tasks.abort_all();
     }
-    while let Some(joined) = tasks.join_next().await {
+    // PostgreSQL learns that its file is archived only when this call returns: uploads ahead
+    // that stop making progress (a stalled connection) must not hold that back for the SDK's
+    // timeouts and retries. A stopped one is pushed by PostgreSQL's own call for it.
+    loop {
+        let joined = match tokio::time::timeout(stall, tasks.join_next()).await {
+            Ok(Some(joined)) => joined,
+            Ok(None) => break,
+            Err(_) => {
+                tracing::warn!(
+                    "{} look-ahead uploads made no progress for {} s after {name} was archived; \
+                     stopped them (PostgreSQL's own calls will push those files)",
+                    tasks.len(),
+                    stall.as_secs()
+                );
+                tasks.abort_all();
+                continue;
+            }
+        };
         let (n, res) = match joined {
             Ok(done) => done,
             Err(e) if e.is_cancelled() => continue,
@@ -501,6 +527,70 @@ mod tests {
         let p = dir.join(name);
         std::fs::write(&p, body).unwrap();
         p
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn look_ahead_that_stops_making_progress_does_not_hold_back_postgresqls_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_dir, pg_wal) = (dir.path().join("repo"), dir.path().join("pg_wal"));
+        std::fs::create_dir_all(&store_dir).unwrap();
+        std::fs::create_dir_all(pg_wal.join("archive_status")).unwrap();
+        let names = [
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000010000000000000005",
+        ];
+        for n in names {
+            seg(&pg_wal, n, 42);
+            std::fs::write(
+                pg_wal.join("archive_status").join(format!("{n}.ready")),
+                b"",
+            )
+            .unwrap();
+        }
+        // Segment 5's upload stalls for good; 3 (PostgreSQL's) and 4 (ahead) go through.
+        let store = Arc::new(crate::storage::testing::Faulty::hanging(
+            &store_dir,
+            "000000010000000000000005",
+        ));
+        let (text, _) = codec::generate_identity();
+        let ids = codec::Identities::parse(&text, "test").unwrap();
+        let ctx = Arc::new(PushContext {
+            archive: Archive::new(store),
+            recipients: ids.recipients(),
+            compression_level: 1,
+            settings: WalSettings {
+                lookahead: 16,
+                upload_concurrency: 3,
+                prefetch: 0,
+                download_concurrency: 1,
+                state_dir: None,
+                fetch_attempts: 1,
+                prefetch_idle: Duration::from_secs(1),
+                prefetch_min_free: 0,
+            },
+            repo_id: "file:///repo".into(),
+            meta: OnceCell::new(),
+        });
+        let started = tokio::time::Instant::now();
+        let report = push(ctx.clone(), &pg_wal.join(names[0])).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(report.ahead_uploaded, [names[1]]);
+        assert!(
+            waited >= Duration::from_secs(30) && waited < Duration::from_secs(60),
+            "returned after {waited:?}: the stall limit, not the stalled upload"
+        );
+        // The stalled file was not recorded as pushed: PostgreSQL's call for it pushes it.
+        assert!(uploaded_ahead(
+            &ctx.settings,
+            &ctx.repo_id,
+            &pg_wal.join(names[1])
+        ));
+        assert!(!uploaded_ahead(
+            &ctx.settings,
+            &ctx.repo_id,
+            &pg_wal.join(names[2])
+        ));
     }
 
     #[test]
