@@ -529,6 +529,20 @@ mod tests {
         p
     }
 
+    /// Look-ahead on (the default 16, 3 uploads at once), prefetch off.
+    fn settings() -> WalSettings {
+        WalSettings {
+            lookahead: 16,
+            upload_concurrency: 3,
+            prefetch: 0,
+            download_concurrency: 1,
+            state_dir: None,
+            fetch_attempts: 1,
+            prefetch_idle: Duration::from_secs(1),
+            prefetch_min_free: 0,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn look_ahead_that_stops_making_progress_does_not_hold_back_postgresqls_file() {
         let dir = tempfile::tempdir().unwrap();
@@ -559,16 +573,7 @@ mod tests {
             archive: Archive::new(store),
             recipients: ids.recipients(),
             compression_level: 1,
-            settings: WalSettings {
-                lookahead: 16,
-                upload_concurrency: 3,
-                prefetch: 0,
-                download_concurrency: 1,
-                state_dir: None,
-                fetch_attempts: 1,
-                prefetch_idle: Duration::from_secs(1),
-                prefetch_min_free: 0,
-            },
+            settings: settings(),
             repo_id: "file:///repo".into(),
             meta: OnceCell::new(),
         });
@@ -606,16 +611,7 @@ mod tests {
 
     #[test]
     fn each_repository_keeps_its_own_records() {
-        let settings = WalSettings {
-            lookahead: 16,
-            upload_concurrency: 3,
-            prefetch: 0,
-            download_concurrency: 1,
-            state_dir: None,
-            fetch_attempts: 1,
-            prefetch_idle: std::time::Duration::from_secs(1),
-            prefetch_min_free: 0,
-        };
+        let settings = settings();
         let wal = Path::new("/data/pg_wal");
         let a = records_dir(&settings, wal, "s3://bucket/a");
         assert_eq!(a, records_dir(&settings, wal, "s3://bucket/a"));
