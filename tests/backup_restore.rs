@@ -834,6 +834,48 @@ fn a_backup_taken_on_a_standby_restores_and_promotes() {
     assert_eq!(accounts(&c), want);
     c.stop();
 
+    // A standby that has replayed past the failover but made no restartpoint on timeline 2 (it
+    // has replayed no checkpoint record there: it is paused at the point, which the promoted
+    // server wrote before its first checkpoint ended). A backup started there would begin on
+    // timeline 1 and end on timeline 2: refused at once, before anything is uploaded.
+    let paused = base.path().join("paused");
+    ok(&restore(
+        &cfg,
+        &paused,
+        &[
+            "--standby",
+            "--target-name",
+            "after_failover",
+            "--target-action",
+            "pause",
+        ],
+    ));
+    let c = Cluster::at(base.path(), paused, "paused");
+    c.start();
+    common::wait_until(
+        "the standby to pause at the point on timeline 2",
+        Duration::from_secs(120),
+        || {
+            c.try_psql("select pg_get_wal_replay_pause_state()")
+                .as_deref()
+                == Some("paused")
+        },
+    );
+    let out = backup_push(&cfg, &c, &[]);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("went from timeline 1 to 2") && err.contains("CHECKPOINT"),
+        "{err}"
+    );
+    let listed = list_json(&cfg);
+    assert_eq!(listed["backups"].as_array().unwrap().len(), 1, "{listed}");
+    assert!(
+        listed["unfinished"].as_array().unwrap().is_empty(),
+        "{listed}"
+    );
+    c.stop();
+
     // The backup holds the standby's standby.signal; restore replaces it with recovery.signal,
     // so recovery ends and the copy promotes instead of waiting for a primary.
     let restored = base.path().join("restored");

@@ -36,6 +36,9 @@ pub enum BackupError {
     ForeignCluster(String),
     #[error("{0}")]
     WalNotArchived(String),
+    /// On a standby, the WAL from the backup's start to its stop would cross a timeline switch.
+    #[error("{0}")]
+    TimelineSwitched(String),
     #[error("no backup {0} in the repository; `walship backup-list` shows the backups there are")]
     NoSuchBackup(String),
     #[error("backup {id} is unusable: {why}")]

@@ -437,6 +437,38 @@ fn id_of(rfc: &str) -> String {
     rfc.chars().filter(|c| *c != '-' && *c != ':').collect()
 }
 
+/// On a standby: the timeline of its last restartpoint (where a backup started now starts) and
+/// the timeline its minimum recovery point is on (where a backup stopped now stops), both from
+/// pg_control as pg_backup_start and pg_backup_stop read them.
+async fn standby_timelines(pg: &Client) -> Result<(u32, u32), BackupError> {
+    let row = pg
+        .query_one(
+            "SELECT c.timeline_id, r.min_recovery_end_timeline \
+               FROM pg_control_checkpoint() c, pg_control_recovery() r",
+            &[],
+        )
+        .await
+        .map_err(PgError::query("reading pg_control's timelines"))?;
+    Ok((row.get::<_, i32>(0) as u32, row.get::<_, i32>(1) as u32))
+}
+
+/// A standby backup whose WAL would cross from timeline `start` to `stop`: the upstream was
+/// promoted during the backup, or shortly before it and the standby has made no restartpoint on
+/// the new timeline since. Refused, as pgBackRest and WAL-G do: such a backup's end lies on
+/// another timeline than its start, which its stop segment and restore's choice of backups do not
+/// follow.
+fn crosses_timelines(id: &str, start: u32, stop: u32) -> Result<(), BackupError> {
+    if stop == start {
+        return Ok(());
+    }
+    Err(BackupError::TimelineSwitched(format!(
+        "backup {id}: this standby's WAL went from timeline {start} to {stop} between the backup's \
+         start and its end (its upstream was promoted), so the backup is not stored; take it \
+         again once the standby has made a restartpoint on timeline {stop} (run CHECKPOINT on \
+         the new primary, then on this standby), or take it on the new primary"
+    )))
+}
+
 /// A line `KEY: value` of backup_label.
 fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
     label
@@ -520,6 +552,11 @@ pub async fn push(
             "pg_backup_start (the backup role needs EXECUTE on pg_backup_start/pg_backup_stop)",
         ))?
         .get(0);
+    if facts.in_recovery {
+        // Before reading the data directory, so that such a backup fails in seconds.
+        let (start, replaying) = standby_timelines(pg).await?;
+        crosses_timelines(&id, start, replaying)?;
+    }
     tracing::info!(
         "backup {id}: started at {start_lsn}{}",
         if facts.in_recovery {
@@ -599,6 +636,11 @@ pub async fn push(
             "cannot read the backup label PostgreSQL returned: {label}"
         ))
     })?;
+    if facts.in_recovery {
+        // pg_backup_stop took its stop point from the same pg_control field, a moment before.
+        let (_, stop_timeline) = standby_timelines(pg).await?;
+        crosses_timelines(&id, timeline, stop_timeline)?;
+    }
     let stop = parse_lsn(&stop_lsn)
         .ok_or_else(|| PgError::Unexpected(format!("bad stop LSN {stop_lsn}")))?;
     let page_checks = page_findings.map(|found| found.settle(stop, &mut files));
