@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use walship::storage::fs::FsStore;
 use walship::storage::{conformance, ObjectKey, StorageError, Store};
 
@@ -24,23 +26,28 @@ async fn s3_and_directory_backends_keep_the_contract() {
 
     // A missing bucket and bad credentials are told apart from a missing object.
     let key = ObjectKey::new("wal/x").unwrap();
-    let missing = walship::storage::s3::S3Store::connect(&walship::storage::s3::S3Settings {
-        bucket: "no-such-bucket".into(),
-        prefix: String::new(),
-        region: "us-east-1".into(),
-        endpoint: Some(server.endpoint().into()),
-        path_style: true,
-        ca_bundle: None,
-        static_credentials: Some((
-            server.env["AWS_ACCESS_KEY_ID"].clone(),
-            server.env["AWS_SECRET_ACCESS_KEY"].clone(),
-        )),
-        max_attempts: 1,
-        connect_timeout: std::time::Duration::from_secs(2),
-        operation_timeout: std::time::Duration::from_secs(10),
-    })
-    .await
-    .unwrap();
+    // One attempt per request, with the server's keys unless told otherwise.
+    let connect = |bucket: &str, secret: Option<&str>, timeout: u64| {
+        let settings = walship::storage::s3::S3Settings {
+            bucket: bucket.into(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint: Some(server.endpoint().into()),
+            path_style: true,
+            ca_bundle: None,
+            static_credentials: Some((
+                server.env["AWS_ACCESS_KEY_ID"].clone(),
+                secret
+                    .unwrap_or(&server.env["AWS_SECRET_ACCESS_KEY"])
+                    .into(),
+            )),
+            max_attempts: 1,
+            connect_timeout: Duration::from_secs(2),
+            operation_timeout: Duration::from_secs(timeout),
+        };
+        async move { walship::storage::s3::S3Store::connect(&settings).await }
+    };
+    let missing = connect("no-such-bucket", None, 10).await.unwrap();
     assert!(
         matches!(missing.get(&key).await, Err(StorageError::NoBucket(_))),
         "missing bucket on get"
@@ -50,26 +57,31 @@ async fn s3_and_directory_backends_keep_the_contract() {
         "missing bucket on probe"
     );
 
-    let denied = walship::storage::s3::S3Store::connect(&walship::storage::s3::S3Settings {
-        bucket: server.bucket().into(),
-        prefix: String::new(),
-        region: "us-east-1".into(),
-        endpoint: Some(server.endpoint().into()),
-        path_style: true,
-        ca_bundle: None,
-        static_credentials: Some((
-            server.env["AWS_ACCESS_KEY_ID"].clone(),
-            "wrong-secret".into(),
-        )),
-        max_attempts: 1,
-        connect_timeout: std::time::Duration::from_secs(2),
-        operation_timeout: std::time::Duration::from_secs(10),
-    })
-    .await
-    .unwrap();
+    let denied = connect(server.bucket(), Some("wrong-secret"), 10)
+        .await
+        .unwrap();
     assert!(
         matches!(denied.get(&key).await, Err(StorageError::Denied(_))),
         "wrong secret on get"
+    );
+
+    // A server that takes a put and never answers (stopped with SIGSTOP): the put ends after
+    // the configured time per attempt, which a small body does not raise.
+    let hasty = connect(server.bucket(), None, 1).await.unwrap();
+    server.pause();
+    let started = Instant::now();
+    let put = tokio::time::timeout(
+        Duration::from_secs(60),
+        hasty.put_if_absent(&ObjectKey::new("hang").unwrap(), vec![7u8; 1000].into()),
+    )
+    .await;
+    server.resume();
+    let err = put.expect("the put ends").unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
     );
 
     // The server gone: transient, not "not found".

@@ -49,6 +49,16 @@ pub struct S3Store {
     client: aws_sdk_s3::Client,
     bucket: String,
     prefix: String,
+    /// The per-attempt timeouts, kept for puts, whose attempt time grows with the body.
+    timeouts: (Duration, Duration),
+}
+
+/// The time limit of one attempt to upload `len` bytes: the configured one, raised to 4 s per MiB
+/// (256 KiB/s) for bodies too large to send in it over a slow or shared link, so that a large
+/// part is not retried forever. A stalled transfer is caught sooner anyway: the SDK's stalled
+/// stream protection ends one that moves no bytes for its grace period (20 s).
+fn put_attempt_timeout(configured: Duration, len: usize) -> Duration {
+    configured.max(Duration::from_secs(4 * (len as u64).div_ceil(1 << 20)))
 }
 
 impl S3Store {
@@ -103,6 +113,7 @@ impl S3Store {
             client: aws_sdk_s3::Client::from_conf(conf.build()),
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
+            timeouts: (s.connect_timeout, s.operation_timeout),
         })
     }
 
@@ -451,6 +462,10 @@ impl Store for S3Store {
     ) -> Result<PutOutcome, StorageError> {
         let full = self.full(key);
         let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&body));
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(self.timeouts.0)
+            .operation_attempt_timeout(put_attempt_timeout(self.timeouts.1, body.len()))
+            .build();
         let put = |condition: Option<&str>| {
             self.client
                 .put_object()
@@ -460,6 +475,10 @@ impl Store for S3Store {
                 .checksum_sha256(&checksum)
                 .content_type("application/octet-stream")
                 .body(ByteStream::from(body.clone()))
+                .customize()
+                .config_override(
+                    aws_sdk_s3::config::Builder::new().timeout_config(timeouts.clone()),
+                )
                 .send()
         };
         let res = put(Some("*")).await;
@@ -728,6 +747,7 @@ mod tests {
             client: aws_sdk_s3::Client::from_conf(conf),
             bucket: "b".into(),
             prefix: String::new(),
+            timeouts: (Duration::from_secs(5), Duration::from_secs(120)),
         }
     }
 
@@ -822,6 +842,24 @@ mod tests {
         }
         let timeout = SdkError::<ListObjectVersionsError, HttpResponse>::timeout_error("timed out");
         assert!(s.versions_unknown("k", timeout).unwrap_err().is_transient());
+    }
+
+    #[test]
+    fn a_large_upload_gets_time_by_its_size_a_small_one_the_configured_limit() {
+        let configured = Duration::from_secs(120);
+        let mib = 1 << 20;
+        assert_eq!(put_attempt_timeout(configured, 0), configured);
+        assert_eq!(put_attempt_timeout(configured, 16 * mib), configured);
+        assert_eq!(put_attempt_timeout(configured, 30 * mib), configured);
+        assert_eq!(
+            put_attempt_timeout(configured, 30 * mib + 1),
+            Duration::from_secs(124)
+        );
+        assert_eq!(
+            put_attempt_timeout(configured, 1024 * mib),
+            Duration::from_secs(4096),
+            "a 1 GiB part over a link that gives it 256 KiB/s"
+        );
     }
 
     #[test]
