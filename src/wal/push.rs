@@ -56,6 +56,7 @@ pub struct PushReport {
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 struct AheadRecord {
     repo: String,
+    // The file's identity, field by field: serde's flatten cannot carry i128.
     size: u64,
     ino: u64,
     mtime_ns: i128,
@@ -63,16 +64,37 @@ struct AheadRecord {
     sha256: String,
 }
 
-fn file_identity(path: &Path) -> std::io::Result<(u64, u64, i128, i128)> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path)?;
-    let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
-    Ok((
-        m.len(),
-        m.ino(),
-        ns(m.mtime(), m.mtime_nsec()),
-        ns(m.ctime(), m.ctime_nsec()),
-    ))
+impl AheadRecord {
+    fn file(&self) -> FileIdentity {
+        FileIdentity {
+            size: self.size,
+            ino: self.ino,
+            mtime_ns: self.mtime_ns,
+            ctime_ns: self.ctime_ns,
+        }
+    }
+}
+
+/// What tells one file from another, or from itself rewritten.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileIdentity {
+    size: u64,
+    ino: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileIdentity {
+    fn of(m: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Self {
+            size: m.len(),
+            ino: m.ino(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        }
+    }
 }
 
 /// Check and consume a look-ahead record. True when the file was uploaded ahead and is unchanged.
@@ -84,30 +106,27 @@ fn take_ahead_record(record: &Path, file: &Path, repo_id: &str) -> bool {
     let Ok(rec) = serde_json::from_slice::<AheadRecord>(&text) else {
         return false;
     };
-    let Ok((size, ino, mtime_ns, ctime_ns)) = file_identity(file) else {
+    let Ok(now) = std::fs::metadata(file) else {
         return false;
     };
-    rec.repo == repo_id
-        && rec.size == size
-        && rec.ino == ino
-        && rec.mtime_ns == mtime_ns
-        && rec.ctime_ns == ctime_ns
+    rec.repo == repo_id && rec.file() == FileIdentity::of(&now)
 }
 
+/// Record that `name` was uploaded: its file as it was when the upload opened it, so a file
+/// rewritten while it was read does not match the record.
 fn write_ahead_record(
     dir: &Path,
     name: &str,
-    file: &Path,
+    file: FileIdentity,
     repo_id: &str,
     sha256: String,
 ) -> std::io::Result<()> {
-    let (size, ino, mtime_ns, ctime_ns) = file_identity(file)?;
     let rec = AheadRecord {
         repo: repo_id.to_string(),
-        size,
-        ino,
-        mtime_ns,
-        ctime_ns,
+        size: file.size,
+        ino: file.ino,
+        mtime_ns: file.mtime_ns,
+        ctime_ns: file.ctime_ns,
         sha256,
     };
     std::fs::create_dir_all(dir)?;
@@ -175,12 +194,15 @@ fn meta_for(h: &LongPageHeader, recipients: &Recipients) -> RepoMeta {
     }
 }
 
+/// What `push_one` did, with the sha256 of what it read and the file as it was when opened.
+struct Pushed {
+    outcome: PushOutcome,
+    sha256: String,
+    file: FileIdentity,
+}
+
 /// Push one file: checks, encode on a blocking thread, conditional put.
-async fn push_one(
-    ctx: &PushContext,
-    path: &Path,
-    name: &WalFileName,
-) -> Result<(PushOutcome, String), WalError> {
+async fn push_one(ctx: &PushContext, path: &Path, name: &WalFileName) -> Result<Pushed, WalError> {
     let is_wal = matches!(name.kind(), WalFileKind::Segment | WalFileKind::Partial);
     let read_meta;
     let meta: Option<&RepoMeta> = if is_wal {
@@ -217,6 +239,10 @@ async fn push_one(
         }
     }
     let file = std::fs::File::open(path).map_err(|e| WalError::local("cannot open", path, e))?;
+    let identity = file
+        .metadata()
+        .map(|m| FileIdentity::of(&m))
+        .map_err(|e| WalError::local("cannot stat", path, e))?;
     let recipients = ctx.recipients.clone();
     let level = ctx.compression_level;
     let p = path.to_path_buf();
@@ -230,13 +256,17 @@ async fn push_one(
     .await
     .expect("encode task does not panic")
     .map_err(|source| WalError::Encode { path: p, source })?;
-    let sha = enc.header.sha256_hex();
+    let sha256 = enc.header.sha256_hex();
     let key = repo::wal_key(name);
     let outcome = match ctx.archive.put_unless_archived(&key, enc).await? {
         Stored::Created { stored_bytes, .. } => PushOutcome::Uploaded { stored_bytes },
         Stored::AlreadyThere => PushOutcome::AlreadyArchived,
     };
-    Ok((outcome, sha))
+    Ok(Pushed {
+        outcome,
+        sha256,
+        file: identity,
+    })
 }
 
 /// Refuse a history or backup-history file from a server that is not the repository's cluster,
@@ -428,10 +458,14 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
         tasks.spawn(async move {
             let _permit = sem.acquire_owned().await.expect("semaphore open");
             let res = push_one(&ctx, &file, &n).await;
-            if let Ok((_, sha)) = &res {
-                if let Err(e) =
-                    write_ahead_record(&records, n.as_str(), &file, &ctx.repo_id, sha.clone())
-                {
+            if let Ok(done) = &res {
+                if let Err(e) = write_ahead_record(
+                    &records,
+                    n.as_str(),
+                    done.file,
+                    &ctx.repo_id,
+                    done.sha256.clone(),
+                ) {
                     return (
                         n,
                         Err(WalError::local(
@@ -442,7 +476,7 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
                     );
                 }
             }
-            (n, res.map(|(o, _)| o))
+            (n, res.map(|done| done.outcome))
         });
     }
     let own_started = Instant::now();
@@ -484,7 +518,7 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
             Err(e) => tracing::debug!("look-ahead upload of {n} failed: {e}"),
         }
     }
-    let (outcome, _) = own.map_err(|e| timeline_taken(&name, e))?;
+    let outcome = own.map_err(|e| timeline_taken(&name, e))?.outcome;
     let spool = super::spool::Spool::new(
         &state_dir(ctx.settings.state_dir.as_deref(), &pg_wal),
         &ctx.repo_id,
@@ -668,29 +702,33 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = seg(dir.path(), "000000010000000000000003", 42);
         let rec = dir.path().join("rec");
-        write_ahead_record(&rec, "000000010000000000000003", &p, "repo-a", "x".into()).unwrap();
+        let record = rec.join("000000010000000000000003");
+        let opened = || FileIdentity::of(&std::fs::metadata(&p).unwrap());
+        let write = |file| {
+            write_ahead_record(&rec, "000000010000000000000003", file, "repo-a", "x".into())
+                .unwrap()
+        };
+        write(opened());
         assert!(
-            !take_ahead_record(&rec.join("000000010000000000000003"), &p, "repo-b"),
+            !take_ahead_record(&record, &p, "repo-b"),
             "other repository"
         );
-        write_ahead_record(&rec, "000000010000000000000003", &p, "repo-a", "x".into()).unwrap();
-        assert!(take_ahead_record(
-            &rec.join("000000010000000000000003"),
-            &p,
-            "repo-a"
-        ));
-        assert!(
-            !rec.join("000000010000000000000003").exists(),
-            "a record is used once"
-        );
-        write_ahead_record(&rec, "000000010000000000000003", &p, "repo-a", "x".into()).unwrap();
+        write(opened());
+        assert!(take_ahead_record(&record, &p, "repo-a"));
+        assert!(!record.exists(), "a record is used once");
+        write(opened());
         std::fs::remove_file(&p).unwrap();
         seg(dir.path(), "000000010000000000000003", 43); // replaced by another file
-        assert!(!take_ahead_record(
-            &rec.join("000000010000000000000003"),
-            &p,
-            "repo-a"
-        ));
+        assert!(!take_ahead_record(&record, &p, "repo-a"));
+        // Rewritten in place while its upload read it: the record holds the file as the upload
+        // opened it, which no longer matches.
+        let before = opened();
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let mut f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+        std::io::Write::write_all(&mut f, b"x").unwrap();
+        drop(f);
+        write(before);
+        assert!(!take_ahead_record(&record, &p, "repo-a"));
     }
 
     #[test]
