@@ -439,26 +439,36 @@ fn id_of(rfc: &str) -> String {
 
 /// On a standby: the timeline of its last restartpoint (where a backup started now starts) and
 /// the timeline its minimum recovery point is on (where a backup stopped now stops), both from
-/// pg_control as pg_backup_start and pg_backup_stop read them.
+/// pg_control as pg_backup_start and pg_backup_stop read them. The SQL functions read the file
+/// without PostgreSQL's lock and fail on a copy torn by a concurrent rewrite: asked up to three
+/// times.
 async fn standby_timelines(pg: &Client) -> Result<(u32, u32), BackupError> {
-    let row = pg
-        .query_one(
-            "SELECT c.timeline_id, r.min_recovery_end_timeline \
-               FROM pg_control_checkpoint() c, pg_control_recovery() r",
-            &[],
-        )
-        .await
-        .map_err(PgError::query("reading pg_control's timelines"))?;
+    let mut tries = 0;
+    let row = loop {
+        tries += 1;
+        match pg
+            .query_one(
+                "SELECT c.timeline_id, r.min_recovery_end_timeline \
+                   FROM pg_control_checkpoint() c, pg_control_recovery() r",
+                &[],
+            )
+            .await
+        {
+            Ok(row) => break row,
+            Err(_) if tries < 3 => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => return Err(PgError::query("reading pg_control's timelines")(e).into()),
+        }
+    };
     Ok((row.get::<_, i32>(0) as u32, row.get::<_, i32>(1) as u32))
 }
 
 /// A standby backup whose WAL would cross from timeline `start` to `stop`: the upstream was
 /// promoted during the backup, or shortly before it and the standby has made no restartpoint on
-/// the new timeline since. Refused, as pgBackRest and WAL-G do: such a backup's end lies on
-/// another timeline than its start, which its stop segment and restore's choice of backups do not
-/// follow.
+/// the new timeline since. Refused: such a backup's end lies on another timeline than its start,
+/// which its stop segment and restore's choice of backups do not follow. A `stop` of 0 is a
+/// server no longer in recovery (promoted before the backup started: a primary's backup then).
 fn crosses_timelines(id: &str, start: u32, stop: u32) -> Result<(), BackupError> {
-    if stop == start {
+    if stop == start || stop == 0 {
         return Ok(());
     }
     Err(BackupError::TimelineSwitched(format!(
