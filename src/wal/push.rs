@@ -365,9 +365,11 @@ fn timeline_taken(name: &WalFileName, e: WalError) -> WalError {
 }
 
 /// How long uploads ahead may go without one finishing, once PostgreSQL's own file is done: four
-/// times what that file took (a slow link is not a stall), and never under 30 s.
-fn ahead_stall_limit(own_took: Duration) -> Duration {
-    (own_took * 4).max(Duration::from_secs(30))
+/// times what that file took (a slow link is not a stall), and never less than a segment of
+/// `segment_bytes` takes at 256 KiB/s (S3 puts get as long: 64 s for 16 MiB) or 30 s.
+fn ahead_stall_limit(own_took: Duration, segment_bytes: u64) -> Duration {
+    let slow_link = Duration::from_secs(4 * segment_bytes.div_ceil(1 << 20));
+    (own_took * 4).max(slow_link).max(Duration::from_secs(30))
 }
 
 /// The name PostgreSQL gave (%p's file name), validated.
@@ -481,7 +483,8 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     }
     let own_started = Instant::now();
     let own = push_one(&ctx, path, &name).await;
-    let stall = ahead_stall_limit(own_started.elapsed());
+    let segment_bytes = ctx.meta.get().map_or(16 << 20, |m| m.wal_segment_size);
+    let stall = ahead_stall_limit(own_started.elapsed(), segment_bytes);
     drop(own_permit);
     if own.is_err() {
         // Refused (another cluster, a taken name) or failing: uploads ahead of a file PostgreSQL
@@ -498,10 +501,10 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
             Ok(None) => break,
             Err(_) => {
                 tracing::warn!(
-                    "{} look-ahead uploads made no progress for {} s after {name} was archived; \
-                     stopped them (PostgreSQL's own calls will push those files)",
-                    tasks.len(),
-                    stall.as_secs()
+                    "look-ahead made no progress for {} s after {name} was archived; stopped \
+                     its {} unfinished uploads (PostgreSQL's own calls will push those files)",
+                    stall.as_secs(),
+                    tasks.len()
                 );
                 tasks.abort_all();
                 continue;
@@ -612,12 +615,19 @@ mod tests {
             meta: OnceCell::new(),
         });
         let started = tokio::time::Instant::now();
-        let report = push(ctx.clone(), &pg_wal.join(names[0])).await.unwrap();
+        let report = tokio::time::timeout(
+            Duration::from_secs(3600),
+            push(ctx.clone(), &pg_wal.join(names[0])),
+        )
+        .await
+        .expect("the stall limit ends the wait, not the stalled upload")
+        .unwrap();
         let waited = started.elapsed();
         assert_eq!(report.ahead_uploaded, [names[1]]);
+        // 16 MiB segments at 256 KiB/s.
         assert!(
-            waited >= Duration::from_secs(30) && waited < Duration::from_secs(60),
-            "returned after {waited:?}: the stall limit, not the stalled upload"
+            waited >= Duration::from_secs(64) && waited < Duration::from_secs(100),
+            "returned after {waited:?}"
         );
         // The stalled file was not recorded as pushed: PostgreSQL's call for it pushes it.
         assert!(uploaded_ahead(
