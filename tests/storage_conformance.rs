@@ -83,6 +83,21 @@ async fn s3_and_directory_backends_keep_the_contract() {
         "{:?}",
         started.elapsed()
     );
+    // A 3 MiB body gets 12 s (4 s per MiB), not the configured 1 s.
+    server.pause();
+    let started = Instant::now();
+    let put = tokio::time::timeout(
+        Duration::from_secs(60),
+        hasty.put_if_absent(&ObjectKey::new("hang").unwrap(), vec![7u8; 3 << 20].into()),
+    )
+    .await;
+    server.resume();
+    assert!(put.expect("the put ends").unwrap_err().is_transient());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(11) && took < Duration::from_secs(30),
+        "{took:?}"
+    );
 
     // The server gone: transient, not "not found".
     server.kill();

@@ -55,8 +55,9 @@ pub struct S3Store {
 
 /// The time limit of one attempt to upload `len` bytes: the configured one, raised to 4 s per MiB
 /// (256 KiB/s) for bodies too large to send in it over a slow or shared link, so that a large
-/// part is not retried forever. A stalled transfer is caught sooner anyway: the SDK's stalled
-/// stream protection ends one that moves no bytes for its grace period (20 s).
+/// part is not retried forever. The cost: a stalled upload of a large body is given up only then.
+/// The SDK's stalled stream protection does not help here: it watches how fast the body is
+/// handed over, and a body in memory is handed over at once.
 fn put_attempt_timeout(configured: Duration, len: usize) -> Duration {
     configured.max(Duration::from_secs(4 * (len as u64).div_ceil(1 << 20)))
 }
