@@ -28,23 +28,13 @@ async fn s3_and_directory_backends_keep_the_contract() {
     let key = ObjectKey::new("wal/x").unwrap();
     // One attempt per request, with the server's keys unless told otherwise.
     let connect = |bucket: &str, secret: Option<&str>, timeout: u64| {
-        let settings = walship::storage::s3::S3Settings {
-            bucket: bucket.into(),
-            prefix: String::new(),
-            region: "us-east-1".into(),
-            endpoint: Some(server.endpoint().into()),
-            path_style: true,
-            ca_bundle: None,
-            static_credentials: Some((
-                server.env["AWS_ACCESS_KEY_ID"].clone(),
-                secret
-                    .unwrap_or(&server.env["AWS_SECRET_ACCESS_KEY"])
-                    .into(),
-            )),
-            max_attempts: 1,
-            connect_timeout: Duration::from_secs(2),
-            operation_timeout: Duration::from_secs(timeout),
-        };
+        let mut settings = server.settings("");
+        settings.bucket = bucket.into();
+        if let Some(secret) = secret {
+            settings.static_credentials.as_mut().unwrap().1 = secret.into();
+        }
+        settings.max_attempts = 1;
+        settings.operation_timeout = Duration::from_secs(timeout);
         async move { walship::storage::s3::S3Store::connect(&settings).await }
     };
     let missing = connect("no-such-bucket", None, 10).await.unwrap();

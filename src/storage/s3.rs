@@ -463,12 +463,19 @@ impl Store for S3Store {
     ) -> Result<PutOutcome, StorageError> {
         let full = self.full(key);
         let checksum = base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&body));
-        let timeouts = TimeoutConfig::builder()
-            .connect_timeout(self.timeouts.0)
-            .operation_attempt_timeout(put_attempt_timeout(self.timeouts.1, body.len()))
-            .build();
+        // Only a body too large for the configured limit gets a request-level override.
+        let (connect, configured) = self.timeouts;
+        let longer = Some(put_attempt_timeout(configured, body.len()))
+            .filter(|&t| t > configured)
+            .map(|t| {
+                TimeoutConfig::builder()
+                    .connect_timeout(connect)
+                    .operation_attempt_timeout(t)
+                    .build()
+            });
         let put = |condition: Option<&str>| {
-            self.client
+            let op = self
+                .client
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
@@ -476,11 +483,14 @@ impl Store for S3Store {
                 .checksum_sha256(&checksum)
                 .content_type("application/octet-stream")
                 .body(ByteStream::from(body.clone()))
-                .customize()
-                .config_override(
-                    aws_sdk_s3::config::Builder::new().timeout_config(timeouts.clone()),
-                )
-                .send()
+                .customize();
+            match &longer {
+                Some(t) => {
+                    op.config_override(aws_sdk_s3::config::Builder::new().timeout_config(t.clone()))
+                }
+                None => op,
+            }
+            .send()
         };
         let res = put(Some("*")).await;
         match res {

@@ -165,7 +165,14 @@ impl S3Server {
 
     /// A store talking to this server directly, for tests that tamper with the bucket.
     pub async fn store(&self, prefix: &str) -> walship::storage::s3::S3Store {
-        walship::storage::s3::S3Store::connect(&walship::storage::s3::S3Settings {
+        walship::storage::s3::S3Store::connect(&self.settings(prefix))
+            .await
+            .expect("connect to test S3 server")
+    }
+
+    /// The settings of `store`, for tests that change some of them.
+    pub fn settings(&self, prefix: &str) -> walship::storage::s3::S3Settings {
+        walship::storage::s3::S3Settings {
             bucket: self.bucket().to_string(),
             prefix: if prefix.is_empty() {
                 String::new()
@@ -183,9 +190,7 @@ impl S3Server {
             max_attempts: 2,
             connect_timeout: Duration::from_secs(2),
             operation_timeout: Duration::from_secs(30),
-        })
-        .await
-        .expect("connect to test S3 server")
+        }
     }
 }
 
