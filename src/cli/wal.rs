@@ -96,6 +96,10 @@ pub async fn fetch(
     if started {
         report.start_prefetcher = None;
     }
+    let pid_file = Path::new("postmaster.pid");
+    if pid_file.is_file() {
+        fetch::note_history(&cfg.wal, &cfg.repo_url, &name, dest, pid_file);
+    }
     finish_fetch(global, cfg, &name, report);
     Ok(())
 }

@@ -22,48 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A timeline's ancestry from its history file: `(ancestor, LSN where the next timeline forked
-/// from it)`, oldest first. The last entry is the direct parent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct History {
-    pub timeline: u32,
-    pub forks: Vec<(u32, u64)>,
-}
-
-impl History {
-    /// Parse PostgreSQL's history file format: `parentTLI <tab> switchpoint <tab> reason` per
-    /// line, `#` comments and blank lines allowed.
-    pub fn parse(timeline: u32, text: &str) -> Result<Self, String> {
-        let mut forks = Vec::new();
-        for line in text.lines() {
-            let line = line.trim();
-            if line.is_empty() || line.starts_with('#') {
-                continue;
-            }
-            let mut fields = line.split_whitespace();
-            let bad = || format!("history file of timeline {timeline}: bad line '{line}'");
-            let parent: u32 = fields.next().and_then(|f| f.parse().ok()).ok_or_else(bad)?;
-            let at = fields
-                .next()
-                .and_then(crate::wal::name::parse_lsn)
-                .ok_or_else(bad)?;
-            if parent >= timeline || forks.last().is_some_and(|&(p, _)| p >= parent) {
-                return Err(bad());
-            }
-            forks.push((parent, at));
-        }
-        if forks.is_empty() {
-            return Err(format!(
-                "history file of timeline {timeline} names no parent"
-            ));
-        }
-        Ok(Self { timeline, forks })
-    }
-
-    fn parent(&self) -> (u32, u64) {
-        *self.forks.last().expect("parse refuses an empty history")
-    }
-}
+pub use crate::wal::history::History;
 
 /// A step along the path: `timeline` forked from `parent` at `fork_lsn`, where the parent's
 /// archived WAL ends.
@@ -356,21 +315,6 @@ mod tests {
 
     fn timelines(p: &WalPath) -> Vec<u32> {
         p.steps.iter().map(|s| s.timeline).collect()
-    }
-
-    #[test]
-    fn parses_postgresqls_history_files() {
-        let h = History::parse(
-            3,
-            "1\t0/3000198\tno recovery target specified\n\n2\t0/5A000028\tbefore 2026-11-24 12:45:00+00\n",
-        )
-        .unwrap();
-        assert_eq!(h.forks, vec![(1, 0x3000198), (2, 0x5A000028)]);
-        assert_eq!(h.parent(), (2, 0x5A000028));
-        assert!(History::parse(2, "# nothing\n").is_err());
-        assert!(History::parse(2, "2\t0/3000000\tself\n").is_err());
-        assert!(History::parse(3, "2\t0/1\tx\n1\t0/2\ty\n").is_err());
-        assert!(History::parse(2, "1\tnot-an-lsn\tx\n").is_err());
     }
 
     #[test]

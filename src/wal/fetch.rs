@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::name::{format_lsn, WalFileKind, WalFileName};
-use super::spool::Spool;
+use super::spool::{ServerWatch, Spool};
 use super::{parent_dir, state_dir, HeaderMismatch, WalError};
 use crate::archive::{self, Archive, ArchiveError, Durability};
 use crate::codec::Identities;
@@ -32,6 +32,9 @@ use crate::storage::StorageError;
 
 /// The file name PostgreSQL's recovery restores segments to.
 pub const RECOVERY_TARGET_NAME: &str = "RECOVERYXLOG";
+
+/// The file name PostgreSQL's recovery restores timeline history files to.
+const RECOVERY_HISTORY_NAME: &str = "RECOVERYHISTORY";
 
 /// How long a call waits for a segment the prefetcher is downloading before it downloads the
 /// segment itself. Downloading it twice would take CPU and bandwidth from the prefetcher.
@@ -159,6 +162,32 @@ pub async fn fetch(
         spool_for(&ctx.settings, &ctx.repo_id, dest),
         FetchOutcome::Downloaded,
     ))
+}
+
+/// After recovery fetched a timeline history file (PostgreSQL restores those to
+/// `pg_wal/RECOVERYHISTORY`): tell the prefetcher, so that past a fork point it prefetches the
+/// segments recovery reads from the new timeline, not the old timeline's. `pid_file` is the
+/// server's `postmaster.pid`. Quiet on failure: prefetching is an optimisation, and the call's
+/// own outcome says enough.
+pub fn note_history(
+    settings: &WalSettings,
+    repo_id: &str,
+    name: &WalFileName,
+    dest: &Path,
+    pid_file: &Path,
+) {
+    let from_recovery = dest.file_name().and_then(|n| n.to_str()) == Some(RECOVERY_HISTORY_NAME);
+    if settings.prefetch == 0 || name.kind() != WalFileKind::History || !from_recovery {
+        return;
+    }
+    let spool = spool_for(settings, repo_id, dest);
+    let noted = ServerWatch::new(pid_file).and_then(|server| {
+        let text = std::fs::read_to_string(dest)?;
+        spool.note_history(server.identity(), name.timeline(), &text)
+    });
+    if let Err(e) = noted {
+        tracing::debug!("cannot tell the prefetcher about {name}: {e}");
+    }
 }
 
 /// Whether `name` is a file that starts with a WAL long page header: segments and `.partial`
@@ -480,6 +509,106 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_dir(&pg_wal).unwrap().count(), 0);
+    }
+
+    /// Recovery that follows timeline 2 (it fetched 00000002.history) reads the segment holding
+    /// the fork point, and those after it, from timeline 2: the prefetcher spools those, not
+    /// timeline 1's copies, which the old primary may have archived past the fork, nor those of
+    /// a newer timeline that forked before recovery's position.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_prefetcher_follows_the_history_recovery_fetched_past_the_fork() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store_dir, data) = (dir.path().join("repo"), dir.path().join("data"));
+        let pg_wal = data.join("pg_wal");
+        std::fs::create_dir_all(&store_dir).unwrap();
+        std::fs::create_dir_all(&pg_wal).unwrap();
+        let pid_file = data.join("postmaster.pid");
+        std::fs::write(&pid_file, "4242\n/data\n1700000000\n5432\n").unwrap();
+        let store = Arc::new(Faulty::failing(&store_dir, 0, false));
+        let first = WalFileName::parse("000000010000000000000002").unwrap();
+        let mut ctx = holding(store, &first).await;
+        ctx.settings = settings(3);
+        let seg = |name: &str| WalFileName::parse(name).unwrap();
+        // Timeline 2 forked inside segment 3; timeline 1 went on being archived past it. A
+        // drill restored to segment 1 promoted timeline 3 and archived into the repository too.
+        for name in [
+            "000000010000000000000003",
+            "000000010000000000000004",
+            "000000020000000000000003",
+            "000000020000000000000004",
+            "000000020000000000000005",
+            "000000030000000000000003",
+            "000000030000000000000004",
+            "000000030000000000000005",
+        ] {
+            let name = seg(name);
+            let enc = crate::codec::encode(&segment(7, &name)[..], &ctx.identities.recipients(), 1)
+                .unwrap();
+            ctx.archive.put(&repo::wal_key(&name), enc).await.unwrap();
+        }
+        let history = pg_wal.join("RECOVERYHISTORY");
+        std::fs::write(&history, "1\t0/3000198\tno recovery target specified\n").unwrap();
+        let (settings, repo_id) = (ctx.settings.clone(), ctx.repo_id.clone());
+        // Restored somewhere else than RECOVERYHISTORY (by hand, by pg_rewind): not noted.
+        let elsewhere = pg_wal.join("00000002.history");
+        std::fs::copy(&history, &elsewhere).unwrap();
+        note_history(
+            &settings,
+            &repo_id,
+            &seg("00000002.history"),
+            &elsewhere,
+            &pid_file,
+        );
+        let dest = pg_wal.join(RECOVERY_TARGET_NAME);
+        let spool = spool_for(&settings, &repo_id, &dest);
+        let followed = || {
+            let at = first.segment().unwrap();
+            spool
+                .followed("4242 1700000000", &at, SEG_SIZE)
+                .map(|h| h.timeline)
+        };
+        assert_eq!(followed(), None);
+        let noted = |name: &str| note_history(&settings, &repo_id, &seg(name), &history, &pid_file);
+        noted("00000002.history");
+        assert_eq!(followed(), Some(2));
+        // The drill's history, which a standby following 'latest' fetches and rejects.
+        std::fs::write(&history, "1\t0/1800000\trestore drill\n").unwrap();
+        noted("00000003.history");
+        assert_eq!(followed(), Some(2));
+        spool.set_want(first.as_str()).unwrap();
+
+        let lock = spool.lock_for_prefetcher().unwrap().expect("lock is free");
+        let server = ServerWatch::new(&pid_file).unwrap();
+        let prefetcher = tokio::spawn(crate::wal::spool::run_prefetcher(
+            Arc::new(ctx),
+            spool_for(&settings, &repo_id, &dest),
+            lock,
+            server,
+        ));
+        let take = |name: &str| {
+            let since = std::time::Instant::now();
+            while since.elapsed() < Duration::from_secs(30) {
+                if spool.take(name, &dest) {
+                    return std::fs::read(&dest).unwrap();
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            panic!("{name} never reached the spool");
+        };
+        for name in ["000000020000000000000003", "000000020000000000000004"] {
+            assert_eq!(take(name), segment(7, &seg(name)));
+            spool.set_want(name).unwrap();
+        }
+        assert_eq!(
+            take("000000020000000000000005"),
+            segment(7, &seg("000000020000000000000005"))
+        );
+        std::fs::remove_file(&pid_file).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), prefetcher)
+            .await
+            .expect("the prefetcher stops with its server")
+            .unwrap()
+            .unwrap();
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! prefetch spool. Talks to storage only through `Archive`.
 
 pub mod fetch;
+pub mod history;
 pub mod name;
 pub mod push;
 pub mod spool;

@@ -6,7 +6,10 @@
 //! for one repository can never take another's segment, not even one a prefetcher for the old
 //! repository renames in after `restore_command` was changed mid-recovery), `.repo` (the repository
 //! the spool works for now), `.boot` (the kernel boot id its segments were written under), `.want`
-//! (the last segment recovery asked for, written by `wal-fetch`), `.lock` (held by the one running
+//! (the last segment recovery asked for, written by `wal-fetch`), `.histories` (the timeline
+//! history files `wal-fetch` restored for recovery, with the server run they were for: past a fork
+//! point the prefetcher takes the segments from the new timeline, as recovery will), `.lock` (held
+//! by the one running
 //! prefetcher), `.<name>.<repo tag>.inflight` (the prefetcher is downloading that segment: a
 //! `wal-fetch` for it waits instead of downloading it a second time),
 //! `.<name>.<repo tag>.walship-tmp.*` (decodes in progress, ignored and cleaned). Files whose
@@ -35,7 +38,8 @@ use tokio::sync::Semaphore;
 use sha2::{Digest, Sha256};
 
 use super::fetch::{check_restored, FetchContext};
-use super::name::{WalFileKind, WalFileName};
+use super::history::History;
+use super::name::{SegmentId, WalFileKind, WalFileName};
 use super::WalError;
 use crate::archive::{ArchiveError, Durability};
 use crate::repo;
@@ -134,8 +138,8 @@ impl Spool {
 
     /// Remove what earlier prefetchers left: spooled segments (of any repository), in-flight
     /// markers and temp files. Keeps the markers, which say what the spool is for and where
-    /// recovery is: `.lock`, `.repo`, `.boot`, and `.want` (with the `.want.tmp` a `wal-fetch`
-    /// may be writing right now).
+    /// recovery is: `.lock`, `.repo`, `.boot`, `.histories` and `.want` (with the `.want.tmp` and
+    /// `.histories.tmp` a `wal-fetch` may be writing right now).
     fn clear_left_behind(&self) {
         for e in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
             let n = e.file_name();
@@ -148,6 +152,15 @@ impl Spool {
 
     /// Tell the prefetcher where recovery is. Creates the spool for this repository if needed.
     pub fn set_want(&self, name: &str) -> io::Result<()> {
+        self.claim()?;
+        let tmp = self.dir.join(".want.tmp");
+        fs::write(&tmp, name)?;
+        fs::rename(tmp, self.dir.join(".want"))
+    }
+
+    /// Make the spool work for this repository during this boot, emptying it if it worked for
+    /// another (or before a reboot).
+    fn claim(&self) -> io::Result<()> {
         fs::create_dir_all(&self.dir)?;
         if !self.valid() {
             let boot = boot_id().ok_or_else(|| {
@@ -157,12 +170,55 @@ impl Spool {
                 )
             })?;
             self.clear()?;
+            let _ = fs::remove_file(self.dir.join(HISTORIES_MARKER));
             fs::write(self.dir.join(".repo"), &self.repo_id)?;
             fs::write(self.dir.join(".boot"), boot)?;
         }
-        let tmp = self.dir.join(".want.tmp");
-        fs::write(&tmp, name)?;
-        fs::rename(tmp, self.dir.join(".want"))
+        Ok(())
+    }
+
+    /// Tell the prefetcher about a timeline history file, of `timeline`, that the recovery of
+    /// `server` (see `ServerWatch::identity`) just fetched. Every one fetched during that run of
+    /// the server is kept: PostgreSQL fetches its target timeline's at the start (with 'latest'
+    /// after those of the timelines it looks past, and later those of the older timelines
+    /// between the checkpoint's and the target), and a standby following 'latest' those of
+    /// timelines that appear later, some of which it rejects (a restore drill's, forked before
+    /// the point it replayed to). `followed` picks the one recovery follows.
+    pub fn note_history(&self, server: &str, timeline: u32, text: &str) -> io::Result<()> {
+        self.claim()?;
+        let mut noted = self
+            .noted_histories(server)
+            .unwrap_or_else(|| NotedHistories {
+                server: server.to_string(),
+                histories: Default::default(),
+            });
+        noted.histories.insert(timeline, text.to_string());
+        let json = serde_json::to_vec(&noted).map_err(io::Error::other)?;
+        let tmp = self.dir.join(format!("{HISTORIES_MARKER}.tmp"));
+        fs::write(&tmp, json)?;
+        fs::rename(tmp, self.dir.join(HISTORIES_MARKER))
+    }
+
+    /// What `note_history` kept for `server`.
+    fn noted_histories(&self, server: &str) -> Option<NotedHistories> {
+        let text = fs::read(self.dir.join(HISTORIES_MARKER)).ok()?;
+        serde_json::from_slice::<NotedHistories>(&text)
+            .ok()
+            .filter(|n| n.server == server)
+    }
+
+    /// The history recovery of `server` follows, now that it reads segment `at`: of the history
+    /// files it fetched, the newest whose timelines `at` lies on and whose next fork is not
+    /// behind `at` (PostgreSQL rejects a timeline that forked before the point it replayed to).
+    /// `None` when there is none: recovery stays on its timeline.
+    pub fn followed(&self, server: &str, at: &SegmentId, seg_size: u64) -> Option<History> {
+        let noted = self.noted_histories(server)?;
+        noted
+            .histories
+            .iter()
+            .rev()
+            .filter_map(|(&timeline, text)| History::parse(timeline, text).ok())
+            .find(|h| h.still_ahead(at.timeline, at.segno(seg_size), seg_size))
     }
 
     /// The segment recovery asked for last.
@@ -207,7 +263,9 @@ impl Spool {
         }
     }
 
-    /// Remove every spooled segment and temp file (not the lock or the repository marker).
+    /// Remove every spooled segment, temp file and `.want` (not the lock, the markers of what the
+    /// spool is for, or the history files recovery fetched: PostgreSQL fetched them before the
+    /// first segment, and does not fetch them again when a prefetcher that went idle starts anew).
     pub fn clear(&self) -> io::Result<()> {
         let entries = match fs::read_dir(&self.dir) {
             Ok(e) => e,
@@ -217,7 +275,9 @@ impl Spool {
         for e in entries.flatten() {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if n != ".lock" && n != ".repo" && n != ".boot" {
+            if ![".lock", ".repo", ".boot"].contains(&n.as_ref())
+                && !n.starts_with(HISTORIES_MARKER)
+            {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -233,7 +293,7 @@ impl Spool {
     pub fn sweep_abandoned(&self) -> (usize, u64) {
         // Markers, not leftovers: `.want` is written by every call from recovery, also in the
         // moment before the prefetcher it starts takes the lock.
-        const MARKERS: [&str; 4] = [".lock", ".repo", ".boot", ".want"];
+        const MARKERS: [&str; 5] = [".lock", ".repo", ".boot", ".want", HISTORIES_MARKER];
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return (0, 0);
         };
@@ -271,6 +331,16 @@ impl Spool {
     }
 }
 
+/// The history files recovery fetched (see `Spool::note_history`).
+const HISTORIES_MARKER: &str = ".histories";
+
+/// The history files one run of the server fetched during recovery, by timeline.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct NotedHistories {
+    server: String,
+    histories: std::collections::BTreeMap<u32, String>,
+}
+
 /// The kernel's id of this boot (Linux); changes with every restart of the machine.
 fn boot_id() -> Option<String> {
     fs::read_to_string("/proc/sys/kernel/random/boot_id")
@@ -283,6 +353,7 @@ fn boot_id() -> Option<String> {
 pub struct ServerWatch {
     pid_file: PathBuf,
     pid: String,
+    identity: String,
 }
 
 fn first_line(path: &Path) -> io::Result<String> {
@@ -296,10 +367,21 @@ fn first_line(path: &Path) -> io::Result<String> {
 
 impl ServerWatch {
     pub fn new(pid_file: &Path) -> io::Result<Self> {
+        let text = fs::read_to_string(pid_file)?;
+        let mut lines = text.lines().map(str::trim);
+        let pid = lines.next().unwrap_or("").to_string();
+        // The third line is the server's start time: a pid can come round again.
+        let started = lines.nth(1).unwrap_or("");
         Ok(Self {
             pid_file: pid_file.to_path_buf(),
-            pid: first_line(pid_file)?,
+            identity: format!("{pid} {started}"),
+            pid,
         })
+    }
+
+    /// Tells this run of the server from any other: its pid and start time.
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// The server's pg_wal, where recovery's `restore_command` places segments.
@@ -361,6 +443,7 @@ pub async fn run_prefetcher(
     // into the spool after the spool was emptied.
     let decoding = Arc::new(());
     let mut short_of_space = false;
+    let mut followed: Option<u32> = None;
     loop {
         let want = spool.want();
         if want != last_want {
@@ -380,9 +463,15 @@ pub async fn run_prefetcher(
             finished(done, &mut in_flight, &mut spooled, &mut end_seen);
         }
         if let Some(id) = want.as_ref().and_then(|w| w.segment()) {
-            let window: Vec<String> = (1..=depth)
-                .map(|i| id.advance(i, seg_size).file_name().to_string())
-                .collect();
+            let history = spool.followed(server.identity(), &id, seg_size);
+            let follows = history.as_ref().map(|h| h.timeline);
+            if follows != followed {
+                followed = follows;
+                if let Some(t) = follows {
+                    tracing::info!("recovery follows timeline {t}: prefetching along its history");
+                }
+            }
+            let window = window(&id, depth, seg_size, history.as_ref());
             let files: Vec<String> = window.iter().map(|n| spool.file_name(n)).collect();
             for stale in spool.entries().into_iter().filter(|e| !files.contains(e)) {
                 let _ = fs::remove_file(spool.dir().join(stale));
@@ -478,6 +567,23 @@ pub async fn run_prefetcher(
     spool.clear()?;
     drop(lock);
     Ok(())
+}
+
+/// The names of the `depth` segments recovery reads after `want`: on `want`'s timeline, or, where
+/// recovery follows a timeline's `history`, on the timeline it says each segment is read from
+/// (past a fork point, the child's).
+fn window(want: &SegmentId, depth: u64, seg_size: u64, history: Option<&History>) -> Vec<String> {
+    let (current, first) = (want.timeline, want.segno(seg_size));
+    (first + 1..=first + depth)
+        .map(|segno| {
+            let timeline = history
+                .and_then(|h| h.timeline_of_segment(current, segno, seg_size))
+                .unwrap_or(current);
+            SegmentId::from_segno(timeline, segno, seg_size)
+                .file_name()
+                .to_string()
+        })
+        .collect()
 }
 
 /// Bytes an unprivileged writer may still use on the filesystem holding `dir`; `None` when the
@@ -699,6 +805,87 @@ mod tests {
     }
 
     #[test]
+    fn recovery_follows_the_newest_history_it_fetched_and_can_still_switch_to() {
+        const SEG: u64 = 16 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path(), "repo-a");
+        let at = |name: &str| WalFileName::parse(name).unwrap().segment().unwrap();
+        let (run, restarted) = ("100 1700000000", "100 1700000099");
+        let followed =
+            |server: &str, name: &str| spool.followed(server, &at(name), SEG).map(|h| h.timeline);
+        // Timeline 2 forked from 1 in segment 5; a drill's timeline 3 forked from 1 in segment 3.
+        let (h2, h3) = ("1\t0/5000198\tx\n", "1\t0/3000000\tdrill\n");
+        spool.note_history(run, 2, h2).unwrap();
+        assert!(spool.valid(), "noting claims the spool for the repository");
+        assert_eq!(followed(run, "000000010000000000000002"), Some(2));
+        // Fetched later, newer, but forked before where recovery is: PostgreSQL rejects it.
+        spool.note_history(run, 3, h3).unwrap();
+        assert_eq!(followed(run, "000000010000000000000004"), Some(2));
+        // Had recovery been before the drill's fork, it would have followed timeline 3.
+        assert_eq!(followed(run, "000000010000000000000003"), Some(3));
+        // Past timeline 2's fork on timeline 1: neither (recovery stays on timeline 1).
+        assert_eq!(followed(run, "000000010000000000000006"), None);
+        // On timeline 2: its own history.
+        assert_eq!(followed(run, "000000020000000000000009"), Some(2));
+        // Another run of the server (restarted: another start time) never sees them.
+        assert_eq!(followed(restarted, "000000010000000000000002"), None);
+        spool.note_history(restarted, 3, h3).unwrap();
+        assert_eq!(followed(restarted, "000000010000000000000002"), Some(3));
+        assert_eq!(followed(run, "000000010000000000000002"), None);
+        // Kept while prefetchers come and go (PostgreSQL fetched it before the first segment).
+        spool.clear().unwrap();
+        drop(spool.lock_for_prefetcher().unwrap().expect("lock is free"));
+        assert_eq!(spool.sweep_abandoned(), (0, 0));
+        assert_eq!(followed(restarted, "000000010000000000000002"), Some(3));
+        // Not for another repository.
+        let other = Spool::new(dir.path(), "repo-b");
+        other.set_want("000000010000000000000002").unwrap();
+        assert!(other
+            .followed(restarted, &at("000000010000000000000002"), SEG)
+            .is_none());
+        // A history that does not parse is no history.
+        other.note_history(restarted, 2, "garbage\n").unwrap();
+        assert!(other
+            .followed(restarted, &at("000000010000000000000002"), SEG)
+            .is_none());
+    }
+
+    #[test]
+    fn the_window_follows_the_history_past_the_fork() {
+        let seg = 16 << 20;
+        let want = WalFileName::parse("000000010000000000000002")
+            .unwrap()
+            .segment()
+            .unwrap();
+        assert_eq!(
+            window(&want, 3, seg, None),
+            [
+                "000000010000000000000003",
+                "000000010000000000000004",
+                "000000010000000000000005"
+            ]
+        );
+        let history = History::parse(2, "1\t0/4000000\tx\n").unwrap();
+        assert_eq!(
+            window(&want, 3, seg, Some(&history)),
+            [
+                "000000010000000000000003",
+                "000000020000000000000004",
+                "000000020000000000000005"
+            ]
+        );
+        // Recovery on a timeline of another branch: the history says nothing about it.
+        let sibling = History::parse(3, "1\t0/4000000\tx\n").unwrap();
+        let on_two = WalFileName::parse("000000020000000000000002")
+            .unwrap()
+            .segment()
+            .unwrap();
+        assert!(window(&on_two, 2, seg, Some(&sibling))
+            .iter()
+            .all(|n| n.starts_with("00000002")));
+    }
+
+    #[test]
     fn prefetching_leaves_the_configured_space_free() {
         let seg = 16 << 20;
         let keep = 1 << 30;
@@ -724,9 +911,10 @@ mod tests {
     fn server_watch_notices_a_stopped_or_replaced_server() {
         let dir = tempfile::tempdir().unwrap();
         let pid = dir.path().join("postmaster.pid");
-        fs::write(&pid, "4242\n/data\n").unwrap();
+        fs::write(&pid, "4242\n/data\n1700000000\n5432\n").unwrap();
         let watch = ServerWatch::new(&pid).unwrap();
         assert!(watch.running());
+        assert_eq!(watch.identity(), "4242 1700000000");
         fs::write(&pid, "4343\n/data\n").unwrap();
         assert!(!watch.running(), "another postmaster");
         fs::remove_file(&pid).unwrap();
