@@ -357,6 +357,20 @@ pub fn sweep_stale_temps(dir: &Path) -> usize {
     removed
 }
 
+/// The temp file this process writes `dest` through: in the same directory, so the rename is
+/// atomic, and named so that `sweep_stale_temps` removes it once this process is gone.
+pub fn temp_beside(dest: &Path) -> PathBuf {
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()))
+}
+
 /// Write-then-rename, so `dest` is either absent (on error) or complete, verified, and passed by
 /// `check` (given the temp file, complete, before the rename).
 pub fn decode_to_file<E: From<ArchiveError>>(
@@ -371,11 +385,7 @@ pub fn decode_to_file<E: From<ArchiveError>>(
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let name = dest
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}{TEMP_INFIX}{}", std::process::id()));
+    let tmp = temp_beside(dest);
     let result = (|| -> Result<Header, E> {
         let mut f =
             File::create(&tmp).map_err(|e| ArchiveError::local("cannot create", &tmp, e))?;

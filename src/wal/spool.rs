@@ -93,20 +93,23 @@ impl Spool {
             return false;
         }
         // The rename needs no directory fsync: after a crash PostgreSQL asks again.
-        match fs::rename(&src, dest) {
+        let moved = match fs::rename(&src, dest) {
+            // A spool on another file system (a configured state_dir).
+            Err(e) if e.raw_os_error() == Some(EXDEV) => copy_across(&src, dest),
+            moved => moved,
+        };
+        match moved {
             Ok(()) => true,
             // Pruned by the prefetcher since the check above.
             Err(e) if e.kind() == io::ErrorKind::NotFound => false,
-            // A spool on another file system (a configured state_dir), or one this user may not
-            // change: the download still works.
+            // One this user may not change, or no room for the copy: the download still works
+            // (or says what is wrong).
             Err(e) => {
-                if e.raw_os_error() != Some(18) {
-                    tracing::warn!(
-                        "cannot move {} to {} ({e}): downloading it instead",
-                        src.display(),
-                        dest.display()
-                    );
-                }
+                tracing::warn!(
+                    "cannot move {} to {} ({e}): downloading it instead",
+                    src.display(),
+                    dest.display()
+                );
                 false
             }
         }
@@ -328,6 +331,27 @@ impl Spool {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// `rename` across file systems (Linux's errno).
+const EXDEV: i32 = 18;
+
+/// Serve a spooled segment to `dest` on another file system: copied to a temp file beside
+/// `dest`, then renamed, so PostgreSQL never sees part of it; then taken out of the spool. Not
+/// fsynced, as a renamed one is not (after a crash PostgreSQL restores it again).
+fn copy_across(src: &Path, dest: &Path) -> io::Result<()> {
+    let tmp = crate::archive::temp_beside(dest);
+    let copied = fs::copy(src, &tmp).and_then(|_| fs::rename(&tmp, dest));
+    match copied {
+        Ok(()) => {
+            let _ = fs::remove_file(src);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
     }
 }
 
@@ -711,6 +735,39 @@ mod tests {
         assert!(!b.take("000000010000000000000004", &dest));
         spooled(&b, "000000010000000000000004");
         assert!(b.take("000000010000000000000004", &dest));
+    }
+
+    #[test]
+    fn a_spool_on_another_file_system_serves_a_copy() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // /dev/shm is a tmpfs on Linux machines: another file system than the temp dir's.
+        let Some(other) = tempfile::tempdir_in("/dev/shm")
+            .ok()
+            .filter(|o| o.path().metadata().unwrap().dev() != dir.path().metadata().unwrap().dev())
+        else {
+            eprintln!("skipped: no second file system at /dev/shm");
+            return;
+        };
+        let spool = Spool::new(other.path(), "r");
+        let pg_wal = dir.path().join("pg_wal");
+        fs::create_dir_all(&pg_wal).unwrap();
+        let dest = pg_wal.join("RECOVERYXLOG");
+        spool.set_want("000000010000000000000001").unwrap();
+        let _prefetcher = spool.lock_for_prefetcher().unwrap().expect("lock is free");
+        let seg = spool
+            .dir()
+            .join(spool.file_name("000000010000000000000002"));
+        fs::write(&seg, vec![7; 1 << 20]).unwrap();
+        assert!(spool.take("000000010000000000000002", &dest));
+        assert_eq!(fs::read(&dest).unwrap(), vec![7; 1 << 20]);
+        assert!(!seg.exists(), "taken out of the spool");
+        let left: Vec<_> = fs::read_dir(&pg_wal).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "no temp file left beside it");
+        // Gone from the spool meanwhile: not served, nothing placed.
+        fs::remove_file(&dest).unwrap();
+        assert!(!spool.take("000000010000000000000002", &dest));
+        assert!(!dest.exists());
     }
 
     #[test]
