@@ -173,7 +173,12 @@ impl Spool {
                 )
             })?;
             self.clear()?;
-            let _ = fs::remove_file(self.dir.join(HISTORIES_MARKER));
+            for marker in [
+                HISTORIES_MARKER.to_string(),
+                format!("{HISTORIES_MARKER}.tmp"),
+            ] {
+                let _ = fs::remove_file(self.dir.join(marker));
+            }
             fs::write(self.dir.join(".repo"), &self.repo_id)?;
             fs::write(self.dir.join(".boot"), boot)?;
         }
@@ -296,7 +301,8 @@ impl Spool {
     pub fn sweep_abandoned(&self) -> (usize, u64) {
         // Markers, not leftovers: `.want` is written by every call from recovery, also in the
         // moment before the prefetcher it starts takes the lock.
-        const MARKERS: [&str; 5] = [".lock", ".repo", ".boot", ".want", HISTORIES_MARKER];
+        // `.histories` and its temp file (which `clear` keeps) are markers too.
+        const MARKERS: [&str; 4] = [".lock", ".repo", ".boot", ".want"];
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return (0, 0);
         };
@@ -306,7 +312,7 @@ impl Spool {
                 let size = e.metadata().map_or(0, |m| m.len());
                 (e.file_name().to_string_lossy().into_owned(), size)
             })
-            .filter(|(n, _)| !MARKERS.contains(&n.as_str()))
+            .filter(|(n, _)| !MARKERS.contains(&n.as_str()) && !n.starts_with(HISTORIES_MARKER))
             .collect();
         if left.is_empty() {
             return (0, 0);
@@ -889,7 +895,9 @@ mod tests {
         spool.note_history(restarted, 3, h3).unwrap();
         assert_eq!(followed(restarted, "000000010000000000000002"), Some(3));
         assert_eq!(followed(run, "000000010000000000000002"), None);
-        // Kept while prefetchers come and go (PostgreSQL fetched it before the first segment).
+        // Kept while prefetchers come and go (PostgreSQL fetched it before the first segment),
+        // and so is the temp file of a call killed while writing it: not reported as left over.
+        fs::write(spool.dir().join(".histories.tmp"), b"{").unwrap();
         spool.clear().unwrap();
         drop(spool.lock_for_prefetcher().unwrap().expect("lock is free"));
         assert_eq!(spool.sweep_abandoned(), (0, 0));
@@ -897,6 +905,7 @@ mod tests {
         // Not for another repository.
         let other = Spool::new(dir.path(), "repo-b");
         other.set_want("000000010000000000000002").unwrap();
+        assert!(!other.dir().join(".histories.tmp").exists());
         assert!(other
             .followed(restarted, &at("000000010000000000000002"), SEG)
             .is_none());
