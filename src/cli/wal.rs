@@ -96,10 +96,13 @@ pub async fn fetch(
     if started {
         report.start_prefetcher = None;
     }
-    let pid_file = Path::new("postmaster.pid");
-    if pid_file.is_file() {
-        fetch::note_history(&cfg.wal, &cfg.repo_url, &name, dest, pid_file);
-    }
+    fetch::note_history(
+        &cfg.wal,
+        &cfg.repo_url,
+        &name,
+        dest,
+        Path::new("postmaster.pid"),
+    );
     finish_fetch(global, cfg, &name, report);
     Ok(())
 }

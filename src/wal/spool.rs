@@ -283,9 +283,7 @@ impl Spool {
         for e in entries.flatten() {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            if ![".lock", ".repo", ".boot"].contains(&n.as_ref())
-                && !n.starts_with(HISTORIES_MARKER)
-            {
+            if !is_kept_marker(&n) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -299,10 +297,8 @@ impl Spool {
     /// emptying, so a prefetcher starting meanwhile leaves the spool to this call and the next
     /// `wal-fetch` starts another. Returns how many files and bytes it removed.
     pub fn sweep_abandoned(&self) -> (usize, u64) {
-        // Markers, not leftovers: `.want` is written by every call from recovery, also in the
+        // Markers, not leftovers: `.want` too, written by every call from recovery, also in the
         // moment before the prefetcher it starts takes the lock.
-        // `.histories` and its temp file (which `clear` keeps) are markers too.
-        const MARKERS: [&str; 4] = [".lock", ".repo", ".boot", ".want"];
         let Ok(rd) = fs::read_dir(&self.dir) else {
             return (0, 0);
         };
@@ -312,7 +308,7 @@ impl Spool {
                 let size = e.metadata().map_or(0, |m| m.len());
                 (e.file_name().to_string_lossy().into_owned(), size)
             })
-            .filter(|(n, _)| !MARKERS.contains(&n.as_str()) && !n.starts_with(HISTORIES_MARKER))
+            .filter(|(n, _)| !is_kept_marker(n) && n != ".want")
             .collect();
         if left.is_empty() {
             return (0, 0);
@@ -363,6 +359,12 @@ fn copy_across(src: &Path, dest: &Path) -> io::Result<()> {
 
 /// The history files recovery fetched (see `Spool::note_history`).
 const HISTORIES_MARKER: &str = ".histories";
+
+/// Files `clear` keeps: the lock, what the spool is for, and the history files recovery fetched
+/// (with the temp file a `wal-fetch` may be writing them through).
+fn is_kept_marker(name: &str) -> bool {
+    [".lock", ".repo", ".boot"].contains(&name) || name.starts_with(HISTORIES_MARKER)
+}
 
 /// The history files one run of the server fetched during recovery, by timeline.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -474,11 +476,28 @@ pub async fn run_prefetcher(
     let decoding = Arc::new(());
     let mut short_of_space = false;
     let mut followed: Option<u32> = None;
+    // The segments after `.want`, and their spool files.
+    let (mut window, mut files): (Vec<String>, Vec<String>) = Default::default();
     loop {
         let want = spool.want();
         if want != last_want {
             last_want = want.clone();
             last_change = Instant::now();
+            // Recovery fetches a history file before it asks for the first segment it follows
+            // the history for: the history is looked up again only when it asks for another.
+            let id = want.as_ref().and_then(|w| w.segment());
+            let history = id.and_then(|id| spool.followed(server.identity(), &id, seg_size));
+            let follows = history.as_ref().map(|h| h.timeline);
+            if follows != followed {
+                followed = follows;
+                if let Some(t) = follows {
+                    tracing::info!("recovery follows timeline {t}: prefetching along its history");
+                }
+            }
+            window = id.map_or_else(Vec::new, |id| {
+                segments_after(&id, depth, seg_size, history.as_ref())
+            });
+            files = window.iter().map(|n| spool.file_name(n)).collect();
         }
         if last_change.elapsed() > ctx.settings.prefetch_idle || !server.running() {
             break;
@@ -492,17 +511,7 @@ pub async fn run_prefetcher(
         while let Some(done) = tasks.try_join_next() {
             finished(done, &mut in_flight, &mut spooled, &mut end_seen);
         }
-        if let Some(id) = want.as_ref().and_then(|w| w.segment()) {
-            let history = spool.followed(server.identity(), &id, seg_size);
-            let follows = history.as_ref().map(|h| h.timeline);
-            if follows != followed {
-                followed = follows;
-                if let Some(t) = follows {
-                    tracing::info!("recovery follows timeline {t}: prefetching along its history");
-                }
-            }
-            let window = window(&id, depth, seg_size, history.as_ref());
-            let files: Vec<String> = window.iter().map(|n| spool.file_name(n)).collect();
+        if !window.is_empty() {
             for stale in spool.entries().into_iter().filter(|e| !files.contains(e)) {
                 let _ = fs::remove_file(spool.dir().join(stale));
             }
@@ -602,7 +611,12 @@ pub async fn run_prefetcher(
 /// The names of the `depth` segments recovery reads after `want`: on `want`'s timeline, or, where
 /// recovery follows a timeline's `history`, on the timeline it says each segment is read from
 /// (past a fork point, the child's).
-fn window(want: &SegmentId, depth: u64, seg_size: u64, history: Option<&History>) -> Vec<String> {
+fn segments_after(
+    want: &SegmentId,
+    depth: u64,
+    seg_size: u64,
+    history: Option<&History>,
+) -> Vec<String> {
     let (current, first) = (want.timeline, want.segno(seg_size));
     (first + 1..=first + depth)
         .map(|segno| {
@@ -924,7 +938,7 @@ mod tests {
             .segment()
             .unwrap();
         assert_eq!(
-            window(&want, 3, seg, None),
+            segments_after(&want, 3, seg, None),
             [
                 "000000010000000000000003",
                 "000000010000000000000004",
@@ -933,7 +947,7 @@ mod tests {
         );
         let history = History::parse(2, "1\t0/4000000\tx\n").unwrap();
         assert_eq!(
-            window(&want, 3, seg, Some(&history)),
+            segments_after(&want, 3, seg, Some(&history)),
             [
                 "000000010000000000000003",
                 "000000020000000000000004",
@@ -946,7 +960,7 @@ mod tests {
             .unwrap()
             .segment()
             .unwrap();
-        assert!(window(&on_two, 2, seg, Some(&sibling))
+        assert!(segments_after(&on_two, 2, seg, Some(&sibling))
             .iter()
             .all(|n| n.starts_with("00000002")));
     }
