@@ -24,6 +24,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use std::fmt;
 
+/// How long `bytes` take to upload over a slow or shared link (256 KiB/s, 4 s per MiB): the
+/// least time an upload of that size is given before it counts as stalled.
+pub fn slow_link_time(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(4 * bytes.div_ceil(1 << 20))
+}
+
 /// A key inside the repository: relative, `/`-separated, no empty, `.` or `..` components.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ObjectKey(String);

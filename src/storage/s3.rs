@@ -59,7 +59,7 @@ pub struct S3Store {
 /// The SDK's stalled stream protection does not help here: it watches how fast the body is
 /// handed over, and a body in memory is handed over at once.
 fn put_attempt_timeout(configured: Duration, len: usize) -> Duration {
-    configured.max(Duration::from_secs(4 * (len as u64).div_ceil(1 << 20)))
+    configured.max(super::slow_link_time(len as u64))
 }
 
 impl S3Store {

@@ -141,13 +141,9 @@ fn write_ahead_record(
     written
 }
 
-/// Read the first page of a segment and check it belongs to this repository's cluster and to the
-/// position its name says.
-fn check_segment(
-    path: &Path,
-    name: &WalFileName,
-    meta: Option<&RepoMeta>,
-) -> Result<LongPageHeader, WalError> {
+/// Read the first page of a segment and check it is a WAL segment at the position its name says
+/// (`check_header` checks it against the repository).
+fn read_header(path: &Path, name: &WalFileName) -> Result<LongPageHeader, WalError> {
     use std::io::Read;
     let mut buf = [0u8; LONG_HEADER_LEN];
     let mut f = std::fs::File::open(path).map_err(|e| WalError::local("cannot open", path, e))?;
@@ -155,8 +151,19 @@ fn check_segment(
         .map_err(|e| WalError::local("cannot read WAL page header of", path, e))?;
     let h = LongPageHeader::parse(&buf)
         .map_err(|e| WalError::Invalid(format!("{}: {e}", path.display())))?;
-    match super::header_mismatch(&h, name, meta) {
-        None => Ok(h),
+    check_header(&h, path, name, None)?;
+    Ok(h)
+}
+
+/// Check a segment's header against its name and, given one, the repository's `walship.json`.
+fn check_header(
+    h: &LongPageHeader,
+    path: &Path,
+    name: &WalFileName,
+    meta: Option<&RepoMeta>,
+) -> Result<(), WalError> {
+    match super::header_mismatch(h, name, meta) {
+        None => Ok(()),
         Some(HeaderMismatch::Position { header, name: by_name }) => Err(WalError::Invalid(format!(
             "{}: the WAL page header says the file starts at {}, but its name says {}; refusing to archive a misnamed segment",
             path.display(),
@@ -207,7 +214,7 @@ async fn push_one(ctx: &PushContext, path: &Path, name: &WalFileName) -> Result<
     let read_meta;
     let meta: Option<&RepoMeta> = if is_wal {
         // First push ever into this repository: create walship.json from this segment's header.
-        let h = check_segment(path, name, None)?;
+        let h = read_header(path, name)?;
         let meta = ctx
             .meta
             .get_or_try_init(|| async {
@@ -215,7 +222,7 @@ async fn push_one(ctx: &PushContext, path: &Path, name: &WalFileName) -> Result<
                 ctx.archive.ensure_meta(&wanted).await
             })
             .await?;
-        check_segment(path, name, Some(meta))?;
+        check_header(&h, path, name, Some(meta))?;
         Some(meta)
     } else {
         // History and backup-history files carry no system identifier: the server's pg_control
@@ -368,7 +375,7 @@ fn timeline_taken(name: &WalFileName, e: WalError) -> WalError {
 /// times what that file took (a slow link is not a stall), and never less than a segment of
 /// `segment_bytes` takes at 256 KiB/s (S3 puts get as long: 64 s for 16 MiB) or 30 s.
 fn ahead_stall_limit(own_took: Duration, segment_bytes: u64) -> Duration {
-    let slow_link = Duration::from_secs(4 * segment_bytes.div_ceil(1 << 20));
+    let slow_link = crate::storage::slow_link_time(segment_bytes);
     (own_took * 4).max(slow_link).max(Duration::from_secs(30))
 }
 
@@ -483,7 +490,10 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     }
     let own_started = Instant::now();
     let own = push_one(&ctx, path, &name).await;
-    let segment_bytes = ctx.meta.get().map_or(16 << 20, |m| m.wal_segment_size);
+    let segment_bytes = ctx
+        .meta
+        .get()
+        .map_or(super::name::DEFAULT_SEGMENT_SIZE, |m| m.wal_segment_size);
     let stall = ahead_stall_limit(own_started.elapsed(), segment_bytes);
     drop(own_permit);
     if own.is_err() {
@@ -649,7 +659,7 @@ mod tests {
         let wrong = dir.path().join("000000010000000000000004");
         std::fs::rename(&p, &wrong).unwrap();
         let n = WalFileName::parse("000000010000000000000004").unwrap();
-        let err = check_segment(&wrong, &n, None).unwrap_err();
+        let err = read_header(&wrong, &n).unwrap_err();
         assert!(err.to_string().contains("misnamed"), "{err}");
     }
 
