@@ -525,12 +525,11 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     primary.start();
     let old_primary_backup = ok(&backup_push(&cfg, &primary, &[]));
     primary.stop();
-    let prod = Cluster::at(base.path(), new_prod.clone(), "new-production");
-    prod.start();
-    prod.psql("insert into marks (note) values ('production goes on')");
-    let last = prod.switch_wal();
-    prod.wait_archived(&last);
-    prod.stop();
+    c.start();
+    c.psql("insert into marks (note) values ('production goes on')");
+    let last = c.switch_wal();
+    c.wait_archived(&last);
+    c.stop();
     let disaster = base.path().join("disaster");
     let out = restore(&cfg, &disaster, &["--tablespace-map", &ts_map(5)]);
     let err = stderr(&out);

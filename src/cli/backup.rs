@@ -379,12 +379,7 @@ async fn archive_end(
             }
             Histories::BestEffort(ids) => ids,
         };
-        let decoded = match archive.get_plain(&crate::repo::wal_key(name), ids).await {
-            Ok(text) => timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text)),
-            Err(ArchiveError::Codec { source, .. }) => Err(source.to_string()),
-            Err(e) => return Err(e.into()),
-        };
-        match decoded {
+        match read_history(archive, name, ids).await? {
             Ok(history) => {
                 archived.histories.insert(name.timeline(), history);
             }
@@ -922,6 +917,23 @@ fn parse_timeline_arg(s: &str) -> Result<TimelineArg, BackupError> {
     }
 }
 
+/// The archived history file `name`, decoded; `Err(why)` inside when it cannot be decrypted,
+/// verified or parsed (the caller decides whether that stops it), outside when it cannot be read.
+async fn read_history(
+    archive: &Archive,
+    name: &WalFileName,
+    ids: &Arc<codec::Identities>,
+) -> Result<Result<timeline::History, String>, ArchiveError> {
+    match archive.get_plain(&crate::repo::wal_key(name), ids).await {
+        Ok(text) => Ok(timeline::History::parse(
+            name.timeline(),
+            &String::from_utf8_lossy(&text),
+        )),
+        Err(ArchiveError::Codec { source, .. }) => Ok(Err(source.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
 /// Every history file in the archive, decoded, and when each was stored.
 async fn all_histories(
     archive: &Archive,
@@ -944,15 +956,13 @@ async fn all_histories(
         let Some(name) = wal_name(&o.key).filter(|n| n.kind() == WalFileKind::History) else {
             continue;
         };
-        let history = match archive.get_plain(&o.key, ids).await {
-            Ok(text) => timeline::History::parse(name.timeline(), &String::from_utf8_lossy(&text)),
-            Err(ArchiveError::Codec { source, .. }) => Err(source.to_string()),
-            Err(e) => return Err(e.into()),
-        }
-        .map_err(|why| BackupError::BadHistory {
-            name: name.to_string(),
-            why,
-        })?;
+        let history =
+            read_history(archive, &name, ids)
+                .await?
+                .map_err(|why| BackupError::BadHistory {
+                    name: name.to_string(),
+                    why,
+                })?;
         histories.insert(name.timeline(), history);
         stored.insert(name.timeline(), o.stored_at);
     }
@@ -1027,13 +1037,7 @@ async fn rival_wal(
             .await
             .map_err(ArchiveError::from)?;
         for o in &objects {
-            let Some(name) = o
-                .key
-                .as_str()
-                .rsplit('/')
-                .next()
-                .and_then(|n| WalFileName::parse(n).ok())
-            else {
+            let Some(name) = wal_name(&o.key) else {
                 continue;
             };
             let Some(seg) = name.segment().filter(|s| s.timeline == tli) else {

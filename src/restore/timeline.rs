@@ -313,8 +313,8 @@ mod tests {
         follow(1, 3, mid(4), SEG, &a)
     }
 
-    fn timelines(p: &WalPath) -> Vec<u32> {
-        p.steps.iter().map(|s| s.timeline).collect()
+    fn timelines(steps: &[Step]) -> Vec<u32> {
+        steps.iter().map(|s| s.timeline).collect()
     }
 
     #[test]
@@ -350,13 +350,7 @@ mod tests {
         );
         assert!(drill.steps.is_empty());
         assert_eq!(drill.end, Some((1, 20)));
-        assert_eq!(
-            timelines(&WalPath {
-                steps: drill.branches.clone(),
-                ..drill
-            }),
-            vec![2]
-        );
+        assert_eq!(timelines(&drill.branches), vec![2]);
         // Forked before the backup's stop point: not reachable from this backup.
         let early = path(&[(1, 3..=3), (2, 3..=9)], &[], &[(2, &[(1, mid(3))])]);
         assert!(early.steps.is_empty());
@@ -386,7 +380,7 @@ mod tests {
                 (5, &[(1, mid(6))]),
             ],
         );
-        assert_eq!(timelines(&p), vec![2, 4]);
+        assert_eq!(timelines(&p.steps), vec![2, 4]);
         assert_eq!(p.end, Some((4, 25)));
         assert!(p.ambiguous.is_none());
     }
@@ -421,13 +415,7 @@ mod tests {
         );
         assert!(p.steps.is_empty());
         assert_eq!(p.end, Some((1, 9)));
-        assert_eq!(
-            timelines(&WalPath {
-                steps: p.branches.clone(),
-                ..p
-            }),
-            vec![2]
-        );
+        assert_eq!(timelines(&p.branches), vec![2]);
     }
 
     #[test]
