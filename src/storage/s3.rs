@@ -4,6 +4,7 @@
 //! own credential chain, used only when the config gives no keys.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,6 +18,7 @@ use aws_sdk_s3::operation::get_bucket_versioning::GetBucketVersioningError;
 use aws_sdk_s3::operation::get_object::GetObjectError;
 use aws_sdk_s3::operation::list_object_versions::ListObjectVersionsError;
 use aws_sdk_s3::operation::list_objects_v2::{ListObjectsV2Error, ListObjectsV2Output};
+use aws_sdk_s3::operation::put_object::PutObjectOutput;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::BucketVersioningStatus;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
@@ -51,6 +53,9 @@ pub struct S3Store {
     prefix: String,
     /// The per-attempt timeouts, kept for puts, whose attempt time grows with the body.
     timeouts: (Duration, Duration),
+    /// Cleared when the server answers a conditional put with 501: later puts in this process
+    /// go without the condition at once instead of sending each body twice.
+    conditional_puts: AtomicBool,
 }
 
 /// The time limit of one attempt to upload `len` bytes: the configured one, raised to 4 s per MiB
@@ -115,6 +120,7 @@ impl S3Store {
             bucket: s.bucket.clone(),
             prefix: s.prefix.clone(),
             timeouts: (s.connect_timeout, s.operation_timeout),
+            conditional_puts: AtomicBool::new(true),
         })
     }
 
@@ -127,7 +133,7 @@ impl S3Store {
         key: &str,
         err: SdkError<E, HttpResponse>,
     ) -> StorageError {
-        let status = err.raw_response().map(|r| r.status().as_u16());
+        let status = http_status(&err);
         let code = err.code().unwrap_or("").to_string();
         let msg = err.message().unwrap_or("").to_string();
         let what = format!("s3://{}/{key}", self.bucket);
@@ -219,7 +225,7 @@ impl S3Store {
         prefix: &str,
         err: SdkError<E, HttpResponse>,
     ) -> StorageError {
-        let status = err.raw_response().map(|r| r.status().as_u16());
+        let status = http_status(&err);
         if status == Some(404) && err.code() != Some("NoSuchBucket") {
             return StorageError::Transient(format!(
                 "listing s3://{}/{prefix}: the server answered HTTP 404 without S3's NoSuchBucket \
@@ -239,7 +245,7 @@ impl S3Store {
     fn map_get(&self, key: &str, err: SdkError<GetObjectError, HttpResponse>) -> StorageError {
         let no_such_key = matches!(err.as_service_error(), Some(GetObjectError::NoSuchKey(_)))
             || err.code() == Some("NoSuchKey");
-        let status = err.raw_response().map(|r| r.status().as_u16());
+        let status = http_status(&err);
         match get_miss(no_such_key, status, err.code().unwrap_or("")) {
             GetMiss::NoSuchKey => StorageError::NotFound(format!("s3://{}/{key}", self.bucket)),
             GetMiss::Bare404 => StorageError::Transient(format!(
@@ -299,6 +305,16 @@ fn get_miss(no_such_key: bool, status: Option<u16>, code: &str) -> GetMiss {
         (_, Some(404), _) | (_, _, "NotFound") => GetMiss::Bare404,
         _ => GetMiss::Other,
     }
+}
+
+/// The HTTP status of an SDK error's response, when there was one.
+fn http_status<E>(err: &SdkError<E, HttpResponse>) -> Option<u16> {
+    err.raw_response().map(|r| r.status().as_u16())
+}
+
+/// Whether the server said it does not implement the call (501, or S3's NotImplemented code).
+fn not_implemented<E: ProvideErrorMetadata>(err: &SdkError<E, HttpResponse>) -> bool {
+    http_status(err) == Some(501) || err.code() == Some("NotImplemented")
 }
 
 /// The credentials failure behind an SDK error, if that is what it is: the SDK reports a request
@@ -384,8 +400,7 @@ impl S3Store {
         full: &str,
         err: SdkError<ListObjectVersionsError, HttpResponse>,
     ) -> Result<bool, StorageError> {
-        let status = err.raw_response().map(|r| r.status().as_u16());
-        let unsupported = status == Some(501) || err.code() == Some("NotImplemented");
+        let unsupported = not_implemented(&err);
         match self.map_list(full, err) {
             _ if unsupported => Ok(false),
             StorageError::Transient(why) => Err(StorageError::Transient(format!(
@@ -404,8 +419,7 @@ impl S3Store {
         &self,
         err: SdkError<GetBucketVersioningError, HttpResponse>,
     ) -> Result<String, StorageError> {
-        let status = err.raw_response().map(|r| r.status().as_u16());
-        let unsupported = status == Some(501) || err.code() == Some("NotImplemented");
+        let unsupported = not_implemented(&err);
         match self.map("?versioning", err) {
             e if unsupported => Ok(e.to_string()),
             e @ (StorageError::Transient(_) | StorageError::NoBucket(_)) => Err(e),
@@ -492,39 +506,33 @@ impl Store for S3Store {
             }
             .send()
         };
-        let res = put(Some("*")).await;
-        match res {
-            Ok(out) => Ok(PutOutcome::Created {
-                version_id: out.version_id().map(str::to_string),
-            }),
-            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(412) => {
-                Ok(PutOutcome::AlreadyExists)
-            }
+        let created = |out: PutObjectOutput| PutOutcome::Created {
+            version_id: out.version_id().map(str::to_string),
+        };
+        if !self.conditional_puts.load(Ordering::Relaxed) {
+            return put(None).await.map(created).map_err(|e| self.map(&full, e));
+        }
+        match put(Some("*")).await {
+            Ok(out) => Ok(created(out)),
+            Err(e) if http_status(&e) == Some(412) => Ok(PutOutcome::AlreadyExists),
             // A server that does not implement conditional writes: put without the condition,
             // as on servers that ignore it. wal-push reads an archived name's header before each
             // upload, so only two uploads of one name at the same moment can meet; `walship
             // check` warns about such storage.
-            Err(e)
-                if e.raw_response().map(|r| r.status().as_u16()) == Some(501)
-                    || e.code() == Some("NotImplemented") =>
-            {
+            Err(e) if not_implemented(&e) => {
                 tracing::info!(
-                    "s3://{}/{full}: no conditional writes here; put without",
+                    "s3://{}: no conditional writes here; puts go without",
                     self.bucket
                 );
-                let out = put(None).await.map_err(|e| self.map(&full, e))?;
-                Ok(PutOutcome::Created {
-                    version_id: out.version_id().map(str::to_string),
-                })
+                self.conditional_puts.store(false, Ordering::Relaxed);
+                put(None).await.map(created).map_err(|e| self.map(&full, e))
             }
             // 409 ConditionalRequestConflict: a concurrent conditional put is in flight; retrying
             // resolves it into Created or AlreadyExists.
-            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(409) => {
-                Err(StorageError::Transient(format!(
-                    "s3://{}/{full}: concurrent put in progress",
-                    self.bucket
-                )))
-            }
+            Err(e) if http_status(&e) == Some(409) => Err(StorageError::Transient(format!(
+                "s3://{}/{full}: concurrent put in progress",
+                self.bucket
+            ))),
             Err(e) => Err(self.map(&full, e)),
         }
     }
@@ -585,9 +593,7 @@ impl Store for S3Store {
         let out = match res {
             Ok(out) => out,
             // An empty object cannot satisfy any range.
-            Err(e) if e.raw_response().map(|r| r.status().as_u16()) == Some(416) => {
-                return Ok(Bytes::new())
-            }
+            Err(e) if http_status(&e) == Some(416) => return Ok(Bytes::new()),
             Err(e) => return Err(self.missing_or_denied(&full, self.map_get(&full, e)).await),
         };
         let data = out.body.collect().await.map_err(|e| {
@@ -715,7 +721,7 @@ impl Store for S3Store {
             // A bucket without object lock answers 404 ObjectLockConfigurationNotFoundError.
             Err(e)
                 if e.code() == Some("ObjectLockConfigurationNotFoundError")
-                    || e.raw_response().map(|r| r.status().as_u16()) == Some(404) =>
+                    || http_status(&e) == Some(404) =>
             {
                 Some(Ok(false))
             }
@@ -759,6 +765,7 @@ mod tests {
             bucket: "b".into(),
             prefix: String::new(),
             timeouts: (Duration::from_secs(5), Duration::from_secs(120)),
+            conditional_puts: AtomicBool::new(true),
         }
     }
 
@@ -974,6 +981,94 @@ mod tests {
         assert_eq!(
             describe_chain(&err),
             "dispatch failure: the chain tried: environment: not set; IMDS: request forbidden"
+        );
+    }
+
+    /// A server without conditional writes, at the HTTP level: a put with `If-None-Match` gets
+    /// 501 NotImplemented, one without is stored. Records each PUT's key and whether it carried
+    /// the condition.
+    fn serve_without_conditional_puts() -> (String, std::sync::mpsc::Receiver<(String, bool)>) {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut conn = conn;
+                    loop {
+                        let mut request = String::new();
+                        if reader.read_line(&mut request).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let (mut len, mut conditional) = (0usize, false);
+                        loop {
+                            let mut line = String::new();
+                            reader.read_line(&mut line).unwrap();
+                            let line = line.trim_end().to_ascii_lowercase();
+                            if line.is_empty() {
+                                break;
+                            }
+                            if let Some(v) = line.strip_prefix("content-length:") {
+                                len = v.trim().parse().unwrap();
+                            }
+                            conditional |= line.starts_with("if-none-match:");
+                        }
+                        let mut body = vec![0; len];
+                        reader.read_exact(&mut body).unwrap();
+                        let target = request.split(' ').nth(1).unwrap_or("");
+                        let path = target.split('?').next().unwrap_or("").to_string();
+                        let answer = if conditional {
+                            let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
+                                <Code>NotImplemented</Code><Message>A header you provided implies \
+                                functionality that is not implemented</Message></Error>";
+                            format!(
+                                "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n\
+                                 Content-Length: {}\r\n\r\n{xml}",
+                                xml.len()
+                            )
+                        } else {
+                            "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\n\r\n".into()
+                        };
+                        tx.send((path, conditional)).unwrap();
+                        conn.write_all(answer.as_bytes()).unwrap();
+                    }
+                });
+            }
+        });
+        (endpoint, rx)
+    }
+
+    #[tokio::test]
+    async fn a_server_without_conditional_writes_gets_each_later_put_once() {
+        let (endpoint, requests) = serve_without_conditional_puts();
+        let s = S3Store::connect(&S3Settings {
+            bucket: "b".into(),
+            prefix: String::new(),
+            region: "us-east-1".into(),
+            endpoint: Some(endpoint),
+            path_style: true,
+            ca_bundle: None,
+            static_credentials: Some(("id".into(), "secret".into())),
+            max_attempts: 3,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
+        })
+        .await
+        .unwrap();
+        for key in ["wal/a", "wal/b"] {
+            let key = ObjectKey::new(key).unwrap();
+            let out = s.put_if_absent(&key, Bytes::from_static(b"x")).await;
+            assert!(matches!(out, Ok(PutOutcome::Created { .. })), "{out:?}");
+        }
+        let seen: Vec<_> = requests.try_iter().collect();
+        let seen: Vec<_> = seen.iter().map(|(p, c)| (p.as_str(), *c)).collect();
+        assert_eq!(
+            seen,
+            [("/b/wal/a", true), ("/b/wal/a", false), ("/b/wal/b", false)]
         );
     }
 }
