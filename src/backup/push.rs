@@ -675,18 +675,17 @@ pub async fn push(
         wait_archived(archive, &stop_wal, opts.wal_wait, Awaited::BackupEnd).await?;
         // Look-ahead uploads let later segments reach the repository while an earlier one keeps
         // failing: every segment from the start on must be there, not only the last.
-        let Some((first_name, first)) = WalFileName::parse(&start_wal)
+        let Some(first_seg) = WalFileName::parse(&start_wal)
             .ok()
-            .and_then(|n| Some((n.clone(), n.segment()?.segno(facts.wal_segment_size))))
+            .and_then(|n| n.segment())
         else {
             return Ok(());
         };
+        let first = first_seg.segno(facts.wal_segment_size);
         let last = stop.saturating_sub(1) / facts.wal_segment_size;
-        let first_key = repo::wal_key(&first_name);
-        let dir = &first_key.as_str()[..first_key.as_str().rfind('/').expect("in a directory") + 1];
         let present: std::collections::HashSet<String> = archive
             .store()
-            .list_after(&format!("wal/{timeline:08X}"), dir)
+            .list_after(&repo::timeline_prefix(timeline), &repo::wal_dir(first_seg))
             .await
             .map_err(ArchiveError::from)?
             .into_iter()

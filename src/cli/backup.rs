@@ -324,11 +324,9 @@ async fn archive_end(
     // Nothing before the backup's first segment's directory matters: parent timelines sort
     // before it, later timelines and `wal/history/` after. Skipping it keeps the listing as long
     // as the WAL since the backup, however much older WAL the archive holds.
-    let from_dir = crate::repo::wal_key(&start.file_name());
-    let from_dir = &from_dir.as_str()[..from_dir.as_str().rfind('/').expect("in a directory") + 1];
     let objects = archive
         .store()
-        .list_after("wal/", from_dir)
+        .list_after("wal/", &crate::repo::wal_dir(start))
         .await
         .map_err(ArchiveError::from)?;
     let mut stored = std::collections::HashMap::new();
@@ -1029,11 +1027,13 @@ async fn rival_wal(
         std::collections::BTreeMap::<u32, std::collections::BTreeSet<u64>>::new(),
     );
     for (tli, first) in from {
-        let key = crate::repo::wal_key(&SegmentId::from_segno(tli, first, seg_size).file_name());
-        let dir = &key.as_str()[..key.as_str().rfind('/').expect("in a directory") + 1];
+        let first = SegmentId::from_segno(tli, first, seg_size);
         let objects = archive
             .store()
-            .list_after(&format!("wal/{tli:08X}"), dir)
+            .list_after(
+                &crate::repo::timeline_prefix(tli),
+                &crate::repo::wal_dir(first),
+            )
             .await
             .map_err(ArchiveError::from)?;
         for o in &objects {

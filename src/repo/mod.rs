@@ -20,7 +20,7 @@ pub mod backup;
 use serde::{Deserialize, Serialize};
 
 use crate::storage::ObjectKey;
-use crate::wal::name::{WalFileKind, WalFileName};
+use crate::wal::name::{SegmentId, WalFileKind, WalFileName};
 
 pub const META_KEY: &str = "walship.json";
 pub const REPO_FORMAT: u32 = 1;
@@ -32,6 +32,17 @@ pub fn wal_key(name: &WalFileName) -> ObjectKey {
         _ => format!("wal/{}/{name}", &name.as_str()[..16]),
     };
     ObjectKey::new(key).expect("WAL names make valid keys")
+}
+
+/// The directory holding `seg` and the other segments of its timeline's 4 GiB log file
+/// (`wal/<TTTTTTTTXXXXXXXX>/`). A listing that starts after it skips all earlier WAL.
+pub fn wal_dir(seg: SegmentId) -> String {
+    format!("wal/{:08X}{:08X}/", seg.timeline, seg.log)
+}
+
+/// The prefix shared by a timeline's WAL directories.
+pub fn timeline_prefix(timeline: u32) -> String {
+    format!("wal/{timeline:08X}")
 }
 
 pub fn meta_key() -> ObjectKey {
@@ -99,6 +110,16 @@ mod tests {
             k("000000020000000000000005.partial"),
             "wal/0000000200000000/000000020000000000000005.partial"
         );
+        let seg = WalFileName::parse("0000000A00000002000000FE")
+            .unwrap()
+            .segment()
+            .unwrap();
+        assert_eq!(wal_dir(seg), "wal/0000000A00000002/");
+        assert!(wal_key(&seg.file_name())
+            .as_str()
+            .starts_with(&wal_dir(seg)));
+        assert!(wal_dir(seg).starts_with(&timeline_prefix(10)));
+        assert!(!wal_dir(seg).starts_with(&timeline_prefix(1)));
     }
 
     #[test]
