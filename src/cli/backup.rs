@@ -1027,12 +1027,12 @@ async fn rival_wal(
         std::collections::BTreeMap::<u32, std::collections::BTreeSet<u64>>::new(),
     );
     for (tli, first) in from {
-        let first = SegmentId::from_segno(tli, first, seg_size);
+        let start = SegmentId::from_segno(tli, first, seg_size);
         let objects = archive
             .store()
             .list_after(
                 &crate::repo::timeline_prefix(tli),
-                &crate::repo::wal_dir(first),
+                &crate::repo::wal_dir(start),
             )
             .await
             .map_err(ArchiveError::from)?;
