@@ -25,10 +25,8 @@ pub enum ConfigError {
     Parse(PathBuf, String),
     #[error("no repository configured: set WALSHIP_REPO, --repo or `repo = ...` in the config file (s3://bucket/prefix or file:///path)")]
     NoRepo,
-    #[error(
-        "repository URL '{0}' is not understood: use s3://bucket/prefix or file:///absolute/path"
-    )]
-    BadRepo(String),
+    #[error("repository URL '{0}' is not valid: {1}")]
+    BadRepo(String, &'static str),
     #[error("no encryption recipients configured: set `recipients`/`recipients_file` in the config or WALSHIP_RECIPIENTS (create a key with `walship keygen`)")]
     NoRecipients,
     #[error("no identity configured to decrypt the archive: set `identity_file` in the config, WALSHIP_IDENTITY_FILE or WALSHIP_IDENTITY")]
@@ -117,7 +115,7 @@ pub enum RepoLocation {
 
 impl RepoLocation {
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
-        let bad = || ConfigError::BadRepo(url.to_string());
+        let bad = |why| ConfigError::BadRepo(url.to_string(), why);
         if let Some(rest) = url.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
             let bucket_ok = (3..=63).contains(&bucket.len())
@@ -125,11 +123,17 @@ impl RepoLocation {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.'
                 });
             if !bucket_ok {
-                return Err(bad());
+                return Err(bad(
+                    "an S3 bucket name is 3 to 63 characters, lowercase letters, digits, '-' and \
+                     '.' (s3://bucket/prefix)",
+                ));
             }
             let prefix = prefix.trim_matches('/');
             if prefix.split('/').any(|c| c == "." || c == "..") || prefix.contains("//") {
-                return Err(bad());
+                return Err(bad(
+                    "the prefix after the bucket has an empty, '.' or '..' part; name the \
+                     folder directly (s3://bucket/pg/main)",
+                ));
             }
             let prefix = if prefix.is_empty() {
                 String::new()
@@ -142,11 +146,16 @@ impl RepoLocation {
             })
         } else if let Some(path) = url.strip_prefix("file://") {
             if !path.starts_with('/') {
-                return Err(bad());
+                return Err(bad(
+                    "a file:// repository needs an absolute path, with three slashes in all \
+                     (file:///var/lib/walship)",
+                ));
             }
             Ok(RepoLocation::Dir(PathBuf::from(path)))
         } else {
-            Err(bad())
+            Err(bad(
+                "use s3://bucket/prefix for S3 or file:///absolute/path for a local directory",
+            ))
         }
     }
 }
@@ -418,15 +427,21 @@ mod tests {
             RepoLocation::parse("file:///var/lib/walship").unwrap(),
             RepoLocation::Dir("/var/lib/walship".into())
         );
-        for bad in [
-            "s3://B/x",
-            "s3://ab",
-            "file://relative",
-            "http://x",
-            "s3://bucket/../x",
-            "/tmp/x",
+        for (bad, why) in [
+            ("s3://B/x", "bucket name"),
+            ("s3://ab", "bucket name"),
+            ("s3://bucket/../x", "'..'"),
+            ("s3://bucket/a//b", "empty"),
+            ("file://relative", "absolute path"),
+            ("http://x", "s3://bucket/prefix for S3"),
+            ("/tmp/x", "file:///absolute/path"),
         ] {
-            assert!(RepoLocation::parse(bad).is_err(), "{bad}");
+            let err = RepoLocation::parse(bad).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("repository URL '{bad}' is not valid: "))
+                    && err.contains(why),
+                "{bad}: {err}"
+            );
         }
     }
 
