@@ -34,7 +34,9 @@ fn storage_code(e: &StorageError) -> i32 {
     match e {
         StorageError::NotFound(_) => NOT_IN_ARCHIVE,
         StorageError::NoBucket(_) | StorageError::Denied(_) => ACCESS,
-        StorageError::Transient(_) | StorageError::Other(_) => UNAVAILABLE,
+        StorageError::Transient(_) | StorageError::Credentials(_) | StorageError::Other(_) => {
+            UNAVAILABLE
+        }
         StorageError::Io(_) => LOCAL_IO,
         StorageError::Deleted(_) => CORRUPT,
         StorageError::InvalidKey(_) => USAGE,

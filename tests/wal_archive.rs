@@ -380,31 +380,78 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     assert!(
         report.contains("repository   FAIL access denied: no usable S3 credentials")
             && report.contains("AWS_ACCESS_KEY_ID")
-            && !report.contains("check the network"),
+            && !report.contains("check the network")
+            && !report.contains("hop limit")
+            && !report.contains("no role"),
         "{report}"
     );
-    // The same with the instance metadata service asked too (it fails or cannot be reached
-    // here): the FAIL line says where keys go, and the SDK's own multi-line warnings about
-    // each provider stay out of the log.
-    let out = common::walship_cmd(&keyless, &["check"], base.path())
-        .env_remove("AWS_ACCESS_KEY_ID")
-        .env_remove("AWS_SECRET_ACCESS_KEY")
-        .env_remove("AWS_PROFILE")
-        .env_remove("AWS_EC2_METADATA_DISABLED")
-        .env_remove("WALSHIP_LOG")
-        .env("HOME", base.path())
-        .output()
-        .unwrap();
-    let report = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(6), "{report}{err}");
+    // The same with the instance metadata service asked too, as on a cloud instance: a stand-in
+    // on loopback gives no credentials in each of the ways the real one does. The FAIL line says
+    // where keys go and what to check about the instance role, and the SDK's own multi-line
+    // warnings about each provider stay out of the log.
+    let keyless_check = |imds: &str| {
+        let out = common::walship_cmd(&keyless, &["check"], base.path())
+            .env_remove("AWS_ACCESS_KEY_ID")
+            .env_remove("AWS_SECRET_ACCESS_KEY")
+            .env_remove("AWS_PROFILE")
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds)
+            .env("HOME", base.path())
+            .output()
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout).into_owned();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(6), "{report}{err}");
+        assert_eq!(
+            err.trim(),
+            "walship check: error: some checks failed; see the FAIL lines above",
+            "{report}"
+        );
+        assert!(
+            report.contains("repository   FAIL")
+                && report.contains("AWS_ACCESS_KEY_ID")
+                && !report.contains("check the network"),
+            "{report}"
+        );
+        report
+    };
+    // Not answering: a container on EC2 behind the default hop limit of 1 gets no token; here
+    // the service refuses it (403), as one that is turned off does.
+    let imds_off = common::serve_http(|method, path| match (method, path) {
+        ("PUT", "/latest/api/token") => (403, "", ""),
+        _ => (500, "", ""),
+    });
+    let report = keyless_check(&imds_off);
     assert!(
-        report.contains("repository   FAIL") && report.contains("AWS_ACCESS_KEY_ID"),
+        report.contains("FAIL cannot get S3 credentials")
+            && report.contains("metadata hop limit (HttpPutResponseHopLimit) to 2"),
         "{report}"
     );
-    assert_eq!(
-        err.trim(),
-        "walship check: error: some checks failed; see the FAIL lines above",
+    // Nothing listening where the service should be: the same hint.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let report = keyless_check(&nobody);
+    assert!(
+        report.contains("FAIL access denied: no usable S3 credentials")
+            && report.contains("metadata hop limit"),
+        "{report}"
+    );
+    // An instance without a role: the service answers, and says so.
+    let no_role = common::serve_http(|method, path| match (method, path) {
+        ("PUT", "/latest/api/token") => (
+            200,
+            "x-aws-ec2-metadata-token-ttl-seconds: 21600\r\n",
+            "token",
+        ),
+        ("GET", "/latest/meta-data/iam/security-credentials/") => (404, "", ""),
+        _ => (500, "", ""),
+    });
+    let report = keyless_check(&no_role);
+    assert!(
+        report.contains("FAIL access denied: no usable S3 credentials")
+            && report.contains("says this instance has no role: attach one")
+            && !report.contains("hop limit"),
         "{report}"
     );
     // A CA bundle that cannot be read: a local file problem, named.

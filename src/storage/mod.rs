@@ -7,7 +7,8 @@
 //!   It returns only once the object is durable (S3: the PUT was acknowledged; directory: file and
 //!   directory fsynced).
 //! - `get`/`get_prefix` of a missing key fail with `StorageError::NotFound`, and only then: a missing
-//!   bucket is `NoBucket`, bad credentials `Denied`, anything that may succeed on retry `Transient`.
+//!   bucket is `NoBucket`, bad credentials `Denied`, anything that may succeed on retry `Transient`
+//!   (`Credentials` when it is a credential provider that failed).
 //!   `get` of a key whose current version is a delete marker is `Deleted`, where the backend can
 //!   tell (S3 with versioning).
 //! - `list` returns every object under a prefix, sorted by key; `list_after` those after a key;
@@ -104,6 +105,10 @@ pub enum StorageError {
     Denied(String),
     #[error("storage unavailable: {0}; check the network, the endpoint and the storage server (walship retried with back-off before giving up)")]
     Transient(String),
+    /// A credential provider (STS, the instance metadata service) failed in a way that may
+    /// pass: retried like `Transient`, but the message is about credentials, not the network.
+    #[error("{0} (walship retried with back-off before giving up)")]
+    Credentials(String),
     #[error("invalid object key '{0}'")]
     InvalidKey(String),
     #[error("storage I/O error: {0}")]
@@ -114,7 +119,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StorageError::Transient(_))
+        matches!(
+            self,
+            StorageError::Transient(_) | StorageError::Credentials(_)
+        )
     }
 }
 

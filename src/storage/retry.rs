@@ -1,5 +1,5 @@
-//! A wrapper that retries `Transient` failures with exponential back-off. Everything else (not
-//! found, denied, no bucket) is final and returned at once.
+//! A wrapper that retries transient failures (`StorageError::is_transient`) with exponential
+//! back-off. Everything else (not found, denied, no bucket) is final and returned at once.
 
 use std::time::Duration;
 

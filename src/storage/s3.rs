@@ -142,26 +142,26 @@ impl S3Store {
             .and_then(|r| r.headers().get("x-amz-bucket-region"))
             .map(str::to_string);
         if let Some(problem) = credentials_problem(&err) {
+            let chain = describe_chain(&err);
+            let role = instance_role_hint(&chain);
             return match problem {
                 // Nothing in the chain had credentials, or its configuration is wrong: no retry
                 // changes that, and "check the network" would send people the wrong way.
                 CredentialsError::CredentialsNotLoaded(_)
                 | CredentialsError::InvalidConfiguration(_) => StorageError::Denied(format!(
-                    "no usable S3 credentials for {what}: {}; give keys (access_key_id and \
+                    "no usable S3 credentials for {what}: {chain}; give keys (access_key_id and \
                      secret_access_key_file in the config's s3 section, or AWS_ACCESS_KEY_ID and \
                      AWS_SECRET_ACCESS_KEY), a profile (AWS_PROFILE), or an instance or pod role, \
-                     to the user walship runs as",
-                    describe_chain(&err)
+                     to the user walship runs as{role}"
                 )),
                 // A provider that timed out or failed (STS, the instance metadata service) may
                 // answer on the next try; on a host without a role the chain ends there too, so
                 // the message also says where keys go.
-                _ => StorageError::Transient(format!(
-                    "cannot get S3 credentials for {what}: {}; if this host has no instance or \
-                     pod role, give keys (access_key_id and secret_access_key_file in the \
+                _ => StorageError::Credentials(format!(
+                    "cannot get S3 credentials for {what}: {chain}; if this host has no instance \
+                     or pod role, give keys (access_key_id and secret_access_key_file in the \
                      config's s3 section, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) or a \
-                     profile (AWS_PROFILE)",
-                    describe_chain(&err)
+                     profile (AWS_PROFILE){role}"
                 )),
             };
         }
@@ -330,6 +330,23 @@ fn credentials_problem<'a>(
         cur = e.source();
     }
     None
+}
+
+/// What to check about an instance role, when the credential chain's story (`describe_chain`)
+/// says the instance metadata service was asked and gave nothing: it did not answer (a container
+/// on EC2 behind the default hop limit of 1 cannot get the token, the commonest case), or the
+/// instance has no role. Empty otherwise, also when IMDS was turned off on purpose.
+fn instance_role_hint(chain: &str) -> &'static str {
+    if chain.contains("404 from IMDS") {
+        "; the instance metadata service says this instance has no role: attach one (an \
+         instance profile) if walship should use it"
+    } else if chain.contains("IMDS session token") || chain.contains("communicate with IMDS") {
+        "; if this host is a cloud instance with a role, its metadata service gave none: check \
+         that it is enabled and reachable, and in a container on EC2 raise the instance's metadata hop \
+         limit (HttpPutResponseHopLimit) to 2"
+    } else {
+        ""
+    }
 }
 
 /// The innermost causes of an SDK error, which hold the useful part ("connection refused").

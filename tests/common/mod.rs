@@ -326,6 +326,41 @@ pub fn walship(config: &Path, args: &[&str], cwd: &Path) -> Output {
         .expect("run walship")
 }
 
+/// One answer of [`serve_http`]: status, header lines (each ending in `\r\n`), body.
+pub type HttpAnswer = (u16, &'static str, &'static str);
+
+/// A loopback HTTP/1.1 server answering each request with `answer(method, path)` and closing
+/// the connection: a stand-in for a service walship only reads answers from (the instance
+/// metadata service). Serves until the test process ends; returns its base URL.
+pub fn serve_http(answer: fn(&str, &str) -> HttpAnswer) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(&conn);
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            // The rest of the head; the requests this answers have no body.
+            let mut line = String::new();
+            while reader.read_line(&mut line).is_ok_and(|n| n > 2) {
+                line.clear();
+            }
+            let mut words = request.split_whitespace();
+            let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+            let (status, headers, body) = answer(method, path);
+            let _ = write!(
+                &conn,
+                "HTTP/1.1 {status} X\r\n{headers}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    url
+}
+
 /// A walship config file for a `file://` repository at `repo`.
 pub fn dir_config(dir: &Path, repo: &Path, keys: &Keys) -> PathBuf {
     std::fs::create_dir_all(repo).unwrap();
