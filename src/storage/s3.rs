@@ -794,7 +794,8 @@ mod tests {
         ErrorMetadata::builder().code(code).build()
     }
 
-    fn get_error(status: u16, err: GetObjectError) -> SdkError<GetObjectError, HttpResponse> {
+    /// The SDK's error for a request the server answered with `status` and no body.
+    fn refused<E>(status: u16, err: E) -> SdkError<E, HttpResponse> {
         SdkError::service_error(err, response(status, ""))
     }
 
@@ -803,12 +804,12 @@ mod tests {
         let s = store();
         let modeled = GetObjectError::NoSuchKey(NoSuchKey::builder().build());
         assert!(matches!(
-            s.map_get("k", get_error(404, modeled)),
+            s.map_get("k", refused(404, modeled)),
             StorageError::NotFound(_)
         ));
         let coded = GetObjectError::generic(code("NoSuchKey"));
         assert!(matches!(
-            s.map_get("k", get_error(404, coded)),
+            s.map_get("k", refused(404, coded)),
             StorageError::NotFound(_)
         ));
         // An ingress's default backend while the storage pod restarts: a page, no S3 error.
@@ -824,26 +825,23 @@ mod tests {
         );
         // No body at all: the SDK calls that NotFound, as it does for a HEAD.
         let bare = GetObjectError::generic(code("NotFound"));
-        assert!(s.map_get("k", get_error(404, bare)).is_transient());
+        assert!(s.map_get("k", refused(404, bare)).is_transient());
         // The rest maps as before.
         let no_bucket = GetObjectError::generic(code("NoSuchBucket"));
         assert!(matches!(
-            s.map_get("k", get_error(404, no_bucket)),
+            s.map_get("k", refused(404, no_bucket)),
             StorageError::NoBucket(_)
         ));
         let denied = GetObjectError::generic(code("AccessDenied"));
         assert!(matches!(
-            s.map_get("k", get_error(403, denied)),
+            s.map_get("k", refused(403, denied)),
             StorageError::Denied(_)
         ));
         let slow = GetObjectError::generic(code("SlowDown"));
-        assert!(s.map_get("k", get_error(503, slow)).is_transient());
+        assert!(s.map_get("k", refused(503, slow)).is_transient());
         // HEAD has no body: a bare 404 there stays "not found" (`map`, used for HEAD).
         assert!(matches!(
-            s.map(
-                "k",
-                get_error(404, GetObjectError::generic(code("NotFound")))
-            ),
+            s.map("k", refused(404, GetObjectError::generic(code("NotFound")))),
             StorageError::NotFound(_)
         ));
     }
@@ -851,12 +849,8 @@ mod tests {
     #[test]
     fn a_delete_marker_check_that_may_pass_is_retried_not_answered_no() {
         let s = store();
-        let list = |status: u16, c: &str| {
-            SdkError::service_error(
-                ListObjectVersionsError::generic(code(c)),
-                response(status, ""),
-            )
-        };
+        let list =
+            |status: u16, c: &str| refused(status, ListObjectVersionsError::generic(code(c)));
         // No s3:ListBucketVersions, or a server without versions: not known to be deleted.
         assert!(matches!(
             s.versions_unknown("k", list(403, "AccessDenied")),
@@ -900,12 +894,8 @@ mod tests {
     #[test]
     fn versioning_the_storage_will_not_report_is_unknown_not_a_failed_probe() {
         let s = store();
-        let err = |status: u16, c: &str| {
-            SdkError::service_error(
-                GetBucketVersioningError::generic(code(c)),
-                response(status, ""),
-            )
-        };
+        let err =
+            |status: u16, c: &str| refused(status, GetBucketVersioningError::generic(code(c)));
         // A role without s3:GetBucketVersioning, a server without the call.
         let why = s.versioning_unknown(err(403, "AccessDenied")).unwrap();
         assert!(why.contains("access denied"), "{why}");
@@ -922,9 +912,7 @@ mod tests {
     #[test]
     fn a_listing_after_a_refused_get_that_may_pass_is_retried() {
         let s = store();
-        let list = |status: u16, c: &str| {
-            SdkError::service_error(ListObjectsV2Error::generic(code(c)), response(status, ""))
-        };
+        let list = |status: u16, c: &str| refused(status, ListObjectsV2Error::generic(code(c)));
         let denied = || StorageError::Denied("s3://b/k: AccessDenied".into());
         let err = s.listing_after_denied_failed("k", denied(), list(503, "SlowDown"));
         assert!(err.is_transient(), "{err:?}");
@@ -935,9 +923,7 @@ mod tests {
     #[test]
     fn a_listing_is_never_taken_for_missing_or_complete_on_a_doubtful_answer() {
         let s = store();
-        let list = |status: u16, c: &str| {
-            SdkError::service_error(ListObjectsV2Error::generic(code(c)), response(status, ""))
-        };
+        let list = |status: u16, c: &str| refused(status, ListObjectsV2Error::generic(code(c)));
         // A bare 404: something answered for the server.
         let err = s.map_list("wal/", list(404, "NotFound"));
         assert!(err.is_transient(), "{err:?}");
@@ -946,10 +932,7 @@ mod tests {
             StorageError::NoBucket(_)
         ));
         // Nor is a version listing's bare 404 an answer "not deleted".
-        let versions = SdkError::service_error(
-            ListObjectVersionsError::generic(code("NotFound")),
-            response(404, ""),
-        );
+        let versions = refused(404, ListObjectVersionsError::generic(code("NotFound")));
         assert!(s
             .versions_unknown("k", versions)
             .unwrap_err()
