@@ -1012,6 +1012,38 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
         "{text}"
     );
 
+    // PostgreSQL refuses the connection, or nothing listens: one line with what the server or
+    // the socket said (not tokio-postgres's bare "db error"), exit 3.
+    let connect = |host: &str, port: u16, user: &str| {
+        let a = [
+            "backup-push",
+            "--pg-host",
+            host,
+            "--pg-port",
+            &port.to_string(),
+            "--pg-user",
+            user,
+        ]
+        .map(String::from);
+        let out = run(&cfg, &a, base.path());
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        err
+    };
+    let sock = primary.sock.display().to_string();
+    let err = connect(&sock, primary.port, "nobody");
+    assert!(
+        err.contains("cannot connect to PostgreSQL")
+            && err.contains("FATAL: role \"nobody\" does not exist (28000)"),
+        "{err}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nobody_listens = closed.local_addr().unwrap().port();
+    drop(closed);
+    let err = connect("127.0.0.1", nobody_listens, "postgres");
+    assert!(err.contains("Connection refused"), "{err}");
+
     // The store goes away: one clear line, exit 3, and no new backup once it is back.
     server.kill();
     let out = backup_push(&cfg, &primary, &[]);

@@ -8,12 +8,12 @@ use tokio_postgres::{Client, NoTls};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PgError {
-    #[error("cannot connect to PostgreSQL at {target}: {source}; check --pg-host/--pg-port/--pg-user (or PGHOST, PGPORT, PGUSER) and that the server is running")]
+    #[error("cannot connect to PostgreSQL at {target}: {}; check --pg-host/--pg-port/--pg-user (or PGHOST, PGPORT, PGUSER), the password (PGPASSWORD or ~/.pgpass), pg_hba.conf, and that the server is running", describe(.source))]
     Connect {
         target: String,
         source: tokio_postgres::Error,
     },
-    #[error("PostgreSQL: {what}: {source}")]
+    #[error("PostgreSQL: {what}: {}", describe(.source))]
     Query {
         what: &'static str,
         source: tokio_postgres::Error,
@@ -26,6 +26,34 @@ impl PgError {
     pub fn query(what: &'static str) -> impl FnOnce(tokio_postgres::Error) -> Self {
         move |source| PgError::Query { what, source }
     }
+}
+
+/// What the server or the connection said, on one line. tokio-postgres's own `Display` names
+/// only the kind ("db error", "error connecting to server"); the server's message, SQLSTATE,
+/// detail and hint, or the I/O error under a failed connection, are what say what to fix.
+fn describe(err: &tokio_postgres::Error) -> String {
+    let text = match err.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{}: {} ({})", db.severity(), db.message(), db.code().code());
+            if let Some(detail) = db.detail() {
+                s.push_str(&format!("; DETAIL: {detail}"));
+            }
+            if let Some(hint) = db.hint() {
+                s.push_str(&format!("; HINT: {hint}"));
+            }
+            s
+        }
+        None => {
+            let mut s = err.to_string();
+            let mut cause = std::error::Error::source(err);
+            while let Some(c) = cause {
+                s.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            s
+        }
+    };
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// Where to connect; `None` fields fall back to the environment and libpq's defaults.
