@@ -23,7 +23,11 @@ fn main() -> ExitCode {
                 (true, true) => exit::for_wal_fetch(exit::USAGE, standby),
                 (true, false) => exit::USAGE,
             };
-            let _ = e.print();
+            if e.use_stderr() {
+                eprintln!("walship: error: {}", usage_error(&e));
+            } else {
+                let _ = e.print();
+            }
             return ExitCode::from(code as u8);
         }
     };
@@ -72,6 +76,65 @@ fn main() -> ExitCode {
         .init();
     let code = run(cli, standby);
     ExitCode::from(code as u8)
+}
+
+/// clap's error on one line, as every walship error is (PostgreSQL's log takes a line per
+/// error), naming the `WALSHIP_*` variable when the bad value came from it: in restore_command or
+/// archive_command nobody typed the flag clap names.
+fn usage_error(e: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = e.render().to_string();
+    let mut parts = rendered
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .map(|l| {
+            l.strip_prefix("error: ")
+                .unwrap_or(l)
+                .replace("Usage: ", "usage: ")
+        });
+    let mut text = parts.next().unwrap_or_default();
+    let mut listing = false;
+    for part in parts {
+        // A list ("not provided:" and a line per argument) stays one phrase; "[possible values:
+        // ...]" follows the sentence it belongs to.
+        let item = part.starts_with('<') || part.starts_with('-');
+        let sep = if text.ends_with(':') {
+            listing = item;
+            " "
+        } else if listing && item {
+            ", "
+        } else {
+            listing = false;
+            if part.starts_with('[') {
+                " "
+            } else {
+                "; "
+            }
+        };
+        text.push_str(sep);
+        text.push_str(&part);
+    }
+    if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
+        let flag = arg.split(['=', ' ']).next().unwrap_or_default();
+        let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if let Some(var) = env_of(&<Cli as clap::CommandFactory>::command(), flag) {
+            if !typed && std::env::var_os(&var).is_some() {
+                text.push_str(&format!(" (the value of {var})"));
+            }
+        }
+    }
+    format!("{text}; walship --help lists the flags and their variables")
+}
+
+/// The environment variable of the flag `--long` of `cmd` or one of its subcommands.
+fn env_of(cmd: &clap::Command, flag: &str) -> Option<String> {
+    let long = flag.strip_prefix("--")?;
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .and_then(|a| a.get_env())
+        .map(|v| v.to_string_lossy().into_owned())
+        .or_else(|| cmd.get_subcommands().find_map(|c| env_of(c, flag)))
 }
 
 fn runtime() -> tokio::runtime::Runtime {

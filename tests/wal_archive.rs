@@ -687,10 +687,13 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     let out = bad_value(&scratch);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + 2), "{err}");
+    // One line, naming the variable: nobody typed the flag clap knows it by.
     assert!(
-        err.contains("WALSHIP_PREFETCH") || err.contains("prefetch"),
+        err.starts_with("walship: error: invalid value 'off' for '--prefetch")
+            && err.contains("(the value of WALSHIP_PREFETCH)"),
         "{err}"
     );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     std::fs::write(scratch.join("standby.signal"), b"").unwrap();
     assert_eq!(
         bad_value(&scratch).status.code(),
