@@ -19,9 +19,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/walship/walship.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {0}: {1}")]
-    Read(PathBuf, std::io::Error),
-    #[error("config file {0} is invalid: {1}")]
+    #[error("cannot read config file {}: {err}{}; the config file is --config or WALSHIP_CONFIG, else {} when it exists", .path.display(), crate::io_hint::suffix(.err), DEFAULT_CONFIG_PATH)]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("config file {0} is invalid: {1}; fix that line (README.md, Configuration, lists every setting)")]
     Parse(PathBuf, String),
     #[error("no repository configured: set WALSHIP_REPO, --repo or `repo = ...` in the config file (s3://bucket/prefix or file:///path)")]
     NoRepo,
@@ -197,17 +197,39 @@ pub struct Config {
 }
 
 fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text =
-        std::fs::read_to_string(path).map_err(|e| ConfigError::Read(path.to_path_buf(), e))?;
-    let mut file: FileConfig =
-        toml::from_str(&text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e.to_string()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.to_path_buf(),
+        err: e,
+    })?;
+    let mut file: FileConfig = toml::from_str(&text)
+        .map_err(|e| ConfigError::Parse(path.to_path_buf(), toml_error(&text, &e)))?;
     let dir = std::path::absolute(path)
-        .map_err(|e| ConfigError::Read(path.to_path_buf(), e))?
+        .map_err(|e| ConfigError::Read {
+            path: path.to_path_buf(),
+            err: e,
+        })?
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     file.anchor_paths(&dir);
     Ok(file)
+}
+
+/// A TOML error on one line: where (line and column) and what. toml's own `Display` draws the
+/// line with a caret under it, over several lines, in PostgreSQL's log.
+fn toml_error(text: &str, err: &toml::de::Error) -> String {
+    let what = err
+        .message()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let Some(at) = err.span().map(|s| s.start.min(text.len())) else {
+        return what;
+    };
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let column = before.chars().rev().take_while(|&c| c != '\n').count() + 1;
+    format!("line {line}, column {column}: {what}")
 }
 
 impl FileConfig {
@@ -573,13 +595,27 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("w.toml");
-        std::fs::write(&cfg, "repo = \"file:///x\"\nlookahed = 3\n").unwrap();
-        let err = Config::resolve(Overrides {
-            config: Some(cfg),
-            ..Default::default()
-        })
-        .unwrap_err();
-        assert!(err.to_string().contains("lookahed"), "{err}");
+        std::fs::write(&cfg, "repo = \"file:///x\"\n[wal]\n  lookahed = 3\n").unwrap();
+        let resolve = |cfg: &Path| {
+            Config::resolve(Overrides {
+                config: Some(cfg.to_path_buf()),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .to_string()
+        };
+        // One line, saying where: toml's own message draws the line over several.
+        let err = resolve(&cfg);
+        assert!(
+            err.contains("is invalid: line 3, column 3: unknown field `lookahed`, expected one of `lookahead`")
+                && !err.contains('\n'),
+            "{err}"
+        );
+        let err = resolve(&dir.path().join("missing.toml"));
+        assert!(
+            err.contains("missing.toml: No such file") && err.contains("WALSHIP_CONFIG"),
+            "{err}"
+        );
         let err = Config::resolve(Overrides {
             repo: Some("file:///x".into()),
             compression_level: Some(40),
