@@ -479,7 +479,8 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(7), "{err}");
     assert!(
-        err.contains("cannot archive pg_wal/000000010000000000000099: No such file or directory"),
+        err.contains("cannot archive pg_wal/000000010000000000000099: No such file or directory")
+            && err.contains("archive_command must pass %p"),
         "{err}"
     );
     let bucket = format!("s3://{}/", server.bucket());

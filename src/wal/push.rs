@@ -427,6 +427,17 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
     // One stat: the system's error ("No such file or directory", "Permission denied"), not a
     // made-up one, or a path that is not a file.
     match std::fs::metadata(path) {
+        // Most often %f (the bare name) given for %p, or the command run by hand elsewhere.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let e = std::io::Error::new(
+                e.kind(),
+                format!(
+                    "{e}; archive_command must pass %p, the path relative to the data directory \
+                     PostgreSQL runs it in: archive_command = 'walship wal-push %p'"
+                ),
+            );
+            return Err(WalError::local("cannot archive", path, e));
+        }
         Err(e) => return Err(WalError::local("cannot archive", path, e)),
         Ok(m) if !m.is_file() => {
             let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
