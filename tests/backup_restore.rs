@@ -1044,6 +1044,36 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
     let err = connect("127.0.0.1", nobody_listens, "postgres");
     assert!(err.contains("Connection refused"), "{err}");
 
+    // A file in the data directory that the user walship runs as cannot read: the error names
+    // that file (not the backup part it was going into) and what to do, exit 7.
+    let root_only = primary.data.join("root-only.conf");
+    std::fs::write(&root_only, b"secret").unwrap();
+    std::fs::set_permissions(&root_only, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let mut a: Vec<String> = vec![
+        "--config".into(),
+        cfg.display().to_string(),
+        "backup-push".into(),
+    ];
+    a.extend(pg_args(&primary));
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", common::WALSHIP])
+        .args(&a)
+        .current_dir(base.path())
+        .env_remove("WALSHIP_LOG")
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(7), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot read {}: Permission denied",
+            root_only.display()
+        )) && err.contains("give that user access")
+            && !err.contains("part-"),
+        "{err}"
+    );
+    std::fs::remove_file(&root_only).unwrap();
+
     // The store goes away: one clear line, exit 3, and no new backup once it is back.
     server.kill();
     let out = backup_push(&cfg, &primary, &[]);

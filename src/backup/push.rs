@@ -922,12 +922,18 @@ async fn upload_parts(
             let (enc, found) = tokio::task::spawn_blocking(move || {
                 let mut reader = PartReader::new(&files, &pieces, &progress, pages);
                 reader.fixed = control;
-                let enc = codec::encode(&mut reader, &recipients, level);
-                enc.map(|enc| (enc, reader.found))
+                match codec::encode(&mut reader, &recipients, level) {
+                    Ok(enc) => Ok((enc, reader.found)),
+                    // A data directory file that cannot be read: said of the file, not the part.
+                    Err(codec::CodecError::Io(e)) if reader.unreadable.is_some() => {
+                        let path = reader.unreadable.take().expect("checked");
+                        Err(BackupError::local("cannot read", &path, e))
+                    }
+                    Err(source) => Err(ArchiveError::Codec { key: key_s, source }.into()),
+                }
             })
             .await
-            .expect("encode does not panic")
-            .map_err(|source| ArchiveError::Codec { key: key_s, source })?;
+            .expect("encode does not panic")?;
             drop(working);
             let sha256 = enc.header.sha256_hex();
             let _uploading = uploads.acquire().await.expect("open");
@@ -1134,6 +1140,8 @@ struct PartReader<'a> {
     /// A file already read and checked (pg_control): its index in `files` and its bytes, served
     /// instead of reading the path.
     fixed: Option<(usize, Arc<[u8]>)>,
+    /// The file a read failed on, for the error: the codec sees only the `io::Error`.
+    unreadable: Option<PathBuf>,
 }
 
 impl<'a> PartReader<'a> {
@@ -1153,6 +1161,7 @@ impl<'a> PartReader<'a> {
             at: 0,
             open: None,
             fixed: None,
+            unreadable: None,
         }
     }
 
@@ -1166,16 +1175,15 @@ impl<'a> PartReader<'a> {
                     tracing::debug!("{} vanished during the backup", path.display());
                     None
                 }
-                (None, Err(e)) => return Err(with_path(e, path)),
+                (None, Err(e)) => {
+                    self.unreadable = Some(path.clone());
+                    return Err(e);
+                }
             };
             self.open = Some((index, file));
         }
         Ok(self.open.as_ref().and_then(|(_, f)| f.as_deref()))
     }
-}
-
-fn with_path(e: std::io::Error, path: &std::path::Path) -> std::io::Error {
-    std::io::Error::new(e.kind(), format!("cannot read {}: {e}", path.display()))
 }
 
 impl Read for PartReader<'_> {
@@ -1212,7 +1220,10 @@ impl Read for PartReader<'_> {
                 Some(f) => loop {
                     match f.read_at(&mut buf[..want], pos) {
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(with_path(e, &files[p.file].abs)),
+                        Err(e) => {
+                            self.unreadable = Some(files[p.file].abs.clone());
+                            return Err(e);
+                        }
                         Ok(n) => break n,
                     }
                 },
