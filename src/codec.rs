@@ -41,14 +41,14 @@ pub enum CodecError {
     UnsupportedVersion(u8),
     #[error("cannot decrypt: {0}; check that the identity file matches a recipient the repository was written for (or the object's key stanza is damaged)")]
     Decrypt(String),
-    #[error("object is corrupt: {0}")]
+    #[error("object is corrupt: {0}; restore an intact earlier version of it if the bucket is versioned (for a backup, `walship backup-list` shows the others to restore instead)")]
     Corrupt(String),
     #[error("invalid age recipient '{0}': expected an age1… public key")]
     BadRecipient(String),
     /// A secret key where a public one belongs; the key itself is never repeated in the message.
     #[error("a secret age identity (AGE-SECRET-KEY-1…) was given as a recipient: give its public key instead (age1…, printed by `walship keygen`; `age-keygen -y` derives it), keep the secret key only on hosts that fetch, and treat this one as exposed if it was typed where others can see it")]
     SecretAsRecipient,
-    #[error("no age identity (AGE-SECRET-KEY-1…) found in {0}")]
+    #[error("no age identity (AGE-SECRET-KEY-1…) found in {0}: point identity_file (or WALSHIP_IDENTITY_FILE) at the secret key file `walship keygen` wrote, not at the public age1… key")]
     NoIdentity(String),
     #[error("encrypting failed: {0}")]
     Encrypt(String),
@@ -297,7 +297,14 @@ pub fn decode(
     // parsed is damage, like any other.
     let age_error = |e: age::DecryptError| match e {
         age::DecryptError::NoMatchingKeys => CodecError::Decrypt(e.to_string()),
-        e => CodecError::Corrupt(format!("age: {e}")),
+        // One line: some of age's messages add advice on a line of its own.
+        e => CodecError::Corrupt(format!(
+            "age: {}",
+            e.to_string()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        )),
     };
     let decryptor = age::Decryptor::new(&object[HEADER_LEN..]).map_err(age_error)?;
     let mut plain = decryptor

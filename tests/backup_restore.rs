@@ -1398,7 +1398,12 @@ fn old_targets_corrupt_parts_killed_backups_and_non_empty_targets_fail_clearly()
     let bad = base.path().join("bad");
     let out = backup_fetch(&cfg, &id, &bad);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
-    assert!(stderr(&out).contains("corrupt"), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("is corrupt") && err.contains("`walship backup-list` shows the others"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(bad.join("walship-restore-incomplete").exists());
     assert!(
         !bad.join("global/pg_control").exists(),

@@ -33,7 +33,10 @@ impl FsStore {
     fn check_root(&self) -> Result<(), StorageError> {
         match fs::metadata(&self.root) {
             Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(StorageError::NoBucket(format!("{} is not a directory", self.root.display()))),
+            Ok(_) => Err(StorageError::NoBucket(format!(
+                "repository path {} is a file, not a directory; fix the repository URL or move the file away",
+                self.root.display()
+            ))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NoBucket(format!(
                 "repository directory {} does not exist; create it (mkdir -p) or fix the repository URL",
                 self.root.display()
@@ -419,6 +422,16 @@ mod tests {
             store.put_if_absent(&key, Bytes::from_static(b"x")).await,
             Err(StorageError::NoBucket(_))
         ));
+        // A file where the repository should be: said so, with what to do.
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let store = FsStore::new(dir.path().join("file"));
+        match store.get(&key).await {
+            Err(StorageError::NoBucket(why)) => assert!(
+                why.contains("is a file, not a directory; fix the repository URL"),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
