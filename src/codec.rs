@@ -298,13 +298,7 @@ pub fn decode(
     let age_error = |e: age::DecryptError| match e {
         age::DecryptError::NoMatchingKeys => CodecError::Decrypt(e.to_string()),
         // One line: some of age's messages add advice on a line of its own.
-        e => CodecError::Corrupt(format!(
-            "age: {}",
-            e.to_string()
-                .split_whitespace()
-                .collect::<Vec<_>>()
-                .join(" ")
-        )),
+        e => CodecError::Corrupt(format!("age: {}", crate::text::one_line(&e.to_string()))),
     };
     let decryptor = age::Decryptor::new(&object[HEADER_LEN..]).map_err(age_error)?;
     let mut plain = decryptor

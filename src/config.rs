@@ -218,11 +218,7 @@ fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
 /// A TOML error on one line: where (line and column) and what. toml's own `Display` draws the
 /// line with a caret under it, over several lines, in PostgreSQL's log.
 fn toml_error(text: &str, err: &toml::de::Error) -> String {
-    let what = err
-        .message()
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ");
+    let what = crate::text::one_line(err.message());
     let Some(at) = err.span().map(|s| s.start.min(text.len())) else {
         return what;
     };

@@ -12,5 +12,6 @@ pub mod pg;
 pub mod repo;
 pub mod restore;
 pub mod storage;
+pub mod text;
 pub mod time;
 pub mod wal;

@@ -922,14 +922,14 @@ async fn upload_parts(
             let (enc, found) = tokio::task::spawn_blocking(move || {
                 let mut reader = PartReader::new(&files, &pieces, &progress, pages);
                 reader.fixed = control;
-                match codec::encode(&mut reader, &recipients, level) {
-                    Ok(enc) => Ok((enc, reader.found)),
+                let encoded = codec::encode(&mut reader, &recipients, level);
+                match (encoded, reader.unreadable) {
+                    (Ok(enc), _) => Ok((enc, reader.found)),
                     // A data directory file that cannot be read: said of the file, not the part.
-                    Err(codec::CodecError::Io(e)) if reader.unreadable.is_some() => {
-                        let path = reader.unreadable.take().expect("checked");
+                    (Err(codec::CodecError::Io(e)), Some(path)) => {
                         Err(BackupError::local("cannot read", &path, e))
                     }
-                    Err(source) => Err(ArchiveError::Codec { key: key_s, source }.into()),
+                    (Err(source), _) => Err(ArchiveError::Codec { key: key_s, source }.into()),
                 }
             })
             .await

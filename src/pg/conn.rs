@@ -53,7 +53,7 @@ fn describe(err: &tokio_postgres::Error) -> String {
             s
         }
     };
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    crate::text::one_line(&text)
 }
 
 /// Where to connect; `None` fields fall back to the environment and libpq's defaults.

@@ -342,8 +342,8 @@ fn instance_role_hint(chain: &str) -> &'static str {
          instance profile) if walship should use it"
     } else if chain.contains("IMDS session token") || chain.contains("communicate with IMDS") {
         "; if this host is a cloud instance with a role, its metadata service gave none: check \
-         that it is enabled and reachable, and in a container on EC2 raise the instance's metadata hop \
-         limit (HttpPutResponseHopLimit) to 2"
+         that it is enabled and reachable, and in a container on EC2 raise the instance's \
+         metadata hop limit (HttpPutResponseHopLimit) to 2"
     } else {
         ""
     }
