@@ -1038,10 +1038,7 @@ fn backups_with_the_store_down_or_the_wrong_key_fail_clearly() {
             && err.contains("FATAL: role \"nobody\" does not exist (28000)"),
         "{err}"
     );
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let nobody_listens = closed.local_addr().unwrap().port();
-    drop(closed);
-    let err = connect("127.0.0.1", nobody_listens, "postgres");
+    let err = connect("127.0.0.1", common::free_port(), "postgres");
     assert!(err.contains("Connection refused"), "{err}");
 
     // A file in the data directory that the user walship runs as cannot read: the error names

@@ -428,10 +428,7 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         "{report}"
     );
     // Nothing listening where the service should be: the same hint.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let nobody = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
-    let report = keyless_check(&nobody);
+    let report = keyless_check(&format!("http://127.0.0.1:{}", common::free_port()));
     assert!(
         report.contains("FAIL access denied: no usable S3 credentials")
             && report.contains("metadata hop limit"),

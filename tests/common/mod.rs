@@ -410,7 +410,8 @@ pub fn as_postgres(tool: &str) -> Command {
 
 static NEXT_PORT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
 
-fn free_port() -> u16 {
+/// A loopback port nothing listens on (until something takes it).
+pub fn free_port() -> u16 {
     // Ports handed out by the kernel, then released: good enough on a test machine.
     let _ = NEXT_PORT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     std::net::TcpListener::bind("127.0.0.1:0")
