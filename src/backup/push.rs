@@ -582,7 +582,7 @@ pub async fn push(
     let walked = tokio::task::spawn_blocking(move || walk::walk(&walk_dir))
         .await
         .expect("walk does not panic")
-        .map_err(|e| BackupError::local("cannot walk the data directory", &pgdata, e))?;
+        .map_err(|u| BackupError::local("cannot read", &u.path, u.err))?;
     let total = walked.total_size();
     tracing::info!(
         "backup {id}: {} files, {} bytes, {} tablespaces",

@@ -67,6 +67,21 @@ fn pinned_while_walked(rel: &str) -> bool {
     !rel.contains('/') || rel == "pg_logical/replorigin_checkpoint"
 }
 
+/// An entry of the data directory (or of a tablespace) that the walk could not read.
+#[derive(Debug)]
+pub struct Unreadable {
+    pub path: PathBuf,
+    pub err: io::Error,
+}
+
+/// `map_err` for an I/O error on `path`.
+fn at(path: &Path) -> impl FnOnce(io::Error) -> Unreadable + '_ {
+    move |err| Unreadable {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Walked {
     pub dirs: Vec<DirEntry>,
@@ -150,14 +165,14 @@ fn db_dir_skips(names: &[String]) -> impl Fn(&str) -> bool {
 
 /// List everything a backup of `pgdata` copies, in a stable order (directories before their
 /// contents, names sorted).
-pub fn walk(pgdata: &Path) -> io::Result<Walked> {
+pub fn walk(pgdata: &Path) -> Result<Walked, Unreadable> {
     let mut out = Walked::default();
     walk_dir(pgdata, "", &mut out, true)?;
     let tblspc = pgdata.join("pg_tblspc");
     let mut links: Vec<_> = match fs::read_dir(&tblspc) {
-        Ok(rd) => rd.collect::<Result<_, _>>()?,
+        Ok(rd) => rd.collect::<Result<_, _>>().map_err(at(&tblspc))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(e),
+        Err(e) => return Err(at(&tblspc)(e)),
     };
     links.sort_by_key(|e| e.file_name());
     for link in links {
@@ -165,7 +180,7 @@ pub fn walk(pgdata: &Path) -> io::Result<Walked> {
         let Ok(oid) = name.parse::<u32>() else {
             continue;
         };
-        let target = fs::read_link(link.path())?;
+        let target = fs::read_link(link.path()).map_err(at(&link.path()))?;
         let location = if target.is_absolute() {
             target
         } else {
@@ -175,7 +190,7 @@ pub fn walk(pgdata: &Path) -> io::Result<Walked> {
             oid,
             location: location.to_string_lossy().into_owned(),
         });
-        let meta = fs::metadata(&location)?;
+        let meta = fs::metadata(&location).map_err(at(&location))?;
         let rel = format!("pg_tblspc/{oid}");
         out.dirs.push(DirEntry {
             path: rel.clone(),
@@ -186,12 +201,12 @@ pub fn walk(pgdata: &Path) -> io::Result<Walked> {
     Ok(out)
 }
 
-fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()> {
+fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> Result<(), Unreadable> {
     let mut entries: Vec<_> = match fs::read_dir(dir) {
-        Ok(rd) => rd.collect::<Result<_, _>>()?,
+        Ok(rd) => rd.collect::<Result<_, _>>().map_err(at(dir))?,
         // Dropped while we walk (a database or relation removed): nothing to back up.
         Err(e) if e.kind() == io::ErrorKind::NotFound && !top => return Ok(()),
-        Err(e) => return Err(e),
+        Err(e) => return Err(at(dir)(e)),
     };
     entries.sort_by_key(|e| e.file_name());
     let names: Vec<String> = entries
@@ -218,7 +233,7 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> io::Result<()
         let meta = match fs::metadata(&path) {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(at(&path)(e)),
         };
         let mode = meta.permissions().mode() & 0o7777;
         if meta.is_dir() {
@@ -455,6 +470,25 @@ mod tests {
                 assert_eq!(f.relation_segment, None, "{}", f.path);
             }
         }
+    }
+
+    #[test]
+    fn a_walk_that_fails_names_the_entry_it_could_not_read() {
+        let root = tempfile::tempdir().unwrap();
+        let data = root.path().join("data");
+        fs::create_dir_all(data.join("base/1")).unwrap();
+        fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+        // A tablespace whose directory is gone (an unmounted volume, say).
+        let gone = root.path().join("unmounted/ts");
+        std::os::unix::fs::symlink(&gone, data.join("pg_tblspc/16400")).unwrap();
+        let u = walk(&data).unwrap_err();
+        assert_eq!(u.path, gone);
+        assert_eq!(u.err.kind(), io::ErrorKind::NotFound);
+        // A link that cannot be read as one: not a tablespace's symlink but a file by that name.
+        fs::remove_file(data.join("pg_tblspc/16400")).unwrap();
+        fs::write(data.join("pg_tblspc/16400"), b"").unwrap();
+        let u = walk(&data).unwrap_err();
+        assert_eq!(u.path, data.join("pg_tblspc/16400"));
     }
 
     #[test]
