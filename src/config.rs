@@ -39,6 +39,9 @@ pub enum ConfigError {
     },
     #[error("{0}")]
     Key(#[from] CodecError),
+    /// A recipient that is not an age public key, and the setting it came from.
+    #[error("{err} (set by {by})")]
+    Recipients { by: String, err: CodecError },
     #[error("invalid setting {0}: {1}")]
     Invalid(&'static str, String),
 }
@@ -228,6 +231,30 @@ fn toml_error(text: &str, err: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {what}")
 }
 
+/// The keys in `entries` (lines or values, each may hold several split by commas or spaces, and
+/// `#` starts a comment to the end of one), refused with `by`, where they were set, named when
+/// one is not a public key.
+fn checked_recipients<S: AsRef<str>>(
+    entries: impl IntoIterator<Item = S>,
+    by: String,
+) -> Result<Vec<String>, ConfigError> {
+    let mut keys = Vec::new();
+    for entry in entries {
+        let uncommented = entry.as_ref().split('#').next().unwrap_or_default();
+        keys.extend(
+            uncommented
+                .split([',', ' ', '\t'])
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_string),
+        );
+    }
+    match Recipients::parse(keys.iter().map(String::as_str)) {
+        Ok(_) => Ok(keys),
+        Err(err) => Err(ConfigError::Recipients { by, err }),
+    }
+}
+
 impl FileConfig {
     /// Relative paths in a config file name files beside it, not in whatever directory walship
     /// runs in: PostgreSQL runs archive_command and restore_command in the data directory.
@@ -268,28 +295,32 @@ impl Config {
         // `recipients` and `recipients_file` are one setting: the highest source that sets either
         // gives both. A key replaced through WALSHIP_RECIPIENTS must not stay in use through the
         // config file's `recipients_file`.
-        let (mut recipients, recipients_file) =
+        let (listed, listed_by, recipients_file) =
             if !o.recipients.is_empty() || o.recipients_file.is_some() {
-                (o.recipients.clone(), o.recipients_file.clone())
+                let by = "--recipient or WALSHIP_RECIPIENTS".to_string();
+                (o.recipients.clone(), by, o.recipients_file.clone())
             } else {
-                (file.recipients.unwrap_or_default(), file.recipients_file)
+                let by = match &config_file {
+                    Some(cfg) => format!("`recipients` in {}", cfg.display()),
+                    None => "`recipients`".to_string(),
+                };
+                (
+                    file.recipients.unwrap_or_default(),
+                    by,
+                    file.recipients_file,
+                )
             };
+        // Each source is checked on its own, so a bad key's error says where to fix it.
+        let mut recipients = checked_recipients(&listed, listed_by)?;
         if let Some(path) = recipients_file {
             let text = std::fs::read_to_string(&path).map_err(|err| ConfigError::ReadSecret {
                 what: "recipients file",
                 path: path.clone(),
                 err,
             })?;
-            recipients.extend(text.lines().map(str::to_string));
+            let by = format!("recipients file {}", path.display());
+            recipients.extend(checked_recipients(text.lines(), by)?);
         }
-        let recipients: Vec<String> = recipients
-            .iter()
-            .flat_map(|r| r.split([',', ' ']))
-            .map(str::trim)
-            .filter(|r| !r.is_empty() && !r.starts_with('#'))
-            .map(str::to_string)
-            .collect();
-        Recipients::parse(recipients.iter().map(String::as_str))?;
 
         // Level 1: WAL is archived one segment per call and a backlog is dangerous, so speed comes
         // first; level 3 stores about a quarter less for about twice the CPU (see README).
@@ -543,7 +574,8 @@ mod tests {
         let (old, _) = key(1);
         let (new, id_file) = key(2);
         let old_list = dir.path().join("old-recipients");
-        std::fs::write(&old_list, format!("{old}\n")).unwrap();
+        // Comments, whole-line or after a key, may hold spaces and commas.
+        std::fs::write(&old_list, format!("# the ops key, for now\n{old}  # ops\n")).unwrap();
         let cfg = dir.path().join("w.toml");
         std::fs::write(
             &cfg,
@@ -585,6 +617,50 @@ mod tests {
             ..Default::default()
         });
         assert!(c.identity_env.is_some());
+    }
+
+    #[test]
+    fn a_key_that_is_not_a_recipient_names_the_setting_it_came_from() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("recipients");
+        // A comment of several words, and one after a key, are not keys.
+        std::fs::write(&list, "# the ops team's key\nage1notakey  # old\n").unwrap();
+        let cfg = dir.path().join("w.toml");
+        let refused = |file: &str, o: Overrides| {
+            std::fs::write(&cfg, format!("repo = \"file:///x\"\n{file}")).unwrap();
+            let err = Config::resolve(Overrides {
+                config: Some(cfg.clone()),
+                ..o
+            })
+            .unwrap_err();
+            assert!(matches!(err, ConfigError::Recipients { .. }), "{err:?}");
+            err.to_string()
+        };
+        let listed = format!("recipients_file = \"{}\"\n", list.display());
+        let err = refused(&listed, Overrides::default());
+        assert!(
+            err.contains("'age1notakey'")
+                && err.ends_with(&format!("(set by recipients file {})", list.display())),
+            "{err}"
+        );
+        let err = refused("recipients = [\"nope\"]\n", Overrides::default());
+        assert!(
+            err.ends_with(&format!("(set by `recipients` in {})", cfg.display())),
+            "{err}"
+        );
+        // A secret key where a public one belongs: the source is named, the key is not repeated.
+        let secret = "AGE-SECRET-KEY-1QQQQ";
+        let err = refused(
+            "",
+            Overrides {
+                recipients: vec![secret.into()],
+                ..Default::default()
+            },
+        );
+        assert!(
+            err.ends_with("(set by --recipient or WALSHIP_RECIPIENTS)") && !err.contains(secret),
+            "{err}"
+        );
     }
 
     #[test]
