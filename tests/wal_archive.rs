@@ -502,8 +502,14 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         other_keys.identity.to_str().unwrap(),
     );
     assert_eq!(code, Some(6), "{report}");
+    let fp = |r: &str| walship::codec::fingerprint(r);
     assert!(
-        report.contains("identity     FAIL does not match"),
+        report.contains(&format!(
+            "identity     FAIL does not match: key {} in {} is none of the repository's recipients ({})",
+            fp(&other_keys.recipient),
+            other_keys.identity.display(),
+            fp(&keys.recipient)
+        )),
         "{report}"
     );
     rt.block_on(create_bucket(&server, "walship-unversioned"));

@@ -211,13 +211,35 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                 let fits = expected
                     .as_ref()
                     .is_none_or(|exp| exp.is_empty() || mine.iter().any(|f| exp.contains(f)));
-                let round_trip = cfg
-                    .recipients()
-                    .ok()
-                    .and_then(|r| codec::encode(&b"walship check"[..], &r, 1).ok())
+                let configured = cfg.recipients().ok();
+                let round_trip = configured
+                    .as_ref()
+                    .and_then(|r| codec::encode(&b"walship check"[..], r, 1).ok())
                     .map(|enc| codec::decode(&enc.bytes, &ids, Vec::new()).is_ok());
-                if !fits || round_trip == Some(false) {
-                    line("identity", Status::Fail, "does not match the repository's recipients: wal-fetch could not decrypt the archive".into());
+                let source = match &cfg.identity_file {
+                    Some(path) if cfg.identity_env.is_none() => path.display().to_string(),
+                    _ => "WALSHIP_IDENTITY".to_string(),
+                };
+                // Which keys it had to be one of, and whose list that is.
+                let unmatched = if !fits {
+                    expected.map(|exp| ("the repository's recipients", exp))
+                } else if round_trip == Some(false) {
+                    configured.map(|r| ("the configured recipients", r.fingerprints()))
+                } else {
+                    None
+                };
+                if let Some((whose, theirs)) = unmatched {
+                    line(
+                        "identity",
+                        Status::Fail,
+                        format!(
+                            "does not match: key {} in {source} is none of {whose} ({}), so \
+                             wal-fetch could not decrypt; point identity_file (or \
+                             WALSHIP_IDENTITY) at the secret key of one of them",
+                            mine.join(","),
+                            theirs.join(","),
+                        ),
+                    );
                 } else {
                     line(
                         "identity",
