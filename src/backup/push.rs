@@ -643,7 +643,10 @@ pub async fn push(
         .and_then(|r| r.get::<_, String>(0).parse::<u64>().ok());
     let (timeline, start_wal) = parse_label(&label).ok_or_else(|| {
         PgError::Unexpected(format!(
-            "cannot read the backup label PostgreSQL returned: {label}"
+            "the backup label pg_backup_stop returned has no START TIMELINE and START WAL \
+             LOCATION lines as walship knows them: {}; the backup is left unfinished (no \
+             manifest), and this PostgreSQL may be newer than this walship supports",
+            crate::text::one_line(&label)
         ))
     })?;
     if facts.in_recovery {
