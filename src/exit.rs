@@ -87,7 +87,9 @@ pub fn for_backup(e: &BackupError) -> i32 {
         BackupError::Local { .. } => LOCAL_IO,
         BackupError::ForeignCluster(_) | BackupError::TargetNotEmpty(_) => CONFLICT,
         BackupError::WalNotArchived(_) | BackupError::TimelineSwitched(_) => UNAVAILABLE,
-        BackupError::NoSuchBackup(_) | BackupError::NoBackupForTarget(_) => NOT_IN_ARCHIVE,
+        BackupError::NoSuchBackup(_)
+        | BackupError::NoBackups(_)
+        | BackupError::NoBackupForTarget(_) => NOT_IN_ARCHIVE,
         BackupError::BadManifest { .. } | BackupError::BadHistory { .. } | BackupError::Gap(_) => {
             CORRUPT
         }

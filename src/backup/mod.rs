@@ -41,6 +41,9 @@ pub enum BackupError {
     TimelineSwitched(String),
     #[error("no backup {0} in the repository; `walship backup-list` shows the backups there are")]
     NoSuchBackup(String),
+    /// LATEST asked of a repository with no complete backup.
+    #[error("{0} has no complete backup yet, so there is no LATEST: take one with `walship backup-push`")]
+    NoBackups(String),
     #[error("backup {id} is unusable: {why}")]
     BadManifest { id: String, why: String },
     #[error("{0}")]
@@ -204,8 +207,8 @@ pub async fn list_ids(archive: &Archive) -> Result<Vec<String>, BackupError> {
     Ok(inventory(archive).await?.complete)
 }
 
-/// Every complete backup's summary, oldest first. A backup made before summaries existed is
-/// summarised from its manifest, which needs `ids`.
+/// Every complete backup's summary, oldest first. A backup whose plain summary is missing (made
+/// before summaries existed) or unreadable is summarised from its manifest, which needs `ids`.
 pub async fn summaries(
     archive: &Archive,
     ids: Option<&Arc<Identities>>,
@@ -221,25 +224,33 @@ pub async fn summaries_of(
 ) -> Result<Vec<BackupSummary>, BackupError> {
     let mut out = Vec::new();
     for id in complete {
-        match archive.store().get(&layout::summary_key(&id)).await {
-            Ok(bytes) => {
-                out.push(
-                    serde_json::from_slice(&bytes).map_err(|e| BackupError::BadManifest {
-                        id: id.clone(),
-                        why: format!("summary.json is not valid: {e}"),
-                    })?,
-                )
-            }
-            Err(StorageError::NotFound(_)) => match ids {
-                Some(ids) => out.push(BackupSummary::of(&read_manifest(archive, ids, &id).await?)),
-                None => {
-                    return Err(BackupError::Invalid(format!(
-                        "backup {id} was made by a walship without plain summaries; list \
-                         backups on a host with the identity (identity_file or WALSHIP_IDENTITY)"
-                    )))
+        // Why the plain summary cannot be used, when it cannot.
+        let unusable = match archive.store().get(&layout::summary_key(&id)).await {
+            Ok(bytes) => match serde_json::from_slice::<BackupSummary>(&bytes) {
+                Ok(summary) => {
+                    out.push(summary);
+                    continue;
+                }
+                Err(e) => {
+                    let why = format!("its summary.json is not valid ({e})");
+                    tracing::warn!("backup {id}: {why}; listing it from its manifest");
+                    why
                 }
             },
+            Err(StorageError::NotFound(_)) => {
+                "it was made by a walship without plain summaries".to_string()
+            }
             Err(e) => return Err(ArchiveError::from(e).into()),
+        };
+        // The manifest, encrypted and verified, says everything the summary does.
+        match ids {
+            Some(ids) => out.push(BackupSummary::of(&read_manifest(archive, ids, &id).await?)),
+            None => {
+                return Err(BackupError::Invalid(format!(
+                    "cannot list backup {id}: {unusable}; list backups on a host with the \
+                     identity (identity_file or WALSHIP_IDENTITY), which reads its manifest instead"
+                )))
+            }
         }
     }
     Ok(out)
@@ -253,12 +264,9 @@ pub async fn resolve(
 ) -> Result<BackupManifest, BackupError> {
     if which.eq_ignore_ascii_case("LATEST") {
         let all = list_ids(archive).await?;
-        let id = all.last().ok_or_else(|| {
-            BackupError::NoSuchBackup(format!(
-                "(LATEST: {} has no backups yet; take one with `walship backup-push`)",
-                archive.store().describe()
-            ))
-        })?;
+        let id = all
+            .last()
+            .ok_or_else(|| BackupError::NoBackups(archive.store().describe()))?;
         return read_manifest(archive, ids, id).await;
     }
     read_manifest(archive, ids, which).await
@@ -301,5 +309,68 @@ mod tests {
             ("20261124T080000Z", 2, 150)
         );
         assert!(u.last_stored_at.is_some(), "file mtimes are known");
+    }
+
+    /// An empty `file://` repository (gone with the directory) and an identity.
+    fn empty_repository() -> (tempfile::TempDir, Archive, Arc<Identities>) {
+        let dir = tempfile::tempdir().unwrap();
+        let archive = Archive::new(Arc::new(FsStore::new(dir.path())));
+        let (text, _) = crate::codec::generate_identity();
+        let ids = Arc::new(Identities::parse(&text, "test").unwrap());
+        (dir, archive, ids)
+    }
+
+    #[tokio::test]
+    async fn latest_in_a_repository_without_backups_says_so() {
+        let (_dir, archive, ids) = empty_repository();
+        let err = resolve(&archive, &ids, "latest").await.unwrap_err();
+        assert_eq!(crate::exit::for_backup(&err), crate::exit::NOT_IN_ARCHIVE);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} has no complete backup yet, so there is no LATEST: take one with \
+                 `walship backup-push`",
+                archive.store().describe()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_backup_whose_summary_is_unreadable_is_listed_from_its_manifest() {
+        let (_dir, archive, ids) = empty_repository();
+        let manifest = crate::repo::backup::tests::manifest(&[(10, 0, 0)], &[10]);
+        let id = manifest.id.clone();
+        let plain = serde_json::to_vec(&manifest).unwrap();
+        let recipients = Arc::new(ids.recipients());
+        let key = layout::manifest_key(&id);
+        archive
+            .put_plain(&key, plain, &recipients, 1)
+            .await
+            .unwrap();
+        // Cut short: an upload by hand, a bucket tool, a bit of damage.
+        let summary = layout::summary_key(&id);
+        let whole = serde_json::to_vec(&BackupSummary::of(&manifest)).unwrap();
+        let cut = whole[..whole.len() / 2].to_vec();
+        archive
+            .store()
+            .put_if_absent(&summary, cut.into())
+            .await
+            .unwrap();
+
+        let listed = summaries(&archive, Some(&ids)).await.unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(
+            serde_json::to_value(&listed[0]).unwrap(),
+            serde_json::to_value(BackupSummary::of(&manifest)).unwrap()
+        );
+        // Without the identity the manifest cannot be read: say which backup, why, and where
+        // listing works.
+        let err = summaries(&archive, None).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "cannot list backup {id}: its summary.json is not valid (EOF while parsing"
+            )) && err.ends_with("which reads its manifest instead"),
+            "{err}"
+        );
     }
 }
