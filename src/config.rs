@@ -231,21 +231,26 @@ fn toml_error(text: &str, err: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {what}")
 }
 
-/// The keys in `entries` (lines or values, each may hold several split by commas or spaces, and
-/// `#` starts a comment to the end of one), refused with `by`, where they were set, named when
-/// one is not a public key.
+/// The keys in `entries`, refused with `by` (where they were set) named when one is not a public
+/// key. Each entry may hold several keys, split by commas or white space. In a recipients file's
+/// lines (`lines`), `#` starts a comment to the end of the line; in a setting's values only a word
+/// starting with `#` is left out, so a `#` there never hides the keys after it.
 fn checked_recipients<S: AsRef<str>>(
     entries: impl IntoIterator<Item = S>,
+    lines: bool,
     by: String,
 ) -> Result<Vec<String>, ConfigError> {
     let mut keys = Vec::new();
     for entry in entries {
-        let uncommented = entry.as_ref().split('#').next().unwrap_or_default();
+        let entry = entry.as_ref();
+        let kept = match lines {
+            true => entry.split('#').next().unwrap_or_default(),
+            false => entry,
+        };
         keys.extend(
-            uncommented
-                .split([',', ' ', '\t'])
+            kept.split([',', ' ', '\t'])
                 .map(str::trim)
-                .filter(|k| !k.is_empty())
+                .filter(|k| !k.is_empty() && !k.starts_with('#'))
                 .map(str::to_string),
         );
     }
@@ -311,7 +316,7 @@ impl Config {
                 )
             };
         // Each source is checked on its own, so a bad key's error says where to fix it.
-        let mut recipients = checked_recipients(&listed, listed_by)?;
+        let mut recipients = checked_recipients(&listed, false, listed_by)?;
         if let Some(path) = recipients_file {
             let text = std::fs::read_to_string(&path).map_err(|err| ConfigError::ReadSecret {
                 what: "recipients file",
@@ -319,7 +324,7 @@ impl Config {
                 err,
             })?;
             let by = format!("recipients file {}", path.display());
-            recipients.extend(checked_recipients(text.lines(), by)?);
+            recipients.extend(checked_recipients(text.lines(), true, by)?);
         }
 
         // Level 1: WAL is archived one segment per call and a backlog is dangerous, so speed comes
@@ -598,7 +603,16 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(c.recipients, std::slice::from_ref(&new));
-        assert_eq!(resolve(Overrides::default()).recipients, [old]);
+        assert_eq!(
+            resolve(Overrides::default()).recipients,
+            std::slice::from_ref(&old)
+        );
+        // In a value, a word starting with `#` is no comment to the end: the keys after it count.
+        let c = resolve(Overrides {
+            recipients: vec![format!("{new} #retired {old}")],
+            ..Default::default()
+        });
+        assert_eq!(c.recipients, [new.clone(), old]);
         // An identity file named by flag or WALSHIP_IDENTITY_FILE wins over WALSHIP_IDENTITY.
         let c = resolve(Overrides {
             identity_file: Some(id_file.clone()),
