@@ -512,6 +512,23 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         )),
         "{report}"
     );
+    // Where nothing is archived yet, the identity must fit the recipients pushes would use.
+    let fresh = cfg_text
+        .replace(&bucket, &format!("{bucket}not-yet/"))
+        .replace(
+            keys.identity.to_str().unwrap(),
+            other_keys.identity.to_str().unwrap(),
+        );
+    let (code, report) = check("other-identity-fresh", &cfg_text, &fresh);
+    assert_eq!(code, Some(6), "{report}");
+    assert!(
+        report.contains("metadata     ok   none yet")
+            && report.contains(&format!(
+                "is none of the configured recipients ({})",
+                fp(&keys.recipient)
+            )),
+        "{report}"
+    );
     rt.block_on(create_bucket(&server, "walship-unversioned"));
     let (code, report) = check("unversioned", &bucket, "s3://walship-unversioned/");
     assert_eq!(code, Some(6), "{report}");

@@ -204,13 +204,22 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         match cfg.identities() {
             Ok(ids) => {
                 let mine = ids.recipients().fingerprints();
+                // The keys it must be one of, and whose list that is.
                 let expected = meta
                     .as_ref()
-                    .map(|m| m.recipient_fingerprints.clone())
-                    .or_else(|| cfg.recipients().ok().map(|r| r.fingerprints()));
+                    .map(|m| {
+                        (
+                            "the repository's recipients",
+                            m.recipient_fingerprints.clone(),
+                        )
+                    })
+                    .or_else(|| {
+                        let r = cfg.recipients().ok()?;
+                        Some(("the configured recipients", r.fingerprints()))
+                    });
                 let fits = expected
                     .as_ref()
-                    .is_none_or(|exp| exp.is_empty() || mine.iter().any(|f| exp.contains(f)));
+                    .is_none_or(|(_, exp)| exp.is_empty() || mine.iter().any(|f| exp.contains(f)));
                 let configured = cfg.recipients().ok();
                 let round_trip = configured
                     .as_ref()
@@ -220,9 +229,8 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                     Some(path) if cfg.identity_env.is_none() => path.display().to_string(),
                     _ => "WALSHIP_IDENTITY".to_string(),
                 };
-                // Which keys it had to be one of, and whose list that is.
                 let unmatched = if !fits {
-                    expected.map(|exp| ("the repository's recipients", exp))
+                    expected
                 } else if round_trip == Some(false) {
                     configured.map(|r| ("the configured recipients", r.fingerprints()))
                 } else {
@@ -234,8 +242,9 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                         Status::Fail,
                         format!(
                             "does not match: key {} in {source} is none of {whose} ({}), so \
-                             wal-fetch could not decrypt; point identity_file (or \
-                             WALSHIP_IDENTITY) at the secret key of one of them",
+                             wal-fetch could not decrypt; set identity_file (or \
+                             WALSHIP_IDENTITY_FILE) to the secret key file of one of them, or \
+                             WALSHIP_IDENTITY to the key",
                             mine.join(","),
                             theirs.join(","),
                         ),
