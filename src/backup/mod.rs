@@ -225,26 +225,29 @@ pub async fn summaries_of(
     let mut out = Vec::new();
     for id in complete {
         // Why the plain summary cannot be used, when it cannot.
-        let unusable = match archive.store().get(&layout::summary_key(&id)).await {
+        let (unusable, damaged) = match archive.store().get(&layout::summary_key(&id)).await {
             Ok(bytes) => match serde_json::from_slice::<BackupSummary>(&bytes) {
                 Ok(summary) => {
                     out.push(summary);
                     continue;
                 }
-                Err(e) => {
-                    let why = format!("its summary.json is not valid ({e})");
-                    tracing::warn!("backup {id}: {why}; listing it from its manifest");
-                    why
-                }
+                Err(e) => (format!("its summary.json is not valid ({e})"), true),
             },
-            Err(StorageError::NotFound(_)) => {
-                "it was made by a walship without plain summaries".to_string()
-            }
+            Err(StorageError::NotFound(_)) => (
+                "it was made by a walship without plain summaries".to_string(),
+                false,
+            ),
             Err(e) => return Err(ArchiveError::from(e).into()),
         };
         // The manifest, encrypted and verified, says everything the summary does.
         match ids {
-            Some(ids) => out.push(BackupSummary::of(&read_manifest(archive, ids, &id).await?)),
+            Some(ids) => {
+                let manifest = read_manifest(archive, ids, &id).await?;
+                if damaged {
+                    tracing::warn!("backup {id}: {unusable}; listed from its manifest");
+                }
+                out.push(BackupSummary::of(&manifest))
+            }
             None => {
                 return Err(BackupError::Invalid(format!(
                     "cannot list backup {id}: {unusable}; list backups on a host with the \

@@ -582,7 +582,7 @@ pub async fn push(
     let walked = tokio::task::spawn_blocking(move || walk::walk(&walk_dir))
         .await
         .expect("walk does not panic")
-        .map_err(|u| BackupError::local("cannot read", &u.path, u.err))?;
+        .map_err(|u| BackupError::local(u.what, &u.path, u.err))?;
     let total = walked.total_size();
     tracing::info!(
         "backup {id}: {} files, {} bytes, {} tablespaces",
@@ -644,8 +644,9 @@ pub async fn push(
     let (timeline, start_wal) = parse_label(&label).ok_or_else(|| {
         PgError::Unexpected(format!(
             "the backup label pg_backup_stop returned has no START TIMELINE and START WAL \
-             LOCATION lines as walship knows them: {}; the backup is left unfinished (no \
-             manifest), and this PostgreSQL may be newer than this walship supports",
+             LOCATION lines as walship knows them: {}; backup {id} is left unfinished (no \
+             manifest; `walship backup-list` shows it apart): this PostgreSQL may be newer than \
+             this walship supports, so upgrade walship",
             crate::text::one_line(&label)
         ))
     })?;

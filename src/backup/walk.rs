@@ -70,13 +70,20 @@ fn pinned_while_walked(rel: &str) -> bool {
 /// An entry of the data directory (or of a tablespace) that the walk could not read.
 #[derive(Debug)]
 pub struct Unreadable {
+    /// What failed, for the message: "cannot read", or what the path is for.
+    pub what: &'static str,
     pub path: PathBuf,
     pub err: io::Error,
 }
 
 /// `map_err` for an I/O error on `path`.
 fn at(path: &Path) -> impl FnOnce(io::Error) -> Unreadable + '_ {
+    at_what("cannot read", path)
+}
+
+fn at_what<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Unreadable + 'a {
     move |err| Unreadable {
+        what,
         path: path.to_path_buf(),
         err,
     }
@@ -180,7 +187,8 @@ pub fn walk(pgdata: &Path) -> Result<Walked, Unreadable> {
         let Ok(oid) = name.parse::<u32>() else {
             continue;
         };
-        let target = fs::read_link(link.path()).map_err(at(&link.path()))?;
+        let target = fs::read_link(link.path())
+            .map_err(at_what("cannot read tablespace symlink", &link.path()))?;
         let location = if target.is_absolute() {
             target
         } else {
@@ -190,7 +198,8 @@ pub fn walk(pgdata: &Path) -> Result<Walked, Unreadable> {
             oid,
             location: location.to_string_lossy().into_owned(),
         });
-        let meta = fs::metadata(&location).map_err(at(&location))?;
+        let meta = fs::metadata(&location)
+            .map_err(at_what("cannot read tablespace directory", &location))?;
         let rel = format!("pg_tblspc/{oid}");
         out.dirs.push(DirEntry {
             path: rel.clone(),
@@ -484,11 +493,13 @@ mod tests {
         let u = walk(&data).unwrap_err();
         assert_eq!(u.path, gone);
         assert_eq!(u.err.kind(), io::ErrorKind::NotFound);
+        assert!(u.what.contains("tablespace"), "{u:?}");
         // A link that cannot be read as one: not a tablespace's symlink but a file by that name.
         fs::remove_file(data.join("pg_tblspc/16400")).unwrap();
         fs::write(data.join("pg_tblspc/16400"), b"").unwrap();
         let u = walk(&data).unwrap_err();
         assert_eq!(u.path, data.join("pg_tblspc/16400"));
+        assert!(u.what.contains("symlink"), "{u:?}");
     }
 
     #[test]
