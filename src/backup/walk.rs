@@ -290,13 +290,19 @@ fn walk_dir(dir: &Path, rel: &str, out: &mut Walked, top: bool) -> Result<(), Un
 mod tests {
     use super::*;
 
-    #[test]
-    fn configuration_files_are_read_as_they_were_when_walked() {
-        use std::io::Read;
+    /// A data directory (`<root>/data`) with one database directory and no tablespaces.
+    fn small_data_dir() -> (tempfile::TempDir, PathBuf) {
         let root = tempfile::tempdir().unwrap();
         let data = root.path().join("data");
         fs::create_dir_all(data.join("base/1")).unwrap();
         fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+        (root, data)
+    }
+
+    #[test]
+    fn configuration_files_are_read_as_they_were_when_walked() {
+        use std::io::Read;
+        let (_root, data) = small_data_dir();
         fs::write(data.join("postgresql.auto.conf"), "max_connections = 100\n").unwrap();
         fs::write(data.join("base/1/1259"), b"relation").unwrap();
         let w = walk(&data).unwrap();
@@ -483,10 +489,7 @@ mod tests {
 
     #[test]
     fn a_walk_that_fails_names_the_entry_it_could_not_read() {
-        let root = tempfile::tempdir().unwrap();
-        let data = root.path().join("data");
-        fs::create_dir_all(data.join("base/1")).unwrap();
-        fs::create_dir_all(data.join("pg_tblspc")).unwrap();
+        let (root, data) = small_data_dir();
         // A tablespace whose directory is gone (an unmounted volume, say).
         let gone = root.path().join("unmounted/ts");
         std::os::unix::fs::symlink(&gone, data.join("pg_tblspc/16400")).unwrap();
