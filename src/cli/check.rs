@@ -204,6 +204,12 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
         match cfg.identities() {
             Ok(ids) => {
                 let mine = ids.recipients().fingerprints();
+                let configured = cfg.recipients().ok();
+                let configured_fps = || {
+                    configured
+                        .as_ref()
+                        .map(|r| ("the configured recipients", r.fingerprints()))
+                };
                 // The keys it must be one of, and whose list that is.
                 let expected = meta
                     .as_ref()
@@ -213,14 +219,10 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                             m.recipient_fingerprints.clone(),
                         )
                     })
-                    .or_else(|| {
-                        let r = cfg.recipients().ok()?;
-                        Some(("the configured recipients", r.fingerprints()))
-                    });
+                    .or_else(configured_fps);
                 let fits = expected
                     .as_ref()
                     .is_none_or(|(_, exp)| exp.is_empty() || mine.iter().any(|f| exp.contains(f)));
-                let configured = cfg.recipients().ok();
                 let round_trip = configured
                     .as_ref()
                     .and_then(|r| codec::encode(&b"walship check"[..], r, 1).ok())
@@ -232,7 +234,7 @@ pub async fn run(cfg: &Config, args: &CheckArgs) -> Vec<Line> {
                 let unmatched = if !fits {
                     expected
                 } else if round_trip == Some(false) {
-                    configured.map(|r| ("the configured recipients", r.fingerprints()))
+                    configured_fps()
                 } else {
                     None
                 };
