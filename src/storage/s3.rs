@@ -984,10 +984,12 @@ mod tests {
         );
     }
 
-    /// A server without conditional writes, at the HTTP level: a put with `If-None-Match` gets
-    /// 501 NotImplemented, one without is stored. Records each PUT's key and whether it carried
-    /// the condition.
-    fn serve_without_conditional_puts() -> (String, std::sync::mpsc::Receiver<(String, bool)>) {
+    /// An S3 stand-in at the HTTP level on loopback: `answer(method, path, conditional)` gives the
+    /// whole response to each request, by its method, its path without the query, and whether it
+    /// carried `If-None-Match`. Records each request's path and condition.
+    fn serve(
+        answer: fn(&str, &str, bool) -> String,
+    ) -> (String, std::sync::mpsc::Receiver<(String, bool)>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
@@ -1019,22 +1021,13 @@ mod tests {
                         }
                         let mut body = vec![0; len];
                         reader.read_exact(&mut body).unwrap();
-                        let target = request.split(' ').nth(1).unwrap_or("");
+                        let mut words = request.split(' ');
+                        let method = words.next().unwrap_or("");
+                        let target = words.next().unwrap_or("");
                         let path = target.split('?').next().unwrap_or("").to_string();
-                        let answer = if conditional {
-                            let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error>\
-                                <Code>NotImplemented</Code><Message>A header you provided implies \
-                                functionality that is not implemented</Message></Error>";
-                            format!(
-                                "HTTP/1.1 501 Not Implemented\r\nContent-Type: application/xml\r\n\
-                                 Content-Length: {}\r\n\r\n{xml}",
-                                xml.len()
-                            )
-                        } else {
-                            "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\n\r\n".into()
-                        };
+                        let reply = answer(method, &path, conditional);
                         tx.send((path, conditional)).unwrap();
-                        conn.write_all(answer.as_bytes()).unwrap();
+                        conn.write_all(reply.as_bytes()).unwrap();
                     }
                 });
             }
@@ -1042,10 +1035,22 @@ mod tests {
         (endpoint, rx)
     }
 
-    #[tokio::test]
-    async fn a_server_without_conditional_writes_gets_each_later_put_once() {
-        let (endpoint, requests) = serve_without_conditional_puts();
-        let s = S3Store::connect(&S3Settings {
+    /// An S3 error response: `status`, S3's XML error `code`, and extra header lines.
+    fn s3_error(status: &str, code: &str, headers: &str) -> String {
+        let xml = format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>\
+             <Message>{code}</Message></Error>"
+        );
+        format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/xml\r\n{headers}\
+             Content-Length: {}\r\n\r\n{xml}",
+            xml.len()
+        )
+    }
+
+    /// A store of bucket `b` at the stand-in `endpoint`.
+    async fn loopback(endpoint: String, max_attempts: u32) -> S3Store {
+        S3Store::connect(&S3Settings {
             bucket: "b".into(),
             prefix: String::new(),
             region: "us-east-1".into(),
@@ -1053,12 +1058,25 @@ mod tests {
             path_style: true,
             ca_bundle: None,
             static_credentials: Some(("id".into(), "secret".into())),
-            max_attempts: 3,
+            max_attempts,
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
         })
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_server_without_conditional_writes_gets_each_later_put_once() {
+        // A put with `If-None-Match` gets 501 NotImplemented; one without is stored.
+        let (endpoint, requests) = serve(|_, _, conditional| {
+            if conditional {
+                s3_error("501 Not Implemented", "NotImplemented", "")
+            } else {
+                "HTTP/1.1 200 OK\r\nETag: \"e\"\r\nContent-Length: 0\r\n\r\n".into()
+            }
+        });
+        let s = loopback(endpoint, 3).await;
         for key in ["wal/a", "wal/b"] {
             let key = ObjectKey::new(key).unwrap();
             let out = s.put_if_absent(&key, Bytes::from_static(b"x")).await;
@@ -1070,5 +1088,38 @@ mod tests {
             seen,
             [("/b/wal/a", true), ("/b/wal/a", false), ("/b/wal/b", false)]
         );
+    }
+
+    /// AWS marks the GET of a deleted object (its current version a delete marker) with
+    /// `x-amz-delete-marker: true`, which SeaweedFS, the test server, does not. The header alone
+    /// decides: no listing of versions, which a least-privilege role may not do (here refused).
+    #[tokio::test]
+    async fn a_delete_marker_named_on_the_get_is_deleted_without_a_listing() {
+        let (endpoint, requests) = serve(|_, path, _| match path.trim_end_matches('/') {
+            "/b" => s3_error("403 Forbidden", "AccessDenied", ""),
+            _ => s3_error(
+                "404 Not Found",
+                "NoSuchKey",
+                "x-amz-delete-marker: true\r\n",
+            ),
+        });
+        let s = loopback(endpoint, 1).await;
+        let key = ObjectKey::new("wal/000000010000000000000001").unwrap();
+        let err = s.get(&key).await.unwrap_err();
+        assert!(matches!(err, StorageError::Deleted(_)), "{err:?}");
+        let seen: Vec<_> = requests.try_iter().map(|(p, _)| p).collect();
+        assert_eq!(seen, ["/b/wal/000000010000000000000001"]);
+
+        // Without the header, and with the versions not to be listed: never written, as far as
+        // anyone can tell.
+        let (endpoint, requests) = serve(|_, path, _| match path.trim_end_matches('/') {
+            "/b" => s3_error("403 Forbidden", "AccessDenied", ""),
+            _ => s3_error("404 Not Found", "NoSuchKey", ""),
+        });
+        let s = loopback(endpoint, 1).await;
+        let err = s.get(&key).await.unwrap_err();
+        assert!(matches!(err, StorageError::NotFound(_)), "{err:?}");
+        let seen: Vec<_> = requests.try_iter().map(|(p, _)| p).collect();
+        assert_eq!(seen, ["/b/wal/000000010000000000000001", "/b/"]);
     }
 }
