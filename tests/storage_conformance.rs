@@ -21,6 +21,20 @@ async fn s3_and_directory_backends_keep_the_contract() {
         "minio-test creates the bucket with versioning on"
     );
 
+    // An object deleted from the versioned bucket is a delete marker over its old version: `get`
+    // says so, never "not found", which wal-fetch would report as the end of the archive.
+    // SeaweedFS tells by its listing of versions (AWS on the GET itself: see storage::s3's tests).
+    let gone = ObjectKey::new("wal/0000000100000000000000AA").unwrap();
+    s3.put_if_absent(&gone, vec![1u8; 100].into())
+        .await
+        .unwrap();
+    s3.delete(&gone).await.unwrap();
+    let err = s3.get(&gone).await.unwrap_err();
+    assert!(matches!(err, StorageError::Deleted(_)), "{err:?}");
+    let never = ObjectKey::new("wal/0000000100000000000000AB").unwrap();
+    let err = s3.get(&never).await.unwrap_err();
+    assert!(matches!(err, StorageError::NotFound(_)), "{err:?}");
+
     let dir = tempfile::tempdir().unwrap();
     conformance::run(&FsStore::new(dir.path())).await;
 

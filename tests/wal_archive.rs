@@ -650,6 +650,13 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
 
     // ...a corrupt object fails loudly, with a code that stops recovery, and places nothing.
     rt.block_on(store.delete(&key)).unwrap();
+    // (A segment deleted from the versioned bucket is no end of the archive either: recovery
+    // stops, where "not in archive" would have it promote before the segment.)
+    let out = walship(&cfg, &["wal-fetch", &seg, dest.to_str().unwrap()], &scratch);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 4), "{err}");
+    assert!(err.contains("was deleted"), "{err}");
+    assert!(!dest.exists(), "nothing placed");
     let mut bad = before.to_vec();
     let mid = bad.len() / 2;
     bad[mid] ^= 0x01;
