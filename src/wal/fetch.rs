@@ -97,7 +97,11 @@ pub async fn fetch(
 ) -> Result<FetchReport, WalError> {
     // What calls killed before they could clean up left beside `dest` (one small directory read
     // before a 16 MiB download; calls served from the spool leave it to the prefetcher's start).
-    archive::sweep_stale_temps(&parent_dir(dest));
+    // Only for recovery's own names: pg_rewind lists pg_wal before it restores, and stops ("could
+    // not remove file") when a file it listed for removal is already gone.
+    if from_recovery(dest) || is_named(dest, RECOVERY_HISTORY_NAME) {
+        archive::sweep_stale_temps(&parent_dir(dest));
+    }
     let key = repo::wal_key(name);
     // A segment is checked against walship.json: read it beside the download, not after it.
     let (object, meta) = if has_long_header(name) {
@@ -243,7 +247,11 @@ pub(super) fn check_restored(
 
 /// Whether a call restoring to `dest` comes from recovery proper (not pg_rewind, not a person).
 pub fn from_recovery(dest: &Path) -> bool {
-    dest.file_name().and_then(|n| n.to_str()) == Some(RECOVERY_TARGET_NAME)
+    is_named(dest, RECOVERY_TARGET_NAME)
+}
+
+fn is_named(path: &Path, name: &str) -> bool {
+    path.file_name().and_then(|n| n.to_str()) == Some(name)
 }
 
 /// Whether recovery's segments at `dest` go through the prefetch spool: segments (not history
@@ -399,7 +407,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn another_clusters_segment_is_never_placed() {
+    async fn only_this_clusters_segments_are_placed_and_only_recovery_sweeps_temps() {
         let dir = tempfile::tempdir().unwrap();
         let (store_dir, pg_wal) = (dir.path().join("repo"), dir.path().join("pg_wal"));
         std::fs::create_dir_all(&store_dir).unwrap();
@@ -443,6 +451,17 @@ mod tests {
             fetch(&ctx, &missing, &dest).await,
             Err(WalError::NotInArchive(_))
         ));
+
+        // A killed call's temp file: left alone by pg_rewind's calls (to pg_wal/<name>), which
+        // listed it for removal, and swept by recovery's.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let stale = pg_wal.join(format!(".RECOVERYXLOG.walship-tmp.{}", child.id()));
+        child.wait().unwrap();
+        std::fs::write(&stale, b"part").unwrap();
+        fetch(&ctx, &own, &pg_wal.join(own.as_str())).await.unwrap();
+        assert!(stale.exists(), "pg_rewind's listing still holds");
+        fetch(&ctx, &own, &dest).await.unwrap();
+        assert!(!stale.exists(), "swept by recovery");
     }
 
     /// A fetch context over `store`, a repository of system 7 holding segment `name`.
