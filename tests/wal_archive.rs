@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::{walship, Cluster, S3Server, SmallFs};
@@ -109,10 +109,11 @@ fn fingerprint(c: &Cluster) -> String {
     )
 }
 
-/// SIGKILL every prefetcher working for the server in `data_dir`.
-fn kill_prefetchers_of(data_dir: &Path) {
+/// The processes of every prefetcher working for the server in `data_dir` (supervisor and worker).
+fn prefetchers_of(data_dir: &Path) -> Vec<i32> {
     let pid_file = data_dir.join("postmaster.pid");
     let wanted = ["--postmaster-pid-file", &pid_file.to_string_lossy()].join("\0");
+    let mut pids = Vec::new();
     for proc in std::fs::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = proc.file_name().to_str().and_then(|p| p.parse().ok()) else {
             continue;
@@ -120,9 +121,17 @@ fn kill_prefetchers_of(data_dir: &Path) {
         let cmdline = std::fs::read(proc.path().join("cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
         if cmdline.contains("\0wal-prefetch\0") && cmdline.contains(&wanted) {
-            let pid = rustix::process::Pid::from_raw(pid).unwrap();
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+            pids.push(pid);
         }
+    }
+    pids
+}
+
+/// SIGKILL every prefetcher working for the server in `data_dir`.
+fn kill_prefetchers_of(data_dir: &Path) {
+    for pid in prefetchers_of(data_dir) {
+        let pid = rustix::process::Pid::from_raw(pid).unwrap();
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
     }
 }
 
@@ -219,9 +228,47 @@ fn archive_with_wal_push_and_recover_with_wal_fetch() {
         "most segments come from the spool, got {spooled}:\n{log}"
     );
 
+    // The prefetcher holds none of the files PostgreSQL 15 had open, without close-on-exec, in
+    // the startup process that ran the call starting it: held for as long as the prefetcher
+    // lives, a relation file or WAL segment that replay removes would keep its disk space.
+    let state = restored.join("pg_wal/.walship");
+    // The pipes and sockets the postmaster holds stand for those (its children inherit them).
+    let open_files = |pid: &str| -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|fd| {
+                Some((
+                    fd.file_name().into_string().ok()?,
+                    fd.path().read_link().ok()?,
+                ))
+            })
+            .collect()
+    };
+    let postmaster = std::fs::read_to_string(restored.join("postmaster.pid")).unwrap();
+    let postmasters: Vec<PathBuf> = open_files(postmaster.lines().next().unwrap())
+        .into_iter()
+        .map(|(_, target)| target)
+        .filter(|t| {
+            let t = t.to_string_lossy();
+            t.starts_with("pipe:") || t.starts_with("socket:")
+        })
+        .collect();
+    let prefetchers = prefetchers_of(&restored);
+    assert!(!prefetchers.is_empty(), "the prefetcher still runs");
+    for pid in prefetchers {
+        for (fd, target) in open_files(&pid.to_string()) {
+            assert!(
+                (!target.starts_with(&restored) || target.starts_with(&state))
+                    && !postmasters.contains(&target),
+                "prefetcher {pid} holds PostgreSQL's {} (fd {fd})",
+                target.display()
+            );
+        }
+    }
+
     // A prefetcher killed (SIGKILL: the OOM killer, a container limit) leaves its spool beside
     // pg_wal, which nothing on a promoted server reads again: wal-push sweeps it.
-    let state = restored.join("pg_wal/.walship");
     kill_prefetchers_of(&restored);
     let spool = state.join("spool");
     common::wait_until(

@@ -176,8 +176,17 @@ fn start_prefetcher(global: &GlobalArgs, cfg: &Config, spool: &Spool) -> std::io
         .stdout(Stdio::null())
         .stderr(log)
         .process_group(0);
+    close_inherited_on_exec();
     cmd.spawn()?;
     Ok(true)
+}
+
+/// Mark every descriptor above stdio close-on-exec, so that the prefetcher inherits none of
+/// them. PostgreSQL before 16 opens its files without close-on-exec, so restore_command gets
+/// the startup process's open relation files, WAL segment and pipes; a prefetcher, which lives
+/// for as long as recovery asks for WAL, would keep a file that replay drops taking disk space.
+fn close_inherited_on_exec() {
+    close_fds::set_fds_cloexec_threadsafe(3, &[]);
 }
 
 /// In the environment of the prefetcher's worker process (see `supervise_prefetcher`).
@@ -224,4 +233,26 @@ pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result
     spool::run_prefetcher(ctx, spool, lock, server)
         .await
         .map_err(|e| WalError::local("prefetcher failed in", state_dir, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustix::io::{fcntl_getfd, FdFlags};
+
+    #[test]
+    fn descriptors_are_made_close_on_exec_before_the_prefetcher_starts() {
+        let file = tempfile::tempfile().unwrap();
+        // A descriptor as PostgreSQL 15 hands them down: dup(2) leaves close-on-exec off.
+        let inherited = rustix::io::dup(&file).unwrap();
+        assert!(!fcntl_getfd(&inherited).unwrap().contains(FdFlags::CLOEXEC));
+        close_inherited_on_exec();
+        assert!(fcntl_getfd(&inherited).unwrap().contains(FdFlags::CLOEXEC));
+        assert!(
+            !fcntl_getfd(std::io::stderr())
+                .unwrap()
+                .contains(FdFlags::CLOEXEC),
+            "stdio is left alone"
+        );
+    }
 }
