@@ -13,29 +13,12 @@ fn main() -> ExitCode {
         return code;
     }
     let standby = std::path::Path::new("standby.signal").exists();
-    let cli = match Cli::try_parse() {
-        Ok(c) => c,
-        Err(e) => {
-            // A bad flag or WALSHIP_* value in restore_command must not read as "end of archive".
-            let fetching = std::env::args_os().any(|a| a == "wal-fetch");
-            let code = match (e.use_stderr(), fetching) {
-                (false, _) => exit::OK,
-                (true, true) => exit::for_wal_fetch(exit::USAGE, standby),
-                (true, false) => exit::USAGE,
-            };
-            if e.use_stderr() {
-                eprintln!("walship: error: {}", usage_error(&e));
-            } else {
-                let _ = e.print();
-            }
-            return ExitCode::from(code as u8);
-        }
-    };
-    // A panic (a bug, or a runtime that cannot start its threads) exits with a documented code,
-    // not Rust's 101, which restore_command would take for the end of the archive.
-    let code = match cli.command {
-        Command::WalFetch { .. } => exit::for_wal_fetch(exit::INTERNAL, standby),
-        _ => exit::INTERNAL,
+    // A bad flag or WALSHIP_* value, or a panic (a bug, or a runtime that cannot start its
+    // threads), in restore_command must not read as "end of archive": Rust's 101 would.
+    let fetching = std::env::args_os().any(|a| a == "wal-fetch");
+    let code = match fetching {
+        true => exit::for_wal_fetch(exit::INTERNAL, standby),
+        false => exit::INTERNAL,
     };
     std::panic::set_hook(Box::new(move |info| {
         let what = info
@@ -61,6 +44,22 @@ fn main() -> ExitCode {
         }
         std::process::exit(code);
     }));
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match (e.use_stderr(), fetching) {
+                (false, _) => exit::OK,
+                (true, true) => exit::for_wal_fetch(exit::USAGE, standby),
+                (true, false) => exit::USAGE,
+            };
+            if e.use_stderr() {
+                eprintln!("walship: error: {}", usage_error(&e));
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(code as u8);
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("WALSHIP_LOG")
@@ -117,7 +116,8 @@ fn usage_error(e: &clap::Error) -> String {
     }
     if let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) {
         let flag = arg.split(['=', ' ']).next().unwrap_or_default();
-        let typed = std::env::args().any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        let typed = std::env::args_os()
+            .any(|a| a == flag || a.to_string_lossy().starts_with(&format!("{flag}=")));
         if let Some(var) = env_of(&<Cli as clap::CommandFactory>::command(), flag) {
             if !typed && std::env::var_os(&var).is_some() {
                 text.push_str(&format!(" (the value of {var})"));

@@ -769,6 +769,18 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         "{err}"
     );
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    // The same with a %p that is not UTF-8 (a data directory under such a path).
+    let out = common::walship_cmd(&cfg, &["wal-fetch", &seg], &scratch)
+        .arg(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
+                b"pg\xffdata/RECOVERYXLOG",
+            ),
+        )
+        .env("WALSHIP_PREFETCH", "off")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128 + 2), "{err}");
     std::fs::write(scratch.join("standby.signal"), b"").unwrap();
     assert_eq!(
         bad_value(&scratch).status.code(),
