@@ -902,6 +902,17 @@ enum TimelineArg {
     Number(u32),
 }
 
+/// As walship read it, for postgresql.auto.conf: PostgreSQL would read `010` as octal 8.
+impl std::fmt::Display for TimelineArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Current => f.write_str("current"),
+            Self::Latest => f.write_str("latest"),
+            Self::Number(t) => write!(f, "{t}"),
+        }
+    }
+}
+
 fn parse_timeline_arg(s: &str) -> Result<TimelineArg, BackupError> {
     match s {
         "current" => Ok(TimelineArg::Current),
@@ -1320,7 +1331,7 @@ pub async fn restore(
         None
     };
     let timeline = match &end {
-        _ if !follow => args.target_timeline.clone(),
+        _ if !follow => timeline_arg.map(|arg| arg.to_string()),
         None => None,
         Some(e) => follow_timeline((&chosen.id, chosen.timeline), &target, e, args.standby)?,
     };
@@ -1571,6 +1582,18 @@ pub async fn restore_point(
 mod tests {
     use super::*;
     use crate::config::Overrides;
+
+    #[test]
+    fn a_target_timeline_is_written_as_walship_read_it() {
+        // PostgreSQL reads the setting with strtoul(.., 0): "010" would be timeline 8.
+        assert_eq!(parse_timeline_arg("010").unwrap().to_string(), "10");
+        assert_eq!(parse_timeline_arg("0x10").ok(), None);
+        assert_eq!(
+            parse_timeline_arg("current").unwrap().to_string(),
+            "current"
+        );
+        assert_eq!(parse_timeline_arg("latest").unwrap().to_string(), "latest");
+    }
 
     fn config(dir: &std::path::Path, s3_keys: bool) -> Config {
         let mut text = String::from("repo = \"s3://bucket/p\"\n[s3]\n");
