@@ -130,6 +130,13 @@ pub fn parse_target_time(s: &str) -> Result<TargetTime, String> {
             };
             let hh: i64 = hh.parse().map_err(|_| bad())?;
             let mm: i64 = mm.parse().map_err(|_| bad())?;
+            // PostgreSQL's limit, which it would apply only once the server starts.
+            if hh > 15 || mm > 59 {
+                return Err(format!(
+                    "'{s}': the offset '{z}' is out of range; PostgreSQL takes offsets from \
+                     -15:59 to +15:59"
+                ));
+            }
             sign * (hh * 3600 + mm * 60)
         }
         // tzdata's CET, EET, MET and WET change with daylight saving time, where PostgreSQL and
@@ -515,6 +522,11 @@ mod tests {
             "a leap day"
         );
         assert!(parse_target_time("2100-02-29 12:00:00Z").is_err());
+        assert_eq!(epoch("2026-11-24 12:44:59+15:59"), utc - 57540.0);
+        for z in ["+16", "-16:00", "+01:60", "+0175"] {
+            let err = parse_target_time(&format!("2026-11-24 12:44:59{z}")).unwrap_err();
+            assert!(err.contains("out of range"), "{z}: {err}");
+        }
         assert_eq!(epoch("1970-01-01 00:00:00Z"), 0.0);
     }
 
