@@ -54,7 +54,8 @@ fn mapped_location(opts: &FetchOptions, oid: u32, original: &str) -> Option<Path
 
 /// Refuse a `--tablespace-map` that names no tablespace of backup `id` (a mistyped OID would
 /// otherwise send the tablespace to its original location, on the database host the live
-/// server's), or whose new location is relative (PostgreSQL links tablespaces by absolute path).
+/// server's), or whose new location is relative (PostgreSQL links tablespaces by absolute path),
+/// and one that leaves two tablespaces in one directory or one inside the other.
 fn check_tablespace_map(
     id: &str,
     tablespaces: &[Tablespace],
@@ -87,6 +88,25 @@ fn check_tablespace_map(
                  absolute path",
                 to.display()
             )));
+        }
+    }
+    // Two tablespaces in one directory, or one inside the other, would mix their files: a
+    // relation file of one could overwrite the other's.
+    let placed: Vec<(u32, PathBuf)> = tablespaces
+        .iter()
+        .map(|t| (t.oid, tablespace_location(opts, t.oid, &t.location)))
+        .collect();
+    for (i, (a, at)) in placed.iter().enumerate() {
+        for (b, bt) in &placed[i + 1..] {
+            if at.starts_with(bt) || bt.starts_with(at) {
+                return Err(BackupError::Invalid(format!(
+                    "tablespaces {a} and {b} of backup {id} would be restored to {} and {}, \
+                     which overlap, so their files would mix; give each its own directory with \
+                     --tablespace-map",
+                    at.display(),
+                    bt.display()
+                )));
+            }
         }
     }
     Ok(())
@@ -737,7 +757,7 @@ mod tests {
     }
 
     #[test]
-    fn a_tablespace_map_naming_no_tablespace_or_a_relative_dir_is_refused() {
+    fn a_tablespace_map_naming_no_tablespace_a_relative_dir_or_overlapping_dirs_is_refused() {
         let ts = two_tablespaces();
         let id = "20261124T120000Z";
         assert!(check_tablespace_map(id, &ts, &map(&[])).is_ok());
@@ -765,6 +785,20 @@ mod tests {
             err.to_string().contains("new/b is a relative path"),
             "{err}"
         );
+
+        // Into one directory, or one inside the other (also where one stays where it was).
+        for pairs in [
+            &[("16400", "/new/ts"), ("16401", "/new/ts/")][..],
+            &[("16400", "/new/ts"), ("16401", "/new/ts/b")],
+            &[("16401", "/srv/ts1/b")],
+        ] {
+            let err = check_tablespace_map(id, &ts, &map(pairs)).unwrap_err();
+            assert!(
+                err.to_string().contains("which overlap"),
+                "{pairs:?}: {err}"
+            );
+        }
+        assert!(check_tablespace_map(id, &ts, &map(&[("16400", "/srv/ts2b")])).is_ok());
     }
 
     #[test]
