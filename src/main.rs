@@ -186,6 +186,20 @@ fn run(cli: Cli, standby: bool) -> i32 {
             ),
         };
     }
+    // Needs no repository: it only edits the data directory's postgresql.auto.conf.
+    if let Command::RecoveryDone { dir } = &cli.command {
+        return match walship::restore::recovery_done(dir) {
+            Ok(0) => exit::OK,
+            Ok(n) => {
+                eprintln!(
+                    "walship: recovery has ended: disabled {n} recovery setting(s) in {}",
+                    dir.join("postgresql.auto.conf").display()
+                );
+                exit::OK
+            }
+            Err(e) => fail("recovery-done", &e, exit::for_backup(&e)),
+        };
+    }
     let cfg = match Config::resolve(cli.global.overrides(identity_env)) {
         Ok(c) => c,
         Err(e) => {
@@ -208,7 +222,7 @@ fn run(cli: Cli, standby: bool) -> i32 {
         }
     }
     match &cli.command {
-        Command::Keygen(_) => unreachable!("handled above"),
+        Command::Keygen(_) | Command::RecoveryDone { .. } => unreachable!("handled above"),
         Command::Check(args) => {
             let mut lines = runtime().block_on(cli::check::run(&cfg, args));
             let argv: Vec<String> = std::env::args().collect();

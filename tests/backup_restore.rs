@@ -123,6 +123,23 @@ fn start_restored(base: &Path, data: &Path, name: &str) -> Cluster {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Recovery over, its recovery_end_command (`walship recovery-done`) commented out the target
+    // and the rest of what the restore wrote for it: standbys cloned from this cluster, or this
+    // cluster rewound into a standby, would otherwise stop (and promote) at that target again.
+    let auto = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
+    let active: Vec<&str> = auto
+        .lines()
+        .map(str::trim_start)
+        .filter(|l| l.starts_with("recovery_") || l.starts_with("primary_slot_name"))
+        .collect();
+    assert!(
+        active.is_empty(),
+        "{name}: still set after recovery: {active:?}\n{auto}"
+    );
+    assert!(
+        auto.lines().any(|l| l.starts_with("restore_command = ")),
+        "{name}: restore_command stays:\n{auto}"
+    );
     c
 }
 

@@ -729,12 +729,21 @@ pub async fn fetch(cfg: &Config, args: &FetchArgs) -> Result<BackupManifest, Bac
     Ok(m)
 }
 
+/// This walship, for the commands PostgreSQL runs.
+fn exe() -> String {
+    std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "walship".into())
+}
+
+/// The recovery_end_command that disables the restore's settings once recovery has ended.
+pub fn recovery_end_command() -> String {
+    format!("{} recovery-done", restore::command_arg(&exe()))
+}
+
 /// The restore_command that fetches from this repository with this call's settings.
 pub fn restore_command(global: &GlobalArgs, cfg: &Config) -> String {
-    let exe = std::env::current_exe()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "walship".into());
-    let mut cmd: Vec<String> = std::iter::once(exe)
+    let mut cmd: Vec<String> = std::iter::once(exe())
         .chain(crate::cli::repo_args(global, cfg))
         .map(|a| restore::command_arg(&a))
         .collect();
@@ -1361,7 +1370,12 @@ pub async fn restore(
         standby: args.standby,
         archive_off: args.archive_mode == "off",
     };
-    let settings = restore::recovery_settings(&opts, &restore_command(global, cfg), &chosen.id);
+    let settings = restore::recovery_settings(
+        &opts,
+        &restore_command(global, cfg),
+        &recovery_end_command(),
+        &chosen.id,
+    );
     let fetch_opts = fetch_options(&args.restore)?;
     if args.dry_run {
         backup::fetch::preflight(&chosen, &args.dir, &fetch_opts)?;

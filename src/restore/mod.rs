@@ -315,12 +315,23 @@ fn conf_quote(s: &str) -> String {
 }
 
 /// The lines walship adds to postgresql.auto.conf.
-pub fn recovery_settings(opts: &RecoveryOptions, restore_command: &str, backup: &str) -> String {
+pub fn recovery_settings(
+    opts: &RecoveryOptions,
+    restore_command: &str,
+    recovery_end_command: &str,
+    backup: &str,
+) -> String {
     let mut s = format!(
-        "\n# Added by walship restore of backup {backup}; remove after recovery if you like.\n"
+        "\n# Added by walship restore of backup {backup}. When recovery ends, recovery_end_command \
+         comments out all but restore_command and archive_mode (`walship recovery-done`).\n"
     );
     let mut set = |k: &str, v: String| s.push_str(&format!("{k} = {}\n", conf_quote(&v)));
     set("restore_command", restore_command.to_string());
+    // Left in place, the target would travel on into every standby cloned from the restored
+    // cluster (pg_basebackup copies postgresql.auto.conf), and into this one when a failover tool
+    // rewinds it into a standby: in standby mode PostgreSQL stops at the target too, and with
+    // 'promote' the standby would promote itself at its first commit past the target.
+    set("recovery_end_command", recovery_end_command.to_string());
     if opts.archive_off {
         set("archive_mode", "off".into());
     }
@@ -382,8 +393,9 @@ const TARGET_KEYS: [&str; 5] = [
 
 /// Settings a restore writes; any of them already in postgresql.auto.conf (from an earlier
 /// restore of the cluster the backup was taken on) are disabled first.
-const RECOVERY_KEYS: [&str; 11] = [
+const RECOVERY_KEYS: [&str; 12] = [
     "restore_command",
+    "recovery_end_command",
     "recovery_target",
     "recovery_target_name",
     "recovery_target_time",
@@ -401,17 +413,24 @@ const RECOVERY_KEYS: [&str; 11] = [
 /// target kind makes PostgreSQL refuse to start ("multiple recovery targets specified"), and an
 /// old `recovery_target_action` or target applies where the new restore sets none.
 pub fn disable_recovery_settings(text: &str) -> (String, usize) {
+    disable_settings(text, "restore", |key, _| RECOVERY_KEYS.contains(&key))
+}
+
+/// postgresql.auto.conf's `text` with the settings `disable(key, value)` picks commented out,
+/// with a note naming `by`; and how many.
+fn disable_settings(text: &str, by: &str, disable: impl Fn(&str, &str) -> bool) -> (String, usize) {
     let mut disabled = 0;
     let mut out = String::with_capacity(text.len());
     for line in text.split_inclusive('\n') {
-        let key = line
-            .trim_start()
-            .split(|c: char| c == '=' || c.is_whitespace())
-            .next()
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if RECOVERY_KEYS.contains(&key.as_str()) {
-            out.push_str("# disabled by walship restore: ");
+        // `key = value`, or `key value`: the `=` is optional.
+        let body = line.trim_start();
+        let end = body
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .unwrap_or(body.len());
+        let key = body[..end].to_ascii_lowercase();
+        let value = body[end..].trim_start().trim_start_matches('=').trim();
+        if disable(&key, value) {
+            out.push_str(&format!("# disabled by walship {by}: "));
             disabled += 1;
         }
         out.push_str(line);
@@ -419,10 +438,21 @@ pub fn disable_recovery_settings(text: &str) -> (String, usize) {
     (out, disabled)
 }
 
+/// postgresql.auto.conf's `text` once recovery has ended: the settings a restore wrote for that
+/// recovery commented out, all but restore_command and archive_mode. The delay and slot are
+/// disabled only where they hold the values walship wrote ('0', ''): others are someone's own.
+pub fn disable_after_recovery(text: &str) -> (String, usize) {
+    disable_settings(text, "recovery-done", |key, value| match key {
+        "restore_command" => false,
+        "recovery_min_apply_delay" => value == "'0'",
+        "primary_slot_name" => value == "''",
+        _ => RECOVERY_KEYS.contains(&key),
+    })
+}
+
 /// Write the settings into postgresql.auto.conf (disabling earlier recovery settings there) and
 /// create recovery.signal or standby.signal.
 pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), BackupError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let conf = dir.join("postgresql.auto.conf");
     let old = match fs::read_to_string(&conf) {
         Ok(t) => t,
@@ -437,19 +467,7 @@ pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), B
         );
     }
     text.push_str(settings);
-    let tmp = dir.join("postgresql.auto.conf.walship-tmp");
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
-        .map_err(|e| BackupError::local("cannot write", &tmp, e))?;
-    fs::rename(&tmp, &conf).map_err(|e| BackupError::local("cannot rename", &tmp, e))?;
-    // Restored as root: these belong to whoever the restore gave the directory to.
-    let chown = Chown::like(dir);
-    chown.apply(&conf)?;
+    let chown = replace_auto_conf(dir, &text)?;
     let (wanted, other) = if standby {
         ("standby.signal", "recovery.signal")
     } else {
@@ -469,6 +487,53 @@ pub fn write_recovery(dir: &Path, settings: &str, standby: bool) -> Result<(), B
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| BackupError::local("cannot fsync", dir, e))
+}
+
+/// Replace `dir`'s postgresql.auto.conf with `text`, atomically, owned like `dir` (when run as
+/// root, by whoever the restore gave the directory to).
+fn replace_auto_conf(dir: &Path, text: &str) -> Result<Chown, BackupError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let conf = dir.join("postgresql.auto.conf");
+    let tmp = dir.join("postgresql.auto.conf.walship-tmp");
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()))
+        .map_err(|e| BackupError::local("cannot write", &tmp, e))?;
+    fs::rename(&tmp, &conf).map_err(|e| BackupError::local("cannot rename", &tmp, e))?;
+    let chown = Chown::like(dir);
+    chown.apply(&conf)?;
+    Ok(chown)
+}
+
+/// `walship recovery-done`: once recovery of the restored cluster in `dir` has ended, comment
+/// out the settings the restore wrote for it (see [`disable_after_recovery`]). PostgreSQL runs
+/// it as recovery_end_command, after it removed the signal file; with a signal file still there
+/// recovery has not ended, and the settings are still needed. Returns how many were disabled.
+pub fn recovery_done(dir: &Path) -> Result<usize, BackupError> {
+    for signal in ["recovery.signal", "standby.signal"] {
+        if dir.join(signal).exists() {
+            return Err(BackupError::Invalid(format!(
+                "recovery has not ended in {}: {signal} is there, and PostgreSQL still needs the \
+                 recovery settings; PostgreSQL runs walship recovery-done itself once recovery \
+                 ends",
+                dir.display()
+            )));
+        }
+    }
+    let conf = dir.join("postgresql.auto.conf");
+    let old = fs::read_to_string(&conf).map_err(|e| BackupError::local("cannot read", &conf, e))?;
+    let (text, disabled) = disable_after_recovery(&old);
+    if disabled > 0 {
+        replace_auto_conf(dir, &text)?;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| BackupError::local("cannot fsync", dir, e))?;
+    }
+    Ok(disabled)
 }
 
 #[cfg(test)]
@@ -582,7 +647,7 @@ mod tests {
             standby: false,
             archive_off: false,
         };
-        let s = recovery_settings(&opts(Target::Xid(42), None), "walship wal-fetch", "b");
+        let s = recovery_settings(&opts(Target::Xid(42), None), "walship wal-fetch", "w", "b");
         assert!(s.contains("recovery_target_xid = '42'"), "{s}");
         assert!(s.contains("recovery_target_timeline = 'current'"), "{s}");
         assert!(s.contains("recovery_target_action = 'promote'"), "{s}");
@@ -596,15 +661,76 @@ mod tests {
         assert!(at("recovery_target") < at("recovery_target_xid"), "{s}");
         assert!(s.contains("recovery_target_time = ''"), "{s}");
         assert!(s.contains("recovery_min_apply_delay = '0'"), "{s}");
-        let s = recovery_settings(&opts(Target::EndOfArchive, None), "x", "b");
+        let s = recovery_settings(&opts(Target::EndOfArchive, None), "x", "w", "b");
         for key in TARGET_KEYS {
             assert!(s.contains(&format!("\n{key} = ''\n")), "{key}: {s}");
         }
         assert!(!s.contains("recovery_target_action"), "{s}");
         assert!(!s.contains("recovery_target_timeline"), "{s}");
-        let s = recovery_settings(&opts(Target::Lsn(0x1_0000_0060), Some("latest")), "x", "b");
+        let s = recovery_settings(
+            &opts(Target::Lsn(0x1_0000_0060), Some("latest")),
+            "x",
+            "w",
+            "b",
+        );
         assert!(s.contains("recovery_target_lsn = '1/60'"), "{s}");
         assert!(s.contains("recovery_target_timeline = 'latest'"), "{s}");
+    }
+
+    #[test]
+    fn once_recovery_has_ended_only_restore_command_and_archive_mode_stay() {
+        let opts = RecoveryOptions {
+            target: Target::Xid(42),
+            action: Some("promote".into()),
+            inclusive: Some(false),
+            timeline: None,
+            standby: false,
+            archive_off: true,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("postgresql.auto.conf");
+        fs::write(&conf, "recovery_target_name 'old'\n").unwrap();
+        let settings = recovery_settings(
+            &opts,
+            "walship wal-fetch %f %p",
+            "walship recovery-done",
+            "b",
+        );
+        write_recovery(dir.path(), &settings, false).unwrap();
+        // Set during recovery (ALTER SYSTEM on a hot standby): someone's own.
+        let mut f = fs::OpenOptions::new().append(true).open(&conf).unwrap();
+        f.write_all(b"primary_slot_name = 'mine'\nrecovery_min_apply_delay = '1h'\n")
+            .unwrap();
+        let written = fs::read_to_string(&conf).unwrap();
+        let err = recovery_done(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("recovery.signal is there"),
+            "{err}"
+        );
+        assert_eq!(fs::read_to_string(&conf).unwrap(), written, "untouched");
+
+        // PostgreSQL removes the signal file before it runs recovery_end_command.
+        fs::remove_file(dir.path().join("recovery.signal")).unwrap();
+        assert_eq!(recovery_done(dir.path()).unwrap(), 11);
+        let text = fs::read_to_string(&conf).unwrap();
+        let active: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        assert_eq!(
+            active,
+            [
+                "restore_command = 'walship wal-fetch %f %p'",
+                "archive_mode = 'off'",
+                "primary_slot_name = 'mine'",
+                "recovery_min_apply_delay = '1h'",
+            ]
+        );
+        assert!(
+            text.contains("\n# disabled by walship recovery-done: recovery_target_xid = '42'\n"),
+            "{text}"
+        );
+        assert_eq!(recovery_done(dir.path()).unwrap(), 0, "nothing more to do");
     }
 
     #[test]
