@@ -123,22 +123,30 @@ fn start_restored(base: &Path, data: &Path, name: &str) -> Cluster {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    // Recovery over, its recovery_end_command (`walship recovery-done`) commented out the target
-    // and the rest of what the restore wrote for it: standbys cloned from this cluster, or this
-    // cluster rewound into a standby, would otherwise stop (and promote) at that target again.
-    let auto = std::fs::read_to_string(data.join("postgresql.auto.conf")).unwrap();
-    let active: Vec<&str> = auto
-        .lines()
-        .map(str::trim_start)
-        .filter(|l| l.starts_with("recovery_") || l.starts_with("primary_slot_name"))
-        .collect();
-    assert!(
-        active.is_empty(),
-        "{name}: still set after recovery: {active:?}\n{auto}"
-    );
-    assert!(
-        auto.lines().any(|l| l.starts_with("restore_command = ")),
-        "{name}: restore_command stays:\n{auto}"
+    // Recovery over, its recovery_end_command (`walship recovery-done`) blanked the target and set
+    // the timeline back to 'latest', in the files PostgreSQL would read at its next start: standbys
+    // cloned from this cluster, or this cluster rewound into a standby, would otherwise stop (and
+    // promote) at that target again. The backup's postgresql.conf may set a target of its own.
+    let effective = || {
+        c.psql(
+            "select coalesce(string_agg(name || '=' || setting, ',' order by name), '') \
+             from pg_file_settings f \
+             where seqno = (select max(seqno) from pg_file_settings g where g.name = f.name) \
+               and (name like 'recovery_target%' or name = 'recovery_end_command') \
+               and name not in ('recovery_target_action', 'recovery_target_inclusive') \
+               and not (name = 'recovery_target_timeline' and setting = 'latest')",
+        )
+    };
+    let done = "recovery_target=,recovery_target_lsn=,recovery_target_name=,\
+                recovery_target_time=,recovery_target_xid=";
+    let since = std::time::Instant::now();
+    while effective() != done && since.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        effective(),
+        done,
+        "{name}: recovery settings after recovery"
     );
     c
 }

@@ -736,9 +736,11 @@ fn exe() -> String {
         .unwrap_or_else(|_| "walship".into())
 }
 
-/// The recovery_end_command that disables the restore's settings once recovery has ended.
+/// The recovery_end_command that disables the restore's target once recovery has ended. Any
+/// failure exits 1: PostgreSQL logs a warning for that, where a walship gone from its path (exit
+/// 127) or killed by a signal would stop the server just after its promotion.
 pub fn recovery_end_command() -> String {
-    format!("{} recovery-done", restore::command_arg(&exe()))
+    format!("{} recovery-done || exit 1", restore::command_arg(&exe()))
 }
 
 /// The restore_command that fetches from this repository with this call's settings.

@@ -323,7 +323,7 @@ pub fn recovery_settings(
 ) -> String {
     let mut s = format!(
         "\n# Added by walship restore of backup {backup}. When recovery ends, recovery_end_command \
-         comments out all but restore_command and archive_mode (`walship recovery-done`).\n"
+         (`walship recovery-done`) blanks the target and sets the timeline to 'latest'.\n"
     );
     let mut set = |k: &str, v: String| s.push_str(&format!("{k} = {}\n", conf_quote(&v)));
     set("restore_command", restore_command.to_string());
@@ -413,12 +413,19 @@ const RECOVERY_KEYS: [&str; 12] = [
 /// target kind makes PostgreSQL refuse to start ("multiple recovery targets specified"), and an
 /// old `recovery_target_action` or target applies where the new restore sets none.
 pub fn disable_recovery_settings(text: &str) -> (String, usize) {
-    disable_settings(text, "restore", |key, _| RECOVERY_KEYS.contains(&key))
+    disable_settings(text, "restore", |key, _| {
+        RECOVERY_KEYS.contains(&key).then(String::new)
+    })
 }
 
 /// postgresql.auto.conf's `text` with the settings `disable(key, value)` picks commented out,
-/// with a note naming `by`; and how many.
-fn disable_settings(text: &str, by: &str, disable: impl Fn(&str, &str) -> bool) -> (String, usize) {
+/// with a note naming `by`, each followed by the line `disable` gives (if not empty); and how
+/// many.
+fn disable_settings(
+    text: &str,
+    by: &str,
+    disable: impl Fn(&str, &str) -> Option<String>,
+) -> (String, usize) {
     let mut disabled = 0;
     let mut out = String::with_capacity(text.len());
     for line in text.split_inclusive('\n') {
@@ -429,24 +436,36 @@ fn disable_settings(text: &str, by: &str, disable: impl Fn(&str, &str) -> bool) 
             .unwrap_or(body.len());
         let key = body[..end].to_ascii_lowercase();
         let value = body[end..].trim_start().trim_start_matches('=').trim();
-        if disable(&key, value) {
-            out.push_str(&format!("# disabled by walship {by}: "));
-            disabled += 1;
+        let Some(instead) = disable(&key, value) else {
+            out.push_str(line);
+            continue;
+        };
+        out.push_str(&format!("# disabled by walship {by}: {line}"));
+        if !line.ends_with('\n') {
+            out.push('\n');
         }
-        out.push_str(line);
+        if !instead.is_empty() {
+            out.push_str(&instead);
+            out.push('\n');
+        }
+        disabled += 1;
     }
     (out, disabled)
 }
 
-/// postgresql.auto.conf's `text` once recovery has ended: the settings a restore wrote for that
-/// recovery commented out, all but restore_command and archive_mode. The delay and slot are
-/// disabled only where they hold the values walship wrote ('0', ''): others are someone's own.
+/// postgresql.auto.conf's `text` once recovery has ended: the target the restore set is blanked
+/// (not removed: the blank overrides any target in postgresql.conf, the backup's), the timeline
+/// set back to PostgreSQL's default, 'latest', and recovery_end_command removed (one in
+/// postgresql.conf applies again). The rest stays: restore_command, archive_mode, and what
+/// overrides postgresql.conf's delay and slot.
 pub fn disable_after_recovery(text: &str) -> (String, usize) {
     disable_settings(text, "recovery-done", |key, value| match key {
-        "restore_command" => false,
-        "recovery_min_apply_delay" => value == "'0'",
-        "primary_slot_name" => value == "''",
-        _ => RECOVERY_KEYS.contains(&key),
+        k if TARGET_KEYS.contains(&k) && value != "''" => Some(format!("{k} = ''")),
+        "recovery_target_timeline" if value != "'latest'" => {
+            Some("recovery_target_timeline = 'latest'".into())
+        }
+        "recovery_end_command" => Some(String::new()),
+        _ => None,
     })
 }
 
@@ -509,8 +528,8 @@ fn replace_auto_conf(dir: &Path, text: &str) -> Result<Chown, BackupError> {
     Ok(chown)
 }
 
-/// `walship recovery-done`: once recovery of the restored cluster in `dir` has ended, comment
-/// out the settings the restore wrote for it (see [`disable_after_recovery`]). PostgreSQL runs
+/// `walship recovery-done`: once recovery of the restored cluster in `dir` has ended, disable
+/// the target the restore wrote for it (see [`disable_after_recovery`]). PostgreSQL runs
 /// it as recovery_end_command, after it removed the signal file; with a signal file still there
 /// recovery has not ended, and the settings are still needed. Returns how many were disabled.
 pub fn recovery_done(dir: &Path) -> Result<usize, BackupError> {
@@ -678,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn once_recovery_has_ended_only_restore_command_and_archive_mode_stay() {
+    fn once_recovery_has_ended_the_target_is_blanked_and_the_timeline_latest() {
         let opts = RecoveryOptions {
             target: Target::Xid(42),
             action: Some("promote".into()),
@@ -711,23 +730,37 @@ mod tests {
 
         // PostgreSQL removes the signal file before it runs recovery_end_command.
         fs::remove_file(dir.path().join("recovery.signal")).unwrap();
-        assert_eq!(recovery_done(dir.path()).unwrap(), 11);
+        assert_eq!(recovery_done(dir.path()).unwrap(), 3);
         let text = fs::read_to_string(&conf).unwrap();
         let active: Vec<&str> = text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
             .collect();
+        // The blanks stay: they override a target in postgresql.conf (the backup's).
         assert_eq!(
             active,
             [
                 "restore_command = 'walship wal-fetch %f %p'",
                 "archive_mode = 'off'",
+                "recovery_target = ''",
+                "recovery_target_name = ''",
+                "recovery_target_time = ''",
+                "recovery_target_lsn = ''",
+                "recovery_target_xid = ''",
+                "recovery_target_action = 'promote'",
+                "recovery_target_inclusive = 'false'",
+                "recovery_min_apply_delay = '0'",
+                "primary_slot_name = ''",
+                "recovery_target_timeline = 'latest'",
                 "primary_slot_name = 'mine'",
                 "recovery_min_apply_delay = '1h'",
             ]
         );
         assert!(
-            text.contains("\n# disabled by walship recovery-done: recovery_target_xid = '42'\n"),
+            text.contains(
+                "\n# disabled by walship recovery-done: recovery_target_xid = '42'\n\
+                 recovery_target_xid = ''\n"
+            ),
             "{text}"
         );
         assert_eq!(recovery_done(dir.path()).unwrap(), 0, "nothing more to do");
