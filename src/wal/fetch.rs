@@ -180,7 +180,7 @@ pub fn note_history(
     dest: &Path,
     pid_file: &Path,
 ) {
-    let from_recovery = dest.file_name().and_then(|n| n.to_str()) == Some(RECOVERY_HISTORY_NAME);
+    let from_recovery = is_named(dest, RECOVERY_HISTORY_NAME);
     if settings.prefetch == 0 || name.kind() != WalFileKind::History || !from_recovery {
         return;
     }
