@@ -14,7 +14,7 @@ use crate::codec::{self, CodecError, Encoded, Header, Identities, Recipients};
 use crate::config::{Config, RepoLocation};
 use crate::repo::{self, RepoMeta};
 use crate::storage::fs::{sync_dir, FsStore};
-use crate::storage::retry::{RetryPolicy, Retrying};
+use crate::storage::retry::{Deadline, RetryPolicy, Retrying};
 use crate::storage::s3::S3Store;
 use crate::storage::{DynStore, ObjectKey, PutOutcome, StorageError};
 
@@ -84,10 +84,20 @@ impl Archive {
 
     /// Open the configured backend, wrapped in the retry policy for transient failures.
     pub async fn open(cfg: &Config, attempts: u32) -> Result<Self, ArchiveError> {
+        Self::open_until(cfg, attempts, None).await
+    }
+
+    /// `open`, with a deadline past which no storage operation is waited for.
+    pub async fn open_until(
+        cfg: &Config,
+        attempts: u32,
+        deadline: Option<Deadline>,
+    ) -> Result<Self, ArchiveError> {
         let policy = RetryPolicy {
             attempts,
             first_delay: Duration::from_millis(200),
             max_delay: Duration::from_secs(5),
+            deadline,
         };
         let store: DynStore = match (&cfg.repo, &cfg.s3) {
             (RepoLocation::Dir(dir), _) => Arc::new(Retrying::new(FsStore::new(dir), policy)),

@@ -84,6 +84,7 @@ pub struct FileWal {
     pub download_concurrency: Option<usize>,
     pub state_dir: Option<PathBuf>,
     pub fetch_attempts: Option<u32>,
+    pub standby_fetch_timeout_secs: Option<u64>,
     pub prefetch_idle_secs: Option<u64>,
     pub prefetch_min_free_mb: Option<u64>,
 }
@@ -176,6 +177,10 @@ pub struct WalSettings {
     pub state_dir: Option<PathBuf>,
     /// Tries per object in wal-fetch before giving up on a transient failure.
     pub fetch_attempts: u32,
+    /// In standby mode, how long one wal-fetch call may wait for storage (`None`: no limit).
+    /// PostgreSQL retries a standby's failed call by itself, and while the call runs it neither
+    /// streams from its primary nor acts on a promote.
+    pub standby_fetch_timeout: Option<Duration>,
     pub prefetch_idle: Duration,
     /// Free space the prefetcher leaves on the spool's filesystem: below it, it starts no download.
     pub prefetch_min_free: u64,
@@ -409,6 +414,10 @@ impl Config {
                 .max(1),
             state_dir: o.state_dir.or(w.state_dir),
             fetch_attempts: w.fetch_attempts.unwrap_or(5).max(1),
+            standby_fetch_timeout: match w.standby_fetch_timeout_secs.unwrap_or(30) {
+                0 => None,
+                secs => Some(Duration::from_secs(secs)),
+            },
             prefetch_idle: Duration::from_secs(w.prefetch_idle_secs.unwrap_or(60)),
             prefetch_min_free: w
                 .prefetch_min_free_mb
@@ -497,6 +506,26 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn the_standby_fetch_timeout_defaults_to_30_s_and_0_turns_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |wal: &str| {
+            let cfg = dir.path().join("w.toml");
+            std::fs::write(&cfg, format!("repo = \"file:///x\"\n[wal]\n{wal}")).unwrap();
+            let o = Overrides {
+                config: Some(cfg),
+                ..Default::default()
+            };
+            Config::resolve(o).unwrap().wal.standby_fetch_timeout
+        };
+        assert_eq!(resolve(""), Some(Duration::from_secs(30)));
+        assert_eq!(
+            resolve("standby_fetch_timeout_secs = 7\n"),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(resolve("standby_fetch_timeout_secs = 0\n"), None);
     }
 
     #[test]

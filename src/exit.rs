@@ -76,8 +76,6 @@ pub fn for_wal(e: &WalError) -> i32 {
     }
 }
 
-/// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) in standby
-/// mode, where PostgreSQL retries, and fatal (>= 128) otherwise.
 pub fn for_backup(e: &BackupError) -> i32 {
     match e {
         BackupError::Archive(a) => for_archive(a),
@@ -96,6 +94,8 @@ pub fn for_backup(e: &BackupError) -> i32 {
     }
 }
 
+/// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) in standby
+/// mode, where PostgreSQL retries, and fatal (>= 128) otherwise.
 pub fn for_wal_fetch(code: i32, standby: bool) -> i32 {
     match code {
         OK | NOT_IN_ARCHIVE => code,

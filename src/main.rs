@@ -246,9 +246,12 @@ fn run(cli: Cli, standby: bool) -> i32 {
             Err(e) => fail("wal-push", &e, exit::for_wal(&e)),
         },
         Command::WalFetch { name, path } => {
-            let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path) {
+            let deadline = cli::wal::fetch_deadline(&cfg, standby);
+            let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path, deadline) {
                 Ok(true) => Ok(()),
-                Ok(false) => runtime().block_on(cli::wal::fetch(&cfg, &cli.global, name, path)),
+                Ok(false) => {
+                    runtime().block_on(cli::wal::fetch(&cfg, &cli.global, name, path, deadline))
+                }
                 Err(e) => Err(e),
             };
             match fetched {

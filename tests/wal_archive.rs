@@ -833,6 +833,45 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     );
     child.kill().unwrap();
     child.wait().unwrap();
+
+    // While the server never answers, a standby's wal-fetch gives up after
+    // wal.standby_fetch_timeout_secs (exit 3): PostgreSQL tries again by itself, and until the
+    // call ends it neither streams from its primary nor acts on a promote. (Outside standby mode
+    // the call keeps retrying: giving up there stops recovery.)
+    let cfg_standby = base.path().join("standby.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.trim_end().ends_with("fetch_attempts = 2"),
+        "[wal] is last"
+    );
+    std::fs::write(&cfg_standby, text + "standby_fetch_timeout_secs = 3\n").unwrap();
+    std::fs::write(scratch.join("standby.signal"), b"").unwrap();
+    let dest = scratch.join("standby-segment");
+    let started = std::time::Instant::now();
+    let mut child = common::walship_cmd(
+        &cfg_standby,
+        &["wal-fetch", &after, dest.to_str().unwrap()],
+        &scratch,
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    while child.try_wait().unwrap().is_none() && started.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "after {took:?}: {err}");
+    assert!(took < Duration::from_secs(15), "{took:?}");
+    assert!(
+        err.contains("within the 3 s") && err.contains("wal.standby_fetch_timeout_secs"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(!dest.exists());
+    std::fs::remove_file(scratch.join("standby.signal")).unwrap();
     server.resume();
     let kkey = ObjectKey::new(format!("wal/{}/{after}", &after[..16])).unwrap();
     let check_whole = |what: &str| match rt.block_on(kill_store.get(&kkey)) {

@@ -3,10 +3,12 @@
 use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::archive::Archive;
 use crate::cli::GlobalArgs;
 use crate::config::Config;
+use crate::storage::retry::Deadline;
 use crate::wal::fetch::{self, FetchContext, FetchOutcome, FetchReport};
 use crate::wal::name::WalFileName;
 use crate::wal::push::{self, PushContext, PushOutcome};
@@ -50,9 +52,29 @@ pub async fn push(cfg: &Config, path: &Path) -> Result<(), WalError> {
     Ok(())
 }
 
-async fn fetch_context(cfg: &Config) -> Result<FetchContext, WalError> {
+/// When a `wal-fetch` call stops waiting for storage: `None` (retry for as long as
+/// `wal.fetch_attempts` says) outside standby mode, where giving up stops recovery;
+/// `wal.standby_fetch_timeout_secs` from now in standby mode, where PostgreSQL tries again by
+/// itself and, while the call runs, neither streams from its primary nor acts on a promote.
+pub fn fetch_deadline(cfg: &Config, standby: bool) -> Option<Instant> {
+    cfg.wal
+        .standby_fetch_timeout
+        .filter(|_| standby)
+        .map(|limit| Instant::now() + limit)
+}
+
+async fn fetch_context(cfg: &Config, deadline: Option<Instant>) -> Result<FetchContext, WalError> {
+    let deadline = deadline.map(|at| Deadline {
+        at,
+        why: format!(
+            "the {} s a wal-fetch call gets in standby mode (wal.standby_fetch_timeout_secs); \
+             PostgreSQL tries again in a few seconds, and streams from its primary meanwhile if it has one",
+            cfg.wal.standby_fetch_timeout.unwrap_or_default().as_secs()
+        )
+        .into(),
+    });
     Ok(FetchContext {
-        archive: Archive::open(cfg, cfg.wal.fetch_attempts).await?,
+        archive: Archive::open_until(cfg, cfg.wal.fetch_attempts, deadline).await?,
         identities: Arc::new(cfg.identities()?),
         settings: cfg.wal.clone(),
         repo_id: cfg.repo_url.clone(),
@@ -67,9 +89,10 @@ pub fn fetch_spooled(
     global: &GlobalArgs,
     name: &str,
     dest: &Path,
+    deadline: Option<Instant>,
 ) -> Result<bool, WalError> {
     let name = WalFileName::parse(name)?;
-    match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest) {
+    match fetch::take_spooled(&cfg.wal, &cfg.repo_url, &name, dest, deadline) {
         Some(report) => {
             finish_fetch(global, cfg, &name, report);
             Ok(true)
@@ -84,6 +107,7 @@ pub async fn fetch(
     global: &GlobalArgs,
     name: &str,
     dest: &Path,
+    deadline: Option<Instant>,
 ) -> Result<(), WalError> {
     let name = WalFileName::parse(name)?;
     // The prefetcher starts before this download rather than after it: at the start of recovery
@@ -92,7 +116,7 @@ pub async fn fetch(
     let started = Path::new("postmaster.pid").is_file()
         && fetch::prefetch_ahead(&cfg.wal, &cfg.repo_url, &name, dest)
             .is_some_and(|spool| try_start_prefetcher(global, cfg, &spool));
-    let mut report = fetch::fetch(&fetch_context(cfg).await?, &name, dest).await?;
+    let mut report = fetch::fetch(&fetch_context(cfg, deadline).await?, &name, dest).await?;
     if started {
         report.start_prefetcher = None;
     }
@@ -227,7 +251,7 @@ pub async fn prefetch(cfg: &Config, state_dir: &Path, pid_file: &Path) -> Result
     else {
         return Ok(()); // another prefetcher runs
     };
-    let ctx = Arc::new(fetch_context(cfg).await?);
+    let ctx = Arc::new(fetch_context(cfg, None).await?);
     let server = spool::ServerWatch::new(pid_file)
         .map_err(|e| WalError::local("cannot read", pid_file, e))?;
     spool::run_prefetcher(ctx, spool, lock, server)

@@ -1,19 +1,30 @@
 //! A wrapper that retries transient failures (`StorageError::is_transient`) with exponential
-//! back-off. Everything else (not found, denied, no bucket) is final and returned at once.
+//! back-off. Everything else (not found, denied, no bucket) is final and returned at once. An
+//! optional deadline bounds the whole: no operation runs or is waited for past it.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::{ObjectInfo, ObjectKey, PutOutcome, StorageError, Store, StoreInfo};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Total tries, the first included.
     pub attempts: u32,
     pub first_delay: Duration,
     pub max_delay: Duration,
+    pub deadline: Option<Deadline>,
+}
+
+/// When the caller stops waiting for storage, whatever the attempts left.
+#[derive(Debug, Clone)]
+pub struct Deadline {
+    pub at: Instant,
+    /// Why the caller has this limit and what follows, for the error: "within ...".
+    pub why: Arc<str>,
 }
 
 impl RetryPolicy {
@@ -41,9 +52,27 @@ impl<S: Store> Retrying<S> {
     {
         let mut attempt = 0;
         loop {
-            match op().await {
+            let outcome = match &self.policy.deadline {
+                None => op().await,
+                Some(d) => match tokio::time::timeout_at(d.at.into(), op()).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => {
+                        return Err(StorageError::Transient(format!(
+                            "no answer from {} within {}",
+                            self.inner.describe(),
+                            d.why
+                        )))
+                    }
+                },
+            };
+            match outcome {
                 Err(e) if e.is_transient() && attempt + 1 < self.policy.attempts => {
                     let delay = self.policy.delay(attempt);
+                    if let Some(d) = &self.policy.deadline {
+                        if Instant::now() + delay >= d.at {
+                            return Err(e);
+                        }
+                    }
                     // info, not warn: a failure that lasts ends in one error line that says
                     // so; each attempt's line is there for WALSHIP_LOG=walship=info.
                     tracing::info!(
@@ -106,6 +135,19 @@ mod tests {
             attempts,
             first_delay: Duration::from_millis(1),
             max_delay: Duration::from_millis(4),
+            deadline: None,
+        }
+    }
+
+    fn within(attempts: u32, first_delay: Duration, limit: Duration) -> RetryPolicy {
+        RetryPolicy {
+            first_delay,
+            max_delay: first_delay * 4,
+            deadline: Some(Deadline {
+                at: Instant::now() + limit,
+                why: "the test's limit".into(),
+            }),
+            ..policy(attempts)
         }
     }
 
@@ -138,5 +180,40 @@ mod tests {
             Err(StorageError::Denied(_))
         ));
         assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_deadline_ends_an_operation_that_never_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Retrying::new(
+            Faulty::hanging(dir.path(), ".stuck"),
+            within(5, Duration::from_millis(1), Duration::from_millis(300)),
+        );
+        let started = Instant::now();
+        let err = store
+            .put_if_absent(&ObjectKey::new("a.stuck").unwrap(), Bytes::new())
+            .await
+            .unwrap_err();
+        assert!(err.is_transient(), "{err:?}");
+        let text = err.to_string();
+        assert!(text.contains("within the test's limit"), "{text}");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 1, "not retried");
+    }
+
+    #[tokio::test]
+    async fn no_retry_starts_that_its_back_off_would_carry_past_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        // Back-off 200 ms, 400 ms, ...: the second retry would start after the 500 ms limit.
+        let store = Retrying::new(
+            Faulty::failing(dir.path(), 10, true),
+            within(10, Duration::from_millis(200), Duration::from_millis(500)),
+        );
+        let started = Instant::now();
+        let err = store.get(&ObjectKey::new("a").unwrap()).await.unwrap_err();
+        assert!(err.to_string().contains("connection reset"), "{err}");
+        assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
+        assert!(started.elapsed() < Duration::from_millis(500));
     }
 }

@@ -18,7 +18,7 @@
 use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::name::{format_lsn, WalFileKind, WalFileName};
 use super::spool::{ServerWatch, Spool};
@@ -70,18 +70,24 @@ fn spool_for(settings: &WalSettings, repo_id: &str, dest: &Path) -> Spool {
 }
 
 /// The fast path, taken before any storage client is set up: move a prefetched segment into place.
-/// `None` when it is not spooled (or cannot be taken): the caller downloads it.
+/// `None` when it is not spooled (or cannot be taken): the caller downloads it. A segment the
+/// prefetcher is downloading is waited for, though not past `deadline`.
 pub fn take_spooled(
     settings: &WalSettings,
     repo_id: &str,
     name: &WalFileName,
     dest: &Path,
+    deadline: Option<Instant>,
 ) -> Option<FetchReport> {
     if settings.prefetch == 0 || name.kind() != WalFileKind::Segment {
         return None;
     }
     let spool = spool_for(settings, repo_id, dest);
-    let waited = spool.take_when_ready(name.as_str(), dest, IN_FLIGHT_WAIT)?;
+    let limit = deadline.map_or(IN_FLIGHT_WAIT, |d| {
+        d.saturating_duration_since(Instant::now())
+            .min(IN_FLIGHT_WAIT)
+    });
+    let waited = spool.take_when_ready(name.as_str(), dest, limit)?;
     let outcome = match waited.is_zero() {
         true => FetchOutcome::FromSpool,
         false => FetchOutcome::FromSpoolAfterWait(waited),
@@ -350,9 +356,33 @@ mod tests {
             download_concurrency: 4,
             state_dir: None,
             fetch_attempts: 1,
+            standby_fetch_timeout: None,
             prefetch_idle: Duration::from_secs(60),
             prefetch_min_free: 0,
         }
+    }
+
+    #[test]
+    fn a_call_waits_for_the_prefetchers_download_no_longer_than_its_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (settings, dest) = (settings(16), dir.path().join(RECOVERY_TARGET_NAME));
+        let name = WalFileName::parse("000000010000000000000002").unwrap();
+        let spool = spool_for(&settings, "r", &dest);
+        spool.set_want("000000010000000000000001").unwrap();
+        // A running prefetcher whose download of the segment never ends.
+        let lock = std::fs::File::create(spool.dir().join(".lock")).unwrap();
+        lock.lock().unwrap();
+        std::fs::File::create(spool.in_flight_marker(name.as_str())).unwrap();
+        let since = std::time::Instant::now();
+        let limit = Duration::from_millis(300);
+        let deadline = Some(since + limit);
+        assert!(take_spooled(&settings, "r", &name, &dest, deadline).is_none());
+        let took = since.elapsed();
+        assert!(took >= limit && took < IN_FLIGHT_WAIT / 2, "{took:?}");
+        // Past the deadline: not waited for at all.
+        let since = std::time::Instant::now();
+        assert!(take_spooled(&settings, "r", &name, &dest, deadline).is_none());
+        assert!(since.elapsed() < limit, "{:?}", since.elapsed());
     }
 
     #[test]
@@ -648,6 +678,7 @@ mod tests {
             download_concurrency: 4,
             state_dir: None,
             fetch_attempts: 1,
+            standby_fetch_timeout: None,
             prefetch_idle: Duration::from_secs(60),
             prefetch_min_free: 0,
         };

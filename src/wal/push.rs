@@ -596,6 +596,7 @@ mod tests {
             download_concurrency: 1,
             state_dir: None,
             fetch_attempts: 1,
+            standby_fetch_timeout: None,
             prefetch_idle: Duration::from_secs(1),
             prefetch_min_free: 0,
         }

@@ -115,7 +115,7 @@ impl Spool {
         }
     }
 
-    fn in_flight_marker(&self, name: &str) -> PathBuf {
+    pub(super) fn in_flight_marker(&self, name: &str) -> PathBuf {
         self.dir.join(format!(".{}.inflight", self.file_name(name)))
     }
 
