@@ -94,8 +94,9 @@ pub fn for_backup(e: &BackupError) -> i32 {
     }
 }
 
-/// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) in standby
-/// mode, where PostgreSQL retries, and fatal (>= 128) otherwise.
+/// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) where
+/// PostgreSQL does without the file (`standby`: standby mode, where it retries, and the history
+/// copy at the end of archive recovery), and fatal (>= 128) otherwise.
 pub fn for_wal_fetch(code: i32, standby: bool) -> i32 {
     match code {
         OK | NOT_IN_ARCHIVE => code,

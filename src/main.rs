@@ -246,7 +246,11 @@ fn run(cli: Cli, standby: bool) -> i32 {
             Err(e) => fail("wal-push", &e, exit::for_wal(&e)),
         },
         Command::WalFetch { name, path } => {
-            let deadline = cli::wal::fetch_deadline(&cfg, standby);
+            // Where PostgreSQL takes a failure in its stride: standby mode, and the history copy
+            // at the end of archive recovery.
+            let lenient = standby
+                || walship::wal::fetch::ends_archive_recovery(path, std::path::Path::new("."));
+            let deadline = cli::wal::fetch_deadline(&cfg, lenient);
             let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path, deadline) {
                 Ok(true) => Ok(()),
                 Ok(false) => {
@@ -261,7 +265,7 @@ fn run(cli: Cli, standby: bool) -> i32 {
                     exit::NOT_IN_ARCHIVE
                 }
                 Err(e) => {
-                    let code = exit::for_wal_fetch(exit::for_wal(&e), standby);
+                    let code = exit::for_wal_fetch(exit::for_wal(&e), lenient);
                     let hint = if code >= exit::FATAL_FOR_RECOVERY {
                         " (exiting with a code that stops recovery rather than ending it early; fix the cause and start PostgreSQL again)"
                     } else {

@@ -815,6 +815,28 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         "the failure is in the PostgreSQL log"
     );
 
+    // A standby that reads only the archive (no primary to stream from), with a short
+    // wal.standby_fetch_timeout_secs; it is promoted while the server never answers, below.
+    let cfg_standby = base.path().join("standby.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    assert!(
+        text.trim_end().ends_with("fetch_attempts = 2"),
+        "[wal] is last"
+    );
+    std::fs::write(&cfg_standby, text + "standby_fetch_timeout_secs = 3\n").unwrap();
+    let standby_data = base.path().join("standby");
+    primary.basebackup(&standby_data);
+    let standby = Cluster::at(base.path(), standby_data.clone(), "standby");
+    standby.append_conf(&(restore_conf(&cfg_standby) + "archive_mode = off\n"));
+    std::fs::write(standby_data.join("standby.signal"), b"").unwrap();
+    common::chown_postgres(&standby_data);
+    standby.start();
+    common::wait_until(
+        "the standby to reach the end of the archive",
+        Duration::from_secs(120),
+        || standby.log().contains("is not in the archive"),
+    );
+
     // kill -9 in the middle of an upload: the server hangs (SIGSTOP), the push is killed, and
     // afterwards the key holds nothing or the whole object, never a part; a rerun succeeds.
     let cfg_kill = server.config(&base.path().join("kill"), "faults-kill", &keys);
@@ -838,13 +860,6 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     // wal.standby_fetch_timeout_secs (exit 3): PostgreSQL tries again by itself, and until the
     // call ends it neither streams from its primary nor acts on a promote. (Outside standby mode
     // the call keeps retrying: giving up there stops recovery.)
-    let cfg_standby = base.path().join("standby.toml");
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    assert!(
-        text.trim_end().ends_with("fetch_attempts = 2"),
-        "[wal] is last"
-    );
-    std::fs::write(&cfg_standby, text + "standby_fetch_timeout_secs = 3\n").unwrap();
     std::fs::write(scratch.join("standby.signal"), b"").unwrap();
     let dest = scratch.join("standby-segment");
     let started = std::time::Instant::now();
@@ -872,6 +887,34 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(!dest.exists());
     std::fs::remove_file(scratch.join("standby.signal")).unwrap();
+    // The standby promotes within seconds: its calls, the one for the next segment, those for
+    // history files that pick the new timeline and the one that copies the parent timeline's
+    // history once standby.signal is gone, each give up after 3 s. (With the calls' whole retry
+    // budget, pg_ctl would give up waiting after its minute; and the last call, with a code that
+    // stops recovery, would stop the server halfway through the promotion.)
+    let started = std::time::Instant::now();
+    let out = common::as_postgres("pg_ctl")
+        .arg("-D")
+        .arg(&standby_data)
+        .args(["-w", "-t", "60", "promote"])
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        out.status.success(),
+        "promote after {took:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        standby.log()
+    );
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    assert_eq!(standby.psql("select pg_is_in_recovery()"), "f");
+    assert!(
+        standby
+            .log()
+            .contains("within the 3 s a wal-fetch call gets in standby mode"),
+        "{}",
+        standby.log()
+    );
     server.resume();
     let kkey = ObjectKey::new(format!("wal/{}/{after}", &after[..16])).unwrap();
     let check_whole = |what: &str| match rt.block_on(kill_store.get(&kkey)) {

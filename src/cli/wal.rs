@@ -53,13 +53,14 @@ pub async fn push(cfg: &Config, path: &Path) -> Result<(), WalError> {
 }
 
 /// When a `wal-fetch` call stops waiting for storage: `None` (retry for as long as
-/// `wal.fetch_attempts` says) outside standby mode, where giving up stops recovery;
-/// `wal.standby_fetch_timeout_secs` from now in standby mode, where PostgreSQL tries again by
-/// itself and, while the call runs, neither streams from its primary nor acts on a promote.
-pub fn fetch_deadline(cfg: &Config, standby: bool) -> Option<Instant> {
+/// `wal.fetch_attempts` says) where giving up stops recovery; `wal.standby_fetch_timeout_secs`
+/// from now where PostgreSQL does without the file (`lenient`: standby mode, where it tries again
+/// by itself and, while the call runs, neither streams from its primary nor acts on a promote;
+/// the history copy at the end of archive recovery).
+pub fn fetch_deadline(cfg: &Config, lenient: bool) -> Option<Instant> {
     cfg.wal
         .standby_fetch_timeout
-        .filter(|_| standby)
+        .filter(|_| lenient)
         .map(|limit| Instant::now() + limit)
 }
 
@@ -67,8 +68,10 @@ async fn fetch_context(cfg: &Config, deadline: Option<Instant>) -> Result<FetchC
     let deadline = deadline.map(|at| Deadline {
         at,
         why: format!(
-            "the {} s a wal-fetch call gets in standby mode (wal.standby_fetch_timeout_secs); \
-             PostgreSQL tries again in a few seconds, and streams from its primary meanwhile if it has one",
+            "the {} s a wal-fetch call gets in standby mode and at the end of archive recovery \
+             (wal.standby_fetch_timeout_secs), where PostgreSQL does without the file: a standby \
+             tries again a few seconds later and streams from its primary meanwhile if it has \
+             one; at the end of recovery it uses pg_wal's copy",
             cfg.wal.standby_fetch_timeout.unwrap_or_default().as_secs()
         )
         .into(),

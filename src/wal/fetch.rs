@@ -256,6 +256,18 @@ pub fn from_recovery(dest: &Path) -> bool {
     is_named(dest, RECOVERY_TARGET_NAME)
 }
 
+/// Whether this call is the one PostgreSQL makes as archive recovery ends, with the server in
+/// `data_dir` (its working directory): once it has removed `standby.signal` or
+/// `recovery.signal`, it copies the parent timeline's history into the new timeline's, fetching
+/// it to `RECOVERYHISTORY`. A failure there must be an ordinary one, as in standby mode:
+/// PostgreSQL then copies `pg_wal`'s own copy (recovery keeps the history files it reads there),
+/// where a code above 125 would stop the server halfway through a promotion.
+pub fn ends_archive_recovery(dest: &Path, data_dir: &Path) -> bool {
+    is_named(dest, RECOVERY_HISTORY_NAME)
+        && !data_dir.join("standby.signal").exists()
+        && !data_dir.join("recovery.signal").exists()
+}
+
 fn is_named(path: &Path, name: &str) -> bool {
     path.file_name().and_then(|n| n.to_str()) == Some(name)
 }
@@ -359,6 +371,20 @@ mod tests {
             standby_fetch_timeout: None,
             prefetch_idle: Duration::from_secs(60),
             prefetch_min_free: 0,
+        }
+    }
+
+    #[test]
+    fn the_history_copy_at_the_end_of_archive_recovery_is_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let history = dir.path().join("pg_wal").join(RECOVERY_HISTORY_NAME);
+        let segment = dir.path().join("pg_wal").join(RECOVERY_TARGET_NAME);
+        assert!(ends_archive_recovery(&history, dir.path()));
+        assert!(!ends_archive_recovery(&segment, dir.path()));
+        for signal in ["standby.signal", "recovery.signal"] {
+            std::fs::write(dir.path().join(signal), b"").unwrap();
+            assert!(!ends_archive_recovery(&history, dir.path()), "{signal}");
+            std::fs::remove_file(dir.path().join(signal)).unwrap();
         }
     }
 
