@@ -55,10 +55,12 @@ fn mapped_location(opts: &FetchOptions, oid: u32, original: &str) -> Option<Path
 /// Refuse a `--tablespace-map` that names no tablespace of backup `id` (a mistyped OID would
 /// otherwise send the tablespace to its original location, on the database host the live
 /// server's), or whose new location is relative (PostgreSQL links tablespaces by absolute path),
-/// and one that leaves two tablespaces in one directory or one inside the other.
+/// and one that leaves two tablespaces in one directory or one inside the other, or a tablespace
+/// in the target directory `dest` or around it.
 fn check_tablespace_map(
     id: &str,
     tablespaces: &[Tablespace],
+    dest: &Path,
     opts: &FetchOptions,
 ) -> Result<(), BackupError> {
     for (from, to) in &opts.tablespace_map {
@@ -107,6 +109,20 @@ fn check_tablespace_map(
                     bt.display()
                 )));
             }
+        }
+    }
+    // A tablespace in the data directory is one PostgreSQL warns about, and base backups copy
+    // twice; around it, emptying the tablespace's directory (--force) would empty the target.
+    let target = std::path::absolute(dest).unwrap_or_else(|_| dest.to_path_buf());
+    for (oid, at) in &placed {
+        if at.starts_with(&target) || target.starts_with(at) {
+            return Err(BackupError::Invalid(format!(
+                "tablespace {oid} of backup {id} would be restored to {}, which overlaps the \
+                 target directory {}; give it a directory outside the target with \
+                 --tablespace-map {oid}=DIR",
+                at.display(),
+                target.display()
+            )));
         }
     }
     Ok(())
@@ -294,7 +310,7 @@ fn check_places(
     dest: &Path,
     opts: &FetchOptions,
 ) -> Result<Vec<(PathBuf, bool)>, BackupError> {
-    check_tablespace_map(&m.id, &m.tablespaces, opts)?;
+    check_tablespace_map(&m.id, &m.tablespaces, dest, opts)?;
     if let Some(pid) = running_server(dest) {
         return Err(BackupError::TargetNotEmpty(format!(
             "a PostgreSQL server is running on {} (postmaster.pid names process {pid}); stop it \
@@ -760,11 +776,12 @@ mod tests {
     fn a_tablespace_map_naming_no_tablespace_a_relative_dir_or_overlapping_dirs_is_refused() {
         let ts = two_tablespaces();
         let id = "20261124T120000Z";
-        assert!(check_tablespace_map(id, &ts, &map(&[])).is_ok());
-        assert!(check_tablespace_map(id, &ts, &map(&[("16400", "/new/a")])).is_ok());
-        assert!(check_tablespace_map(id, &ts, &map(&[("/srv/ts2", "/new/b")])).is_ok());
+        let dest = Path::new("/restore/data");
+        assert!(check_tablespace_map(id, &ts, dest, &map(&[])).is_ok());
+        assert!(check_tablespace_map(id, &ts, dest, &map(&[("16400", "/new/a")])).is_ok());
+        assert!(check_tablespace_map(id, &ts, dest, &map(&[("/srv/ts2", "/new/b")])).is_ok());
 
-        let err = check_tablespace_map(id, &ts, &map(&[("16500", "/new/a")])).unwrap_err();
+        let err = check_tablespace_map(id, &ts, dest, &map(&[("16500", "/new/a")])).unwrap_err();
         assert!(matches!(err, BackupError::Invalid(_)), "{err:?}");
         assert_eq!(
             err.to_string(),
@@ -772,14 +789,14 @@ mod tests {
              tablespaces are 16400 (was /srv/ts1), 16401 (was /srv/ts2); name one by its OID or \
              its original location"
         );
-        let err = check_tablespace_map(id, &[], &map(&[("16400", "/new/a")])).unwrap_err();
+        let err = check_tablespace_map(id, &[], dest, &map(&[("16400", "/new/a")])).unwrap_err();
         assert!(
             err.to_string()
                 .contains("has no tablespace 16400; it has none"),
             "{err}"
         );
 
-        let err = check_tablespace_map(id, &ts, &map(&[("16401", "new/b")])).unwrap_err();
+        let err = check_tablespace_map(id, &ts, dest, &map(&[("16401", "new/b")])).unwrap_err();
         assert!(matches!(err, BackupError::Invalid(_)), "{err:?}");
         assert!(
             err.to_string().contains("new/b is a relative path"),
@@ -792,13 +809,36 @@ mod tests {
             &[("16400", "/new/ts"), ("16401", "/new/ts/b")],
             &[("16401", "/srv/ts1/b")],
         ] {
-            let err = check_tablespace_map(id, &ts, &map(pairs)).unwrap_err();
+            let err = check_tablespace_map(id, &ts, dest, &map(pairs)).unwrap_err();
             assert!(
                 err.to_string().contains("which overlap"),
                 "{pairs:?}: {err}"
             );
         }
-        assert!(check_tablespace_map(id, &ts, &map(&[("16400", "/srv/ts2b")])).is_ok());
+        assert!(check_tablespace_map(id, &ts, dest, &map(&[("16400", "/srv/ts2b")])).is_ok());
+
+        // In the target directory, the target itself, or around it.
+        for at in ["/restore/data/ts", "/restore/data", "/restore"] {
+            let err = check_tablespace_map(id, &ts, dest, &map(&[("16400", at)])).unwrap_err();
+            assert!(matches!(err, BackupError::Invalid(_)), "{err:?}");
+            assert!(
+                err.to_string().contains(&format!(
+                    "restored to {at}, which overlaps the target directory /restore/data"
+                )),
+                "{at}: {err}"
+            );
+        }
+        assert!(check_tablespace_map(id, &ts, dest, &map(&[("16400", "/restore/data2")])).is_ok());
+        // A relative target is taken from the working directory.
+        let cwd = std::env::current_dir().unwrap();
+        let err = check_tablespace_map(
+            id,
+            &ts,
+            Path::new("data"),
+            &map(&[("16400", cwd.to_str().unwrap())]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("overlaps the target"), "{err}");
     }
 
     #[test]
