@@ -177,9 +177,10 @@ pub struct WalSettings {
     pub state_dir: Option<PathBuf>,
     /// Tries per object in wal-fetch before giving up on a transient failure.
     pub fetch_attempts: u32,
-    /// In standby mode, how long one wal-fetch call may wait for storage (`None`: no limit).
-    /// PostgreSQL retries a standby's failed call by itself, and while the call runs it neither
-    /// streams from its primary nor acts on a promote.
+    /// In standby mode and for the history copy at the end of archive recovery, how long one
+    /// wal-fetch call may wait for storage (`None`: no limit). PostgreSQL retries a standby's
+    /// failed call by itself, and while the call runs it neither streams from its primary nor
+    /// acts on a promote, which makes three calls in a row.
     pub standby_fetch_timeout: Option<Duration>,
     pub prefetch_idle: Duration,
     /// Free space the prefetcher leaves on the spool's filesystem: below it, it starts no download.
@@ -414,7 +415,7 @@ impl Config {
                 .max(1),
             state_dir: o.state_dir.or(w.state_dir),
             fetch_attempts: w.fetch_attempts.unwrap_or(5).max(1),
-            standby_fetch_timeout: match w.standby_fetch_timeout_secs.unwrap_or(30) {
+            standby_fetch_timeout: match w.standby_fetch_timeout_secs.unwrap_or(15) {
                 0 => None,
                 secs => Some(Duration::from_secs(secs)),
             },
@@ -509,7 +510,7 @@ mod tests {
     }
 
     #[test]
-    fn the_standby_fetch_timeout_defaults_to_30_s_and_0_turns_it_off() {
+    fn the_standby_fetch_timeout_defaults_to_15_s_and_0_turns_it_off() {
         let dir = tempfile::tempdir().unwrap();
         let resolve = |wal: &str| {
             let cfg = dir.path().join("w.toml");
@@ -520,7 +521,7 @@ mod tests {
             };
             Config::resolve(o).unwrap().wal.standby_fetch_timeout
         };
-        assert_eq!(resolve(""), Some(Duration::from_secs(30)));
+        assert_eq!(resolve(""), Some(Duration::from_secs(15)));
         assert_eq!(
             resolve("standby_fetch_timeout_secs = 7\n"),
             Some(Duration::from_secs(7))

@@ -26,8 +26,9 @@ pub const ACCESS: i32 = 6;
 pub const LOCAL_IO: i32 = 7;
 /// A bug in walship (a panic): the message says where.
 pub const INTERNAL: i32 = 8;
-/// Added to wal-fetch's code for any failure other than "not in archive" outside standby mode, so
-/// that it is above 125 and PostgreSQL stops recovery instead of ending it early.
+/// Added to wal-fetch's code for any failure other than "not in archive" outside standby mode
+/// (and the history copy at the end of archive recovery), so that it is above 125 and PostgreSQL
+/// stops recovery instead of ending it early.
 pub const FATAL_FOR_RECOVERY: i32 = 128;
 
 fn storage_code(e: &StorageError) -> i32 {
@@ -95,12 +96,12 @@ pub fn for_backup(e: &BackupError) -> i32 {
 }
 
 /// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) where
-/// PostgreSQL does without the file (`standby`: standby mode, where it retries, and the history
+/// PostgreSQL does without the file (`lenient`: standby mode, where it retries, and the history
 /// copy at the end of archive recovery), and fatal (>= 128) otherwise.
-pub fn for_wal_fetch(code: i32, standby: bool) -> i32 {
+pub fn for_wal_fetch(code: i32, lenient: bool) -> i32 {
     match code {
         OK | NOT_IN_ARCHIVE => code,
-        c if standby => c,
+        c if lenient => c,
         c => FATAL_FOR_RECOVERY + c,
     }
 }

@@ -12,12 +12,18 @@ fn main() -> ExitCode {
     if let Some(code) = cli::wal::supervise_prefetcher() {
         return code;
     }
-    let standby = std::path::Path::new("standby.signal").exists();
+    // Where PostgreSQL takes a failed restore_command in its stride, wal-fetch exits with a plain
+    // code: in standby mode, and in the history copy at the end of archive recovery (where a
+    // code above 125 would stop the server halfway through a promotion), whatever the failure.
+    let lenient = std::path::Path::new("standby.signal").exists()
+        || std::env::args_os().any(|a| {
+            walship::wal::fetch::ends_archive_recovery(a.as_ref(), std::path::Path::new("."))
+        });
     // A bad flag or WALSHIP_* value, or a panic (a bug, or a runtime that cannot start its
     // threads), in restore_command must not read as "end of archive": Rust's 101 would.
     let fetching = std::env::args_os().any(|a| a == "wal-fetch");
     let code = match fetching {
-        true => exit::for_wal_fetch(exit::INTERNAL, standby),
+        true => exit::for_wal_fetch(exit::INTERNAL, lenient),
         false => exit::INTERNAL,
     };
     std::panic::set_hook(Box::new(move |info| {
@@ -49,7 +55,7 @@ fn main() -> ExitCode {
         Err(e) => {
             let code = match (e.use_stderr(), fetching) {
                 (false, _) => exit::OK,
-                (true, true) => exit::for_wal_fetch(exit::USAGE, standby),
+                (true, true) => exit::for_wal_fetch(exit::USAGE, lenient),
                 (true, false) => exit::USAGE,
             };
             if e.use_stderr() {
@@ -73,7 +79,7 @@ fn main() -> ExitCode {
         .with_target(false)
         .without_time()
         .init();
-    let code = run(cli, standby);
+    let code = run(cli, lenient);
     ExitCode::from(code as u8)
 }
 
@@ -151,7 +157,7 @@ fn fail(command: &str, err: &dyn std::fmt::Display, code: i32) -> i32 {
     code
 }
 
-fn run(cli: Cli, standby: bool) -> i32 {
+fn run(cli: Cli, lenient: bool) -> i32 {
     // The identity may come from the environment (never argv); read here, passed down explicitly.
     let identity_env = std::env::var("WALSHIP_IDENTITY")
         .ok()
@@ -204,7 +210,7 @@ fn run(cli: Cli, standby: bool) -> i32 {
         Ok(c) => c,
         Err(e) => {
             let code = if matches!(cli.command, Command::WalFetch { .. }) {
-                exit::for_wal_fetch(exit::USAGE, standby)
+                exit::for_wal_fetch(exit::USAGE, lenient)
             } else {
                 exit::USAGE
             };
@@ -246,15 +252,17 @@ fn run(cli: Cli, standby: bool) -> i32 {
             Err(e) => fail("wal-push", &e, exit::for_wal(&e)),
         },
         Command::WalFetch { name, path } => {
-            // Where PostgreSQL takes a failure in its stride: standby mode, and the history copy
-            // at the end of archive recovery.
-            let lenient = standby
-                || walship::wal::fetch::ends_archive_recovery(path, std::path::Path::new("."));
             let deadline = cli::wal::fetch_deadline(&cfg, lenient);
             let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path, deadline) {
                 Ok(true) => Ok(()),
                 Ok(false) => {
-                    runtime().block_on(cli::wal::fetch(&cfg, &cli.global, name, path, deadline))
+                    let rt = runtime();
+                    let fetched =
+                        rt.block_on(cli::wal::fetch(&cfg, &cli.global, name, path, deadline));
+                    // Not waiting for what a deadline abandoned: a read on a network mount that
+                    // stopped answering, a DNS lookup. The segment is placed (or not) by now.
+                    rt.shutdown_background();
+                    fetched
                 }
                 Err(e) => Err(e),
             };

@@ -788,6 +788,27 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
         "standby: retried"
     );
     std::fs::remove_file(scratch.join("standby.signal")).unwrap();
+    // So is the history copy at the end of archive recovery (the signal file gone, %p
+    // RECOVERYHISTORY), whatever the failure: a code above 125 there stops the server halfway
+    // through a promotion; PostgreSQL can do without the file.
+    let history_copy = |scratch: &Path| {
+        common::walship_cmd(
+            &cfg,
+            &["wal-fetch", "00000001.history", "RECOVERYHISTORY"],
+            scratch,
+        )
+        .env("WALSHIP_PREFETCH", "off")
+        .output()
+        .unwrap()
+    };
+    assert_eq!(history_copy(&scratch).status.code(), Some(2));
+    std::fs::write(scratch.join("recovery.signal"), b"").unwrap();
+    assert_eq!(
+        history_copy(&scratch).status.code(),
+        Some(128 + 2),
+        "during recovery, a history file recovery reads"
+    );
+    std::fs::remove_file(scratch.join("recovery.signal")).unwrap();
     assert!(!dest.exists());
 
     // Outage: the server dies, archiving fails and PostgreSQL retries; once it is back, no gap.
@@ -908,10 +929,12 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     );
     assert!(took < Duration::from_secs(30), "{took:?}");
     assert_eq!(standby.psql("select pg_is_in_recovery()"), "f");
+    // The last of them, outside standby mode, with a plain code (PostgreSQL then uses pg_wal's
+    // copy, here of timeline 1, which has none).
     assert!(
-        standby
-            .log()
-            .contains("within the 3 s a wal-fetch call gets in standby mode"),
+        standby.log().contains(
+            "walship wal-fetch: error: 00000001.history: storage unavailable: no answer from"
+        ),
         "{}",
         standby.log()
     );

@@ -31,18 +31,25 @@ impl FsStore {
     }
 
     fn check_root(&self) -> Result<(), StorageError> {
-        match fs::metadata(&self.root) {
-            Ok(m) if m.is_dir() => Ok(()),
-            Ok(_) => Err(StorageError::NoBucket(format!(
-                "repository path {} is a file, not a directory; fix the repository URL or move the file away",
-                self.root.display()
-            ))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NoBucket(format!(
-                "repository directory {} does not exist; create it (mkdir -p) or fix the repository URL",
-                self.root.display()
-            ))),
-            Err(e) => Err(io_error(&self.root, e)),
-        }
+        check_root(&self.root)
+    }
+}
+
+/// Whether the repository directory `root` is there. Blocks like any file system call (for long,
+/// on a network mount that stopped answering): off the executor in the operations wal-fetch uses,
+/// so that a caller's deadline can end them.
+fn check_root(root: &Path) -> Result<(), StorageError> {
+    match fs::metadata(root) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(StorageError::NoBucket(format!(
+            "repository path {} is a file, not a directory; fix the repository URL or move the file away",
+            root.display()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::NoBucket(format!(
+            "repository directory {} does not exist; create it (mkdir -p) or fix the repository URL",
+            root.display()
+        ))),
+        Err(e) => Err(io_error(root, e)),
     }
 }
 
@@ -300,11 +307,10 @@ impl Store for FsStore {
     }
 
     async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
-        let root_ok = self.check_root();
-        let path = self.path(key);
+        let (root, path) = (self.root.clone(), self.path(key));
         let key = key.to_string();
         tokio::task::spawn_blocking(move || {
-            root_ok?;
+            check_root(&root)?;
             let f = match File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {

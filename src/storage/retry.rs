@@ -70,7 +70,13 @@ impl<S: Store> Retrying<S> {
                     let delay = self.policy.delay(attempt);
                     if let Some(d) = &self.policy.deadline {
                         if Instant::now() + delay >= d.at {
-                            return Err(e);
+                            return Err(match e {
+                                StorageError::Transient(m) => StorageError::Transient(format!(
+                                    "{m} (no time left to try again within {})",
+                                    d.why
+                                )),
+                                e => e,
+                            });
                         }
                     }
                     // info, not warn: a failure that lasts ends in one error line that says
@@ -212,7 +218,11 @@ mod tests {
         );
         let started = Instant::now();
         let err = store.get(&ObjectKey::new("a").unwrap()).await.unwrap_err();
-        assert!(err.to_string().contains("connection reset"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("connection reset (no time left to try again within the test's limit)"),
+            "{err}"
+        );
         assert_eq!(store.inner.calls.load(Ordering::SeqCst), 2);
         assert!(started.elapsed() < Duration::from_millis(500));
     }
