@@ -12,16 +12,17 @@ fn main() -> ExitCode {
     if let Some(code) = cli::wal::supervise_prefetcher() {
         return code;
     }
+    // A bad flag or WALSHIP_* value, or a panic (a bug, or a runtime that cannot start its
+    // threads), in restore_command must not read as "end of archive": Rust's 101 would.
+    let fetching = std::env::args_os().any(|a| a == "wal-fetch");
     // Where PostgreSQL takes a failed restore_command in its stride, wal-fetch exits with a plain
     // code: in standby mode, and in the history copy at the end of archive recovery (where a
     // code above 125 would stop the server halfway through a promotion), whatever the failure.
     let lenient = std::path::Path::new("standby.signal").exists()
-        || std::env::args_os().any(|a| {
-            walship::wal::fetch::ends_archive_recovery(a.as_ref(), std::path::Path::new("."))
-        });
-    // A bad flag or WALSHIP_* value, or a panic (a bug, or a runtime that cannot start its
-    // threads), in restore_command must not read as "end of archive": Rust's 101 would.
-    let fetching = std::env::args_os().any(|a| a == "wal-fetch");
+        || fetching
+            && std::env::args_os().any(|a| {
+                walship::wal::fetch::ends_archive_recovery(a.as_ref(), std::path::Path::new("."))
+            });
     let code = match fetching {
         true => exit::for_wal_fetch(exit::INTERNAL, lenient),
         false => exit::INTERNAL,

@@ -753,12 +753,13 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
 
     // A value clap cannot parse (here in the environment restore_command runs with) is a usage
     // error like any other: fatal for recovery, never "not in archive".
-    let bad_value = |scratch: &Path| {
-        common::walship_cmd(&cfg, &["wal-fetch", &seg, dest.to_str().unwrap()], scratch)
+    let with_bad_value = |fetch: [&str; 2], scratch: &Path| {
+        common::walship_cmd(&cfg, &["wal-fetch", fetch[0], fetch[1]], scratch)
             .env("WALSHIP_PREFETCH", "off")
             .output()
             .unwrap()
     };
+    let bad_value = |scratch: &Path| with_bad_value([&seg, dest.to_str().unwrap()], scratch);
     let out = bad_value(&scratch);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + 2), "{err}");
@@ -791,16 +792,8 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     // So is the history copy at the end of archive recovery (the signal file gone, %p
     // RECOVERYHISTORY), whatever the failure: a code above 125 there stops the server halfway
     // through a promotion; PostgreSQL can do without the file.
-    let history_copy = |scratch: &Path| {
-        common::walship_cmd(
-            &cfg,
-            &["wal-fetch", "00000001.history", "RECOVERYHISTORY"],
-            scratch,
-        )
-        .env("WALSHIP_PREFETCH", "off")
-        .output()
-        .unwrap()
-    };
+    let history_copy =
+        |scratch: &Path| with_bad_value(["00000001.history", "RECOVERYHISTORY"], scratch);
     assert_eq!(history_copy(&scratch).status.code(), Some(2));
     std::fs::write(scratch.join("recovery.signal"), b"").unwrap();
     assert_eq!(
