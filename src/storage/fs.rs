@@ -29,15 +29,9 @@ impl FsStore {
     fn path(&self, key: &ObjectKey) -> PathBuf {
         self.root.join(key.as_str())
     }
-
-    fn check_root(&self) -> Result<(), StorageError> {
-        check_root(&self.root)
-    }
 }
 
-/// Whether the repository directory `root` is there. Blocks like any file system call (for long,
-/// on a network mount that stopped answering): off the executor in the operations wal-fetch uses,
-/// so that a caller's deadline can end them.
+/// Whether the repository directory `root` is there.
 fn check_root(root: &Path) -> Result<(), StorageError> {
     match fs::metadata(root) {
         Ok(m) if m.is_dir() => Ok(()),
@@ -121,12 +115,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn put_blocking(
-    root_ok: Result<(), StorageError>,
-    path: PathBuf,
-    body: Bytes,
-) -> Result<PutOutcome, StorageError> {
-    root_ok?;
+fn put_blocking(path: PathBuf, body: Bytes) -> Result<PutOutcome, StorageError> {
     let dir = path
         .parent()
         .expect("object path has a parent")
@@ -288,6 +277,17 @@ fn holds_a_file(dir: &Path) -> io::Result<bool> {
     Ok(false)
 }
 
+/// Runs a file system operation on tokio's blocking pool: every one may block for long (a network
+/// mount that stopped answering), and on the executor it would stall the other tasks and every
+/// deadline a caller set.
+async fn blocking<T: Send + 'static>(
+    op: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(op)
+        .await
+        .map_err(|e| StorageError::Other(e.to_string()))?
+}
+
 #[async_trait]
 impl Store for FsStore {
     async fn put_if_absent(
@@ -295,11 +295,12 @@ impl Store for FsStore {
         key: &ObjectKey,
         body: Bytes,
     ) -> Result<PutOutcome, StorageError> {
-        let root_ok = self.check_root();
-        let path = self.path(key);
-        tokio::task::spawn_blocking(move || put_blocking(root_ok, path, body))
-            .await
-            .map_err(|e| StorageError::Other(e.to_string()))?
+        let (root, path) = (self.root.clone(), self.path(key));
+        blocking(move || {
+            check_root(&root)?;
+            put_blocking(path, body)
+        })
+        .await
     }
 
     async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError> {
@@ -309,7 +310,7 @@ impl Store for FsStore {
     async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
         let (root, path) = (self.root.clone(), self.path(key));
         let key = key.to_string();
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
             check_root(&root)?;
             let f = match File::open(&path) {
                 Ok(f) => f,
@@ -325,17 +326,16 @@ impl Store for FsStore {
             Ok(Bytes::from(buf))
         })
         .await
-        .map_err(|e| StorageError::Other(e.to_string()))?
     }
 
     async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError> {
-        self.check_root()?;
         let root = self.root.clone();
         let want = Wanted {
             prefix: prefix.to_string(),
             after: after.to_string(),
         };
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
+            check_root(&root)?;
             let start = match want.prefix.rfind('/') {
                 Some(i) => root.join(&want.prefix[..i]),
                 None => root.clone(),
@@ -346,13 +346,12 @@ impl Store for FsStore {
             Ok(out)
         })
         .await
-        .map_err(|e| StorageError::Other(e.to_string()))?
     }
 
     async fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StorageError> {
-        self.check_root()?;
         let (root, prefix) = (self.root.clone(), prefix.to_string());
-        tokio::task::spawn_blocking(move || {
+        blocking(move || {
+            check_root(&root)?;
             let dir = root.join(prefix.trim_end_matches('/'));
             let entries = match fs::read_dir(&dir) {
                 Ok(e) => e,
@@ -376,28 +375,32 @@ impl Store for FsStore {
             Ok(out)
         })
         .await
-        .map_err(|e| StorageError::Other(e.to_string()))?
     }
 
     async fn delete(&self, key: &ObjectKey) -> Result<(), StorageError> {
         let path = self.path(key);
-        match fs::remove_file(&path) {
+        blocking(move || match fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(io_error(&path, e)),
-        }
+        })
+        .await
     }
 
     async fn probe(&self) -> Result<StoreInfo, StorageError> {
-        self.check_root()?;
-        // A write test: a repository we cannot write to is as broken as a missing one.
-        let probe = self.root.join(format!(".tmp.probe.{}", std::process::id()));
-        fs::write(&probe, b"walship").map_err(|e| io_error(&self.root, e))?;
-        let _ = fs::remove_file(&probe);
-        Ok(StoreInfo {
-            versioning: None,
-            object_lock: None,
+        let root = self.root.clone();
+        blocking(move || {
+            check_root(&root)?;
+            // A write test: a repository we cannot write to is as broken as a missing one.
+            let probe = root.join(format!(".tmp.probe.{}", std::process::id()));
+            fs::write(&probe, b"walship").map_err(|e| io_error(&root, e))?;
+            let _ = fs::remove_file(&probe);
+            Ok(StoreInfo {
+                versioning: None,
+                object_lock: None,
+            })
         })
+        .await
     }
 
     fn describe(&self) -> String {
