@@ -196,8 +196,12 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     );
     std::fs::write(&auto_conf, conf).unwrap();
     // And settings of a delayed standby in postgresql.conf, which travel in the backup too: a
-    // restore overrides them, or each restore would wait a day per commit, or stop at xid 3.
-    primary.append_conf("recovery_min_apply_delay = '1d'\nrecovery_target_xid = '3'\n");
+    // restore overrides them, or each restore would wait a day per commit, or stop at xid 3, or
+    // prune the standby's local archive at every restartpoint.
+    primary.append_conf(
+        "recovery_min_apply_delay = '1d'\nrecovery_target_xid = '3'\n\
+         archive_cleanup_command = 'pg_archivecleanup /nonexistent %r'\n",
+    );
 
     // The backup runs while pgbench writes.
     let load = {
@@ -371,6 +375,11 @@ fn backup_under_load_then_restore_to_a_restore_point_a_time_and_the_end() {
     }
     let c = start_restored(base.path(), &at_point, "at-point");
     assert_eq!(marks(&c), "before backup,good work");
+    assert_eq!(
+        c.psql("show archive_cleanup_command"),
+        "",
+        "the backup's is overridden"
+    );
     assert_eq!(
         c.psql("select count(*) from scratch"),
         "0",

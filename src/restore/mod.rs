@@ -370,6 +370,10 @@ pub fn recovery_settings(
     // And its replication slot, which is the standby's: a restored copy streaming with it would
     // take the slot from that standby.
     set("primary_slot_name", String::new());
+    // And its archive_cleanup_command, which pruned that standby's own WAL archive (typically
+    // `pg_archivecleanup <dir> %r`): this recovery reads from walship, and a restored copy run at
+    // every restartpoint would delete from a directory that other servers may still need.
+    set("archive_cleanup_command", String::new());
     // With a target, follow the backup's own timeline unless told otherwise. PostgreSQL's default,
     // 'latest', would follow any timeline forked later, such as one a restore drill promoted into
     // the same repository, and could stop on that branch's data instead of the one the target
@@ -393,7 +397,7 @@ const TARGET_KEYS: [&str; 5] = [
 
 /// Settings a restore writes; any of them already in postgresql.auto.conf (from an earlier
 /// restore of the cluster the backup was taken on) are disabled first.
-const RECOVERY_KEYS: [&str; 12] = [
+const RECOVERY_KEYS: [&str; 13] = [
     "restore_command",
     "recovery_end_command",
     "recovery_target",
@@ -406,6 +410,7 @@ const RECOVERY_KEYS: [&str; 12] = [
     "recovery_target_timeline",
     "recovery_min_apply_delay",
     "primary_slot_name",
+    "archive_cleanup_command",
 ];
 
 /// postgresql.auto.conf's `text` with the recovery settings it holds commented out. An earlier
@@ -457,7 +462,7 @@ fn disable_settings(
 /// (not removed: the blank overrides any target in postgresql.conf, the backup's), the timeline
 /// set back to PostgreSQL's default, 'latest', and recovery_end_command removed (one in
 /// postgresql.conf applies again). The rest stays: restore_command, archive_mode, and what
-/// overrides postgresql.conf's delay and slot.
+/// overrides postgresql.conf's delay, slot and archive_cleanup_command.
 pub fn disable_after_recovery(text: &str) -> (String, usize) {
     disable_settings(text, "recovery-done", |key, value| match key {
         k if TARGET_KEYS.contains(&k) && value != "''" => Some(format!("{k} = ''")),
@@ -680,6 +685,7 @@ mod tests {
         assert!(at("recovery_target") < at("recovery_target_xid"), "{s}");
         assert!(s.contains("recovery_target_time = ''"), "{s}");
         assert!(s.contains("recovery_min_apply_delay = '0'"), "{s}");
+        assert!(s.contains("\narchive_cleanup_command = ''\n"), "{s}");
         let s = recovery_settings(&opts(Target::EndOfArchive, None), "x", "w", "b");
         for key in TARGET_KEYS {
             assert!(s.contains(&format!("\n{key} = ''\n")), "{key}: {s}");
@@ -751,6 +757,7 @@ mod tests {
                 "recovery_target_inclusive = 'false'",
                 "recovery_min_apply_delay = '0'",
                 "primary_slot_name = ''",
+                "archive_cleanup_command = ''",
                 "recovery_target_timeline = 'latest'",
                 "primary_slot_name = 'mine'",
                 "recovery_min_apply_delay = '1h'",
