@@ -2,7 +2,7 @@
 """backup-push, backup-fetch and a restore to a target time, beside tar | zstd, pg_basebackup and
 cp, in one run.
 
-Makes a pgbench database (scale 150 by default: about 2.3 GB) on a throwaway PostgreSQL 15
+Makes a pgbench database (scale 150 by default: about 2.4 GB) on a throwaway PostgreSQL 15
 cluster that archives its WAL through walship into both repositories, then times:
 
   push   cp -a of the data directory; tar | zstd (one stream, walship's zstd level; and zstd -T0);
@@ -124,7 +124,7 @@ def best(label, make_cmd, env=None, shell=False, before=lambda: None, after=lamb
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--walship", required=True, type=Path)
-    ap.add_argument("--scale", type=int, default=150, help="pgbench scale (150: about 2.3 GB)")
+    ap.add_argument("--scale", type=int, default=150, help="pgbench scale (150: about 2.4 GB)")
     ap.add_argument("--replay-secs", type=int, default=60,
                     help="seconds of pgbench load after the backups, replayed by the restore")
     ap.add_argument("--level", type=int, default=1,

@@ -1,6 +1,8 @@
 //! Configuration: defaults < TOML file < `WALSHIP_*` environment < flags, resolved once into a
-//! validated `Config` that is passed down. Nothing else in walship reads the environment (the AWS
-//! SDK's credential chain aside).
+//! validated `Config` that is passed down. Outside this module walship reads only what other
+//! tools define (PostgreSQL's `PG*` and `USER` for connections, `HOME` and `AWS_*` where `check`
+//! looks for credentials the server would lack, the AWS SDK's credential chain), `WALSHIP_LOG`,
+//! and the secret `WALSHIP_IDENTITY`, which `main` reads and passes down.
 //!
 //! Secrets are never taken from argv: the age identity comes from a file (`identity_file`) or the
 //! `WALSHIP_IDENTITY` variable; S3 keys from the standard AWS variables/profile chain or from

@@ -9,7 +9,8 @@ use crate::storage::StorageError;
 use crate::wal::WalError;
 
 pub const OK: i32 = 0;
-/// wal-fetch only: the archive definitely does not have the file.
+/// wal-fetch: the archive definitely does not have the file; backup commands: no such backup, or
+/// a target no backup can reach.
 pub const NOT_IN_ARCHIVE: i32 = 1;
 /// Bad flag, bad or missing configuration, unreadable key file.
 pub const USAGE: i32 = 2;

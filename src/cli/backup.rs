@@ -28,7 +28,7 @@ pub struct PgArgs {
     /// Server port (default: PGPORT, else 5432)
     #[arg(long, env = "WALSHIP_PG_PORT")]
     pub pg_port: Option<u16>,
-    /// Role to connect as (default: PGUSER, else the OS user); password from PGPASSWORD or ~/.pgpass
+    /// Role to connect as (default: PGUSER, else USER, else postgres); password from PGPASSWORD or ~/.pgpass
     #[arg(long, env = "WALSHIP_PG_USER")]
     pub pg_user: Option<String>,
     /// Database to connect to (default: PGDATABASE, else the role's name)

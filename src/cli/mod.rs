@@ -174,9 +174,9 @@ pub enum Command {
     Restore(backup::RestoreArgs),
     /// Create a named restore point and wait until the WAL holding it is archived
     RestorePoint(backup::RestorePointArgs),
-    /// recovery_end_command after `restore`: once recovery has ended, comment out the recovery
-    /// settings the restore wrote to DIR's postgresql.auto.conf (all but restore_command and
-    /// archive_mode), so standbys cloned from the cluster do not inherit its target
+    /// recovery_end_command after `restore`: once recovery has ended, blank the target in DIR's
+    /// postgresql.auto.conf, set recovery_target_timeline to 'latest' and comment out
+    /// recovery_end_command, so standbys cloned from the cluster do not inherit the target
     RecoveryDone {
         /// The data directory (PostgreSQL runs recovery_end_command in it)
         #[arg(default_value = ".")]

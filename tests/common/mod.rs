@@ -381,9 +381,15 @@ pub fn dir_config(dir: &Path, repo: &Path, keys: &Keys) -> PathBuf {
 
 // ---------------------------------------------------------------- PostgreSQL
 
+/// A PostgreSQL program: from `PG_BINDIR`, else PostgreSQL 15's (what the tests are for), else
+/// `pg_config`'s, else a later version's.
 pub fn pg_bin(tool: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("PG_BINDIR") {
         return Path::new(&dir).join(tool);
+    }
+    let fifteen = PathBuf::from(format!("/usr/lib/postgresql/15/bin/{tool}"));
+    if fifteen.exists() {
+        return fifteen;
     }
     let out = Command::new("pg_config").arg("--bindir").output();
     if let Ok(out) = out {
@@ -392,7 +398,7 @@ pub fn pg_bin(tool: &str) -> PathBuf {
             return Path::new(&dir).join(tool);
         }
     }
-    for v in ["15", "16", "17"] {
+    for v in ["16", "17"] {
         let p = PathBuf::from(format!("/usr/lib/postgresql/{v}/bin/{tool}"));
         if p.exists() {
             return p;
