@@ -186,7 +186,12 @@ impl Archive {
         enc: Encoded,
     ) -> Result<Stored, ArchiveError> {
         match self.header(key).await {
-            Ok(theirs) => self.same_as_archived(key, &enc.header, theirs),
+            Ok(theirs) => {
+                let same = self.same_as_archived(key, &enc.header, theirs)?;
+                // A put killed between its link and its directory fsync left it visible only.
+                self.store.make_durable(key).await?;
+                Ok(same)
+            }
             Err(ArchiveError::Storage(StorageError::NotFound(_))) => self.put(key, enc).await,
             Err(e) => Err(e),
         }
@@ -435,13 +440,13 @@ pub fn decode_to_file<E: From<ArchiveError>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[tokio::test]
     async fn what_is_archived_is_never_replaced_even_where_conditional_puts_are_ignored() {
         let dir = tempfile::tempdir().unwrap();
-        let archive = Archive::new(Arc::new(crate::storage::testing::Faulty::replacing(
-            dir.path(),
-        )));
+        let store = Arc::new(crate::storage::testing::Faulty::replacing(dir.path()));
+        let archive = Archive::new(store.clone());
         let (text, _) = codec::generate_identity();
         let recipients = Identities::parse(&text, "test").unwrap().recipients();
         let enc = |b: &'static [u8]| codec::encode(b, &recipients, 1).unwrap();
@@ -459,6 +464,9 @@ mod tests {
                 .unwrap(),
             Stored::AlreadyThere
         );
+        // Found by its header, and made durable before it is called safe: a put killed between
+        // its link and its directory fsync leaves an object that is visible only.
+        assert_eq!(store.made_durable.load(Ordering::SeqCst), 1);
         let err = archive
             .put_unless_archived(&key, enc(b"other"))
             .await

@@ -96,6 +96,16 @@ pub fn for_backup(e: &BackupError) -> i32 {
     }
 }
 
+/// wal-push's code: a missing object is not an answer for a push (a name taken and then gone
+/// again before its header could be read: a delete racing the push, a listing lagging behind),
+/// and PostgreSQL retries.
+pub fn for_wal_push(e: &WalError) -> i32 {
+    match for_wal(e) {
+        NOT_IN_ARCHIVE => UNAVAILABLE,
+        c => c,
+    }
+}
+
 /// wal-fetch's code: 1 only for "not in archive"; other failures are ordinary (< 126) where
 /// PostgreSQL does without the file (`lenient`: standby mode, where it retries, and the history
 /// copy at the end of archive recovery), and fatal (>= 128) otherwise.
@@ -129,5 +139,13 @@ mod tests {
         let missing_bucket =
             WalError::Archive(ArchiveError::Storage(StorageError::NoBucket("b".into())));
         assert_eq!(for_wal_fetch(for_wal(&missing_bucket), false), 128 + ACCESS);
+    }
+
+    #[test]
+    fn a_push_never_exits_with_the_code_for_a_missing_file() {
+        let gone = WalError::Archive(ArchiveError::Storage(StorageError::NotFound("k".into())));
+        assert_eq!(for_wal_push(&gone), UNAVAILABLE);
+        let denied = WalError::Archive(ArchiveError::Storage(StorageError::Denied("k".into())));
+        assert_eq!(for_wal_push(&denied), ACCESS);
     }
 }

@@ -250,7 +250,7 @@ fn run(cli: Cli, lenient: bool) -> i32 {
         Command::WalPush { path } if cli::wal::pushed_ahead(&cfg, path) => exit::OK,
         Command::WalPush { path } => match runtime().block_on(cli::wal::push(&cfg, path)) {
             Ok(()) => exit::OK,
-            Err(e) => fail("wal-push", &e, exit::for_wal(&e)),
+            Err(e) => fail("wal-push", &e, exit::for_wal_push(&e)),
         },
         Command::WalFetch { name, path } => {
             let deadline = cli::wal::fetch_deadline(&cfg, lenient);

@@ -517,6 +517,9 @@ mod tests {
         ) -> Result<Vec<crate::storage::ObjectInfo>, StorageError> {
             unreachable!()
         }
+        async fn make_durable(&self, _: &crate::storage::ObjectKey) -> Result<(), StorageError> {
+            unreachable!()
+        }
         async fn list_dirs(&self, _: &str) -> Result<Vec<String>, StorageError> {
             unreachable!()
         }

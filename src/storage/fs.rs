@@ -328,6 +328,19 @@ impl Store for FsStore {
         .await
     }
 
+    async fn make_durable(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        let (root, path) = (self.root.clone(), self.path(key));
+        blocking(move || {
+            check_root(&root)?;
+            let dir = path
+                .parent()
+                .expect("object path has a parent")
+                .to_path_buf();
+            already_there(&path, &dir).map(drop)
+        })
+        .await
+    }
+
     async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         let root = self.root.clone();
         let want = Wanted {

@@ -135,6 +135,10 @@ pub trait Store: Send + Sync + 'static {
     async fn get(&self, key: &ObjectKey) -> Result<Bytes, StorageError>;
     /// The first `len` bytes of the object (fewer if it is shorter).
     async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError>;
+    /// Make sure an object found under `key` (not put by this call: another writer's, or one a
+    /// killed put left) is durable before the caller reports it safe. Nothing to do where every
+    /// visible object is durable (S3); a directory fsyncs the file and its directory.
+    async fn make_durable(&self, key: &ObjectKey) -> Result<(), StorageError>;
     /// Every object whose key starts with `prefix`, sorted by key.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.list_after(prefix, "").await
@@ -183,6 +187,8 @@ pub mod testing {
         /// Puts of keys ending so never finish, as over a stalled connection.
         hangs: Option<&'static str>,
         downloads: AtomicUsize,
+        /// `make_durable` calls so far.
+        pub made_durable: AtomicU32,
     }
 
     impl Faulty {
@@ -199,6 +205,7 @@ pub mod testing {
                 replaces: false,
                 hangs: None,
                 downloads: AtomicUsize::new(0),
+                made_durable: AtomicU32::new(0),
             }
         }
 
@@ -289,6 +296,10 @@ pub mod testing {
         async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
             self.gate()?;
             self.inner.get_prefix(key, len).await
+        }
+        async fn make_durable(&self, key: &ObjectKey) -> Result<(), StorageError> {
+            self.made_durable.fetch_add(1, Ordering::SeqCst);
+            self.inner.make_durable(key).await
         }
         async fn list_after(
             &self,

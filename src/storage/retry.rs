@@ -113,6 +113,9 @@ impl<S: Store> Store for Retrying<S> {
     async fn get_prefix(&self, key: &ObjectKey, len: u64) -> Result<Bytes, StorageError> {
         self.run(|| self.inner.get_prefix(key, len)).await
     }
+    async fn make_durable(&self, key: &ObjectKey) -> Result<(), StorageError> {
+        self.run(|| self.inner.make_durable(key)).await
+    }
     async fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectInfo>, StorageError> {
         self.run(|| self.inner.list_after(prefix, after)).await
     }

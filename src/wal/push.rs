@@ -152,6 +152,20 @@ fn read_header(path: &Path, name: &WalFileName) -> Result<LongPageHeader, WalErr
     let h = LongPageHeader::parse(&buf)
         .map_err(|e| WalError::Invalid(format!("{}: {e}", path.display())))?;
     check_header(&h, path, name, None)?;
+    // A .partial file is a whole segment too (PostgreSQL fills it up with zeros). A short one,
+    // archived, would hold its name for good: no later push may replace it.
+    let len = f
+        .metadata()
+        .map_err(|e| WalError::local("cannot read the size of", path, e))?
+        .len();
+    if len != u64::from(h.segment_size) {
+        return Err(WalError::Invalid(format!(
+            "{} is {len} bytes, but its header says this cluster's WAL segments are {} bytes; \
+             refusing to archive a truncated or padded segment (check the file system it is on)",
+            path.display(),
+            h.segment_size
+        )));
+    }
     Ok(h)
 }
 
@@ -584,6 +598,13 @@ mod tests {
         body.resize(4096, 7);
         let p = dir.join(name);
         std::fs::write(&p, body).unwrap();
+        // Whole-segment size, sparse.
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(u64::from(seg_size))
+            .unwrap();
         p
     }
 
@@ -673,6 +694,25 @@ mod tests {
         let n = WalFileName::parse("000000010000000000000004").unwrap();
         let err = read_header(&wrong, &n).unwrap_err();
         assert!(err.to_string().contains("misnamed"), "{err}");
+    }
+
+    #[test]
+    fn a_segment_of_the_wrong_size_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let name = "000000010000000000000003";
+        let p = seg(dir.path(), name, 42);
+        let n = WalFileName::parse(name).unwrap();
+        read_header(&p, &n).unwrap();
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.set_len(8192).unwrap();
+        let err = read_header(&p, &n).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "is 8192 bytes, but its header says this cluster's WAL segments are 16777216 bytes"
+            ),
+            "{err}"
+        );
+        assert_eq!(crate::exit::for_wal_push(&err), crate::exit::CONFLICT);
     }
 
     #[test]
