@@ -189,6 +189,15 @@ fn check_empty(dir: &Path, force: bool, what: &str) -> Result<bool, BackupError>
 /// Make `dir` an empty directory, refusing to touch a non-empty one unless `force`.
 fn prepare_empty(dir: &Path, force: bool, what: &str) -> Result<(), BackupError> {
     if !check_empty(dir, force, what)? {
+        // pg_control first: a removal cut short (kill -9, a file that will not go) must not leave
+        // a data directory PostgreSQL would start on with part of its files gone.
+        let control = dir.join("global/pg_control");
+        match fs::remove_file(&control) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(BackupError::local("cannot remove", &control, e))
+            }
+            _ => {}
+        }
         for e in fs::read_dir(dir).map_err(|e| BackupError::local("cannot read", dir, e))? {
             let p = e
                 .map_err(|e| BackupError::local("cannot read", dir, e))?

@@ -377,12 +377,14 @@ pub fn recovery_settings(
     // With a target, follow the backup's own timeline unless told otherwise. PostgreSQL's default,
     // 'latest', would follow any timeline forked later, such as one a restore drill promoted into
     // the same repository, and could stop on that branch's data instead of the one the target
-    // meant. Without a target (replay everything), 'latest' is what people expect.
-    match (&opts.timeline, &opts.target) {
-        (Some(t), _) => set("recovery_target_timeline", t.clone()),
-        (None, Target::EndOfArchive) => {}
-        (None, _) => set("recovery_target_timeline", "current".into()),
-    }
+    // meant. Without a target (replay everything), 'latest' is what people expect. Written
+    // either way, so that a value in the backup's postgresql.conf cannot decide.
+    let timeline = match (&opts.timeline, &opts.target) {
+        (Some(t), _) => t.clone(),
+        (None, Target::EndOfArchive) => "latest".into(),
+        (None, _) => "current".into(),
+    };
+    set("recovery_target_timeline", timeline);
     s
 }
 
@@ -691,7 +693,7 @@ mod tests {
             assert!(s.contains(&format!("\n{key} = ''\n")), "{key}: {s}");
         }
         assert!(!s.contains("recovery_target_action"), "{s}");
-        assert!(!s.contains("recovery_target_timeline"), "{s}");
+        assert!(s.contains("\nrecovery_target_timeline = 'latest'\n"), "{s}");
         let s = recovery_settings(
             &opts(Target::Lsn(0x1_0000_0060), Some("latest")),
             "x",
