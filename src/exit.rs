@@ -73,6 +73,7 @@ pub fn for_wal(e: &WalError) -> i32 {
         WalError::NotInArchive(_) => NOT_IN_ARCHIVE,
         WalError::Invalid(_) => CONFLICT,
         WalError::NoRepository(_) => ACCESS,
+        WalError::HeldBack(_) => UNAVAILABLE,
         WalError::Local { .. } => LOCAL_IO,
         WalError::Encode { source, .. } => codec_code(source),
     }

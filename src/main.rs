@@ -254,19 +254,31 @@ fn run(cli: Cli, lenient: bool) -> i32 {
         },
         Command::WalFetch { name, path } => {
             let deadline = cli::wal::fetch_deadline(&cfg, lenient);
-            let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path, deadline) {
-                Ok(true) => Ok(()),
-                Ok(false) => {
-                    let rt = runtime();
-                    let fetched =
-                        rt.block_on(cli::wal::fetch(&cfg, &cli.global, name, path, deadline));
-                    // Not waiting for what a deadline abandoned: a read on a network mount that
-                    // stopped answering, a DNS lookup. The segment is placed (or not) by now.
-                    rt.shutdown_background();
-                    fetched
+            let guard = cli::wal::fallback_guard(&cfg, name, path, lenient);
+            let held = guard.as_ref().map_or(Ok(()), |(g, n)| g.check(n));
+            let fetched = held.and_then(|()| {
+                let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path, deadline)
+                {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        let rt = runtime();
+                        let fetched =
+                            rt.block_on(cli::wal::fetch(&cfg, &cli.global, name, path, deadline));
+                        // Not waiting for what a deadline abandoned: a read on a network
+                        // mount that stopped answering, a DNS lookup. The segment is placed
+                        // (or not) by now.
+                        rt.shutdown_background();
+                        fetched
+                    }
+                    Err(e) => Err(e),
+                };
+                if let Some((g, n)) = &guard {
+                    let failed = matches!(&fetched, Err(e)
+                        if !matches!(e, walship::wal::WalError::NotInArchive(_)));
+                    g.note(n, failed);
                 }
-                Err(e) => Err(e),
-            };
+                fetched
+            });
             match fetched {
                 Ok(()) => exit::OK,
                 Err(walship::wal::WalError::NotInArchive(what)) => {

@@ -728,7 +728,44 @@ fn refuses_overwrites_foreign_clusters_and_corrupt_objects_and_survives_an_outag
     std::fs::write(scratch.join("standby.signal"), b"").unwrap();
     let out = walship(&cfg, &["wal-fetch", &seg, dest.to_str().unwrap()], &scratch);
     assert_eq!(out.status.code(), Some(4));
+    // Which makes PostgreSQL ask for the same segment on the timeline before (it tries each
+    // timeline of its history, newest first). Timeline 2 forked in this segment; timeline 1's
+    // copy, archived by the old primary, goes on past the fork. Held back while timeline 2's
+    // copy fails, served once that copy is fetched (or found missing: the unit tests).
+    let seg2 = format!("00000002{}", &seg[8..]);
+    let key2 = ObjectKey::new(format!("wal/{}/{seg2}", &seg2[..16])).unwrap();
+    rt.block_on(store.put_if_absent(&key2, rt.block_on(store.get(&key)).unwrap()))
+        .unwrap();
+    rt.block_on(store.delete(&key)).unwrap();
+    rt.block_on(store.put_if_absent(&key, before.clone()))
+        .unwrap();
+    let fetch = |name: &str| walship(&cfg, &["wal-fetch", name, dest.to_str().unwrap()], &scratch);
+    assert_eq!(fetch(&seg2).status.code(), Some(4));
+    let out = fetch(&seg);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains(&format!(
+            "not serving timeline 1's copy of this segment: fetching {seg2}, timeline 2's, failed"
+        )),
+        "{err}"
+    );
+    assert!(!dest.exists(), "nothing placed");
+    rt.block_on(store.delete(&key2)).unwrap();
+    rt.block_on(store.put_if_absent(&key2, before.clone()))
+        .unwrap();
+    assert_eq!(fetch(&seg2).status.code(), Some(0));
+    std::fs::remove_file(&dest).unwrap();
+    let out = fetch(&seg);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::remove_file(&dest).unwrap();
     std::fs::remove_file(scratch.join("standby.signal")).unwrap();
+    rt.block_on(store.delete(&key2)).unwrap(); // no timeline 2 in the archive's later checks
 
     // A wrong prefix is no repository, never "not in archive".
     let wrong = base.path().join("wrong.toml");

@@ -9,8 +9,9 @@ use crate::archive::Archive;
 use crate::cli::GlobalArgs;
 use crate::config::Config;
 use crate::storage::retry::Deadline;
+use crate::wal::fallback::FallbackGuard;
 use crate::wal::fetch::{self, FetchContext, FetchOutcome, FetchReport};
-use crate::wal::name::WalFileName;
+use crate::wal::name::{WalFileKind, WalFileName};
 use crate::wal::push::{self, PushContext, PushOutcome};
 use crate::wal::spool::{self, Spool};
 use crate::wal::WalError;
@@ -81,6 +82,24 @@ async fn fetch_context(cfg: &Config, deadline: Option<Instant>) -> Result<FetchC
         identities: Arc::new(cfg.identities()?),
         settings: cfg.wal.clone(),
         repo_id: cfg.repo_url.clone(),
+    })
+}
+
+/// The guard against an older timeline's copy of a segment (`wal::fallback`), for recovery's
+/// own segment requests in standby mode (`standby`), the only place where PostgreSQL goes on to
+/// an older timeline after a failure: outside it, walship's failures stop recovery.
+pub fn fallback_guard(
+    cfg: &Config,
+    name: &str,
+    dest: &Path,
+    standby: bool,
+) -> Option<(FallbackGuard, WalFileName)> {
+    let name = WalFileName::parse(name).ok()?;
+    let ours = standby && name.kind() == WalFileKind::Segment && fetch::from_recovery(dest);
+    ours.then(|| {
+        let state =
+            crate::wal::state_dir(cfg.wal.state_dir.as_deref(), &crate::wal::parent_dir(dest));
+        (FallbackGuard::new(&state), name)
     })
 }
 

@@ -1,6 +1,7 @@
 //! WAL archiving: names and LSN arithmetic, `wal-push` with look-ahead, `wal-fetch` with the
 //! prefetch spool. Talks to storage only through `Archive`.
 
+pub mod fallback;
 pub mod fetch;
 pub mod history;
 pub mod name;
@@ -31,6 +32,10 @@ pub enum WalError {
     Invalid(String),
     #[error("{0}")]
     NoRepository(String),
+    /// A standby's request for an older timeline's copy of a segment whose newer copy just
+    /// failed to download (`fallback`).
+    #[error("{0}")]
+    HeldBack(String),
     #[error("{what} {path}: {err}{}", crate::io_hint::suffix(.err))]
     Local {
         what: &'static str,
