@@ -634,13 +634,26 @@ pub async fn push(
     let label: String = row.get(1);
     let spcmap: Option<String> = row.get(2);
     let stop_epoch = epoch(pg).await?;
-    // The first xid not yet assigned (the snapshot's xmax): every transaction with it or a later
-    // one begins, and so commits, after the stop. Text, since tokio-postgres has no xid8; optional, since restore can do without.
-    let next_xid = pg
-        .query_one("SELECT pg_snapshot_xmax(pg_current_snapshot())::text", &[])
-        .await
-        .ok()
-        .and_then(|r| r.get::<_, String>(0).parse::<u64>().ok());
+    // An xid every transaction at or after which began, and so commits, after the stop. On a
+    // primary, one assigned now: a snapshot's xmax is one past the newest *finished* xid, and a
+    // transaction whose commit record is written (before the stop) can still be running, waiting
+    // for a synchronous standby. On a standby, which cannot assign one, the snapshot's xmax,
+    // which replay advances as it meets each xid. Text, since tokio-postgres has no xid8;
+    // optional, since restore can do without.
+    let xid_query = |sql: &'static str| async move {
+        pg.query_one(sql, &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, String>(0).parse::<u64>().ok())
+    };
+    let assigned = match facts.in_recovery {
+        true => None,
+        false => xid_query("SELECT pg_current_xact_id()::text").await,
+    };
+    let next_xid = match assigned {
+        Some(xid) => Some(xid),
+        None => xid_query("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").await,
+    };
     let (timeline, start_wal) = parse_label(&label).ok_or_else(|| {
         PgError::Unexpected(format!(
             "the backup label pg_backup_stop returned has no START TIMELINE and START WAL \
