@@ -1,7 +1,7 @@
 //! `backup-push`, `backup-list`, `backup-fetch`, `restore` and `restore-point`: wiring flags and
 //! config into the `backup` and `restore` modules.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -729,11 +729,38 @@ pub async fn fetch(cfg: &Config, args: &FetchArgs) -> Result<BackupManifest, Bac
     Ok(m)
 }
 
-/// This walship, for the commands PostgreSQL runs.
+/// This walship, for the commands PostgreSQL runs: as it was invoked where that leads to the
+/// running binary, else the running binary's own path.
 fn exe() -> String {
-    std::env::current_exe()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "walship".into())
+    let running = std::env::current_exe().ok();
+    let invoked = std::env::args_os()
+        .next()
+        .and_then(|a0| invoked_path(&a0, std::env::var_os("PATH"), running.as_deref()));
+    invoked
+        .or(running)
+        .map_or_else(|| "walship".into(), |p| p.to_string_lossy().into_owned())
+}
+
+/// The path `argv0` names (with a `/`) or finds on `path` (without), made absolute but with its
+/// symlinks kept, when it leads to the `running` binary. The running binary's path is the
+/// resolved file: under a package manager or a versioned install behind a stable link
+/// (`/usr/local/bin/walship` -> `/opt/walship/1.4/walship`), it would be gone after an upgrade,
+/// and a long-lived standby's restore_command would then exit 127, which stops PostgreSQL.
+fn invoked_path(
+    argv0: &std::ffi::OsStr,
+    path: Option<std::ffi::OsString>,
+    running: Option<&Path>,
+) -> Option<PathBuf> {
+    let named = Path::new(argv0);
+    let found = match named.components().count() > 1 {
+        true => named.to_path_buf(),
+        false => std::env::split_paths(&path?)
+            .map(|dir| dir.join(named))
+            .find(|p| p.is_file())?,
+    };
+    let found = std::path::absolute(found).ok()?;
+    let same = std::fs::canonicalize(&found).ok()? == std::fs::canonicalize(running?).ok()?;
+    same.then_some(found)
 }
 
 /// The recovery_end_command that disables the restore's target once recovery has ended. Any
@@ -1598,6 +1625,30 @@ pub async fn restore_point(
 mod tests {
     use super::*;
     use crate::config::Overrides;
+
+    #[test]
+    fn commands_name_walship_as_invoked_with_links_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (real, bin) = (dir.path().join("opt/1.4"), dir.path().join("bin"));
+        std::fs::create_dir_all(&real).unwrap();
+        std::fs::create_dir_all(&bin).unwrap();
+        let running = real.join("walship");
+        std::fs::write(&running, b"").unwrap();
+        std::os::unix::fs::symlink(&running, bin.join("walship")).unwrap();
+        std::fs::write(bin.join("other"), b"").unwrap();
+        let path = || Some(std::ffi::OsString::from(&bin));
+        let invoked = |a0: &Path| invoked_path(a0.as_os_str(), path(), Some(&running));
+        // Found on PATH, or named: the link, not what it points to.
+        assert_eq!(invoked(Path::new("walship")), Some(bin.join("walship")));
+        assert_eq!(invoked(&bin.join("walship")), Some(bin.join("walship")));
+        // Not this binary (another program, a PATH that finds another walship): not taken.
+        assert_eq!(invoked(Path::new("other")), None);
+        assert_eq!(invoked(Path::new("missing")), None);
+        assert_eq!(
+            invoked_path("walship".as_ref(), path(), Some(&bin.join("other"))),
+            None
+        );
+    }
 
     #[test]
     fn a_target_timeline_is_written_as_walship_read_it() {
