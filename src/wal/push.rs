@@ -367,8 +367,9 @@ fn prune_records(dir: &Path, pg_wal: &Path) {
 /// A history file the archive holds with other content means the timeline was taken: another
 /// promotion in this repository (a restore drill or copy that archived here, an earlier failover)
 /// that this server did not see when it was promoted, since PostgreSQL picks one past the newest
-/// history file its restore_command finds. Say so: archiving stays stuck on this file.
-fn timeline_taken(name: &WalFileName, e: WalError) -> WalError {
+/// history file its restore_command finds. Say so: archiving stays stuck on this file. Likewise
+/// a `.partial` file of the old timeline that differs from the archived one.
+fn explain_conflict(name: &WalFileName, e: WalError) -> WalError {
     match e {
         WalError::Archive(ArchiveError::Conflict(why)) if name.kind() == WalFileKind::History => {
             WalError::Archive(ArchiveError::Conflict(format!(
@@ -379,6 +380,15 @@ fn timeline_taken(name: &WalFileName, e: WalError) -> WalError {
                  here and pg_wal grows: point archive_command at a new repository prefix and take a \
                  base backup there",
                 tli = name.timeline()
+            )))
+        }
+        WalError::Archive(ArchiveError::Conflict(why)) if name.kind() == WalFileKind::Partial => {
+            WalError::Archive(ArchiveError::Conflict(format!(
+                "{why}. Two servers were promoted from this timeline's segment (a failover and a \
+                 second promotion, or a split brain), each archiving its own end of the old \
+                 timeline under this name. Recovery never reads .partial files; the archived one \
+                 stays. To let archiving go on, copy pg_wal/{name} somewhere safe, then rename \
+                 pg_wal/archive_status/{name}.ready to {name}.done"
             )))
         }
         e => e,
@@ -556,7 +566,7 @@ pub async fn push(ctx: Arc<PushContext>, path: &Path) -> Result<PushReport, WalE
             Err(e) => tracing::debug!("look-ahead upload of {n} failed: {e}"),
         }
     }
-    let outcome = own.map_err(|e| timeline_taken(&name, e))?.outcome;
+    let outcome = own.map_err(|e| explain_conflict(&name, e))?.outcome;
     let spool = super::spool::Spool::new(
         &state_dir(ctx.settings.state_dir.as_deref(), &pg_wal),
         &ctx.repo_id,
@@ -694,6 +704,25 @@ mod tests {
         let n = WalFileName::parse("000000010000000000000004").unwrap();
         let err = read_header(&wrong, &n).unwrap_err();
         assert!(err.to_string().contains("misnamed"), "{err}");
+    }
+
+    #[test]
+    fn conflicts_over_history_and_partial_files_say_why_and_what_to_do() {
+        let conflict = || WalError::Archive(ArchiveError::Conflict("differs".into()));
+        let explained = |name: &str| {
+            explain_conflict(&WalFileName::parse(name).unwrap(), conflict()).to_string()
+        };
+        assert!(explained("00000003.history").contains("Timeline 3 is taken"));
+        let partial = explained("000000010000000000000005.partial");
+        assert!(
+            partial.contains("Two servers were promoted from this timeline's segment")
+                && partial.contains(
+                    "rename pg_wal/archive_status/000000010000000000000005.partial.ready to \
+                     000000010000000000000005.partial.done"
+                ),
+            "{partial}"
+        );
+        assert_eq!(explained("000000010000000000000005"), "differs");
     }
 
     #[test]
