@@ -424,6 +424,23 @@ pub async fn check_server(
     })
 }
 
+/// A transaction id assigned now, in a transaction rolled back: a commit would wait for a
+/// synchronous standby (with no time limit on this session), an abort does not, and the counter
+/// moves past the id all the same. `None` when the server refuses.
+async fn assigned_xid(pg: &Client) -> Option<u64> {
+    let replies = pg
+        .simple_query("BEGIN; SELECT pg_current_xact_id()::text; ROLLBACK")
+        .await;
+    if let Err(e) = &replies {
+        tracing::debug!("cannot assign a transaction id for next_xid: {e}");
+        let _ = pg.batch_execute("ROLLBACK").await;
+    }
+    replies.ok()?.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+        _ => None,
+    })
+}
+
 async fn epoch(pg: &Client) -> Result<f64, BackupError> {
     Ok(pg
         .query_one("SELECT extract(epoch FROM clock_timestamp())::float8", &[])
@@ -648,7 +665,7 @@ pub async fn push(
     };
     let assigned = match facts.in_recovery {
         true => None,
-        false => xid_query("SELECT pg_current_xact_id()::text").await,
+        false => assigned_xid(pg).await,
     };
     let next_xid = match assigned {
         Some(xid) => Some(xid),

@@ -756,7 +756,11 @@ fn invoked_path(
         true => named.to_path_buf(),
         false => std::env::split_paths(&path?)
             .map(|dir| dir.join(named))
-            .find(|p| p.is_file())?,
+            .find(|p| {
+                use std::os::unix::fs::PermissionsExt;
+                p.metadata()
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })?,
     };
     let found = std::path::absolute(found).ok()?;
     let same = std::fs::canonicalize(&found).ok()? == std::fs::canonicalize(running?).ok()?;
@@ -1505,7 +1509,8 @@ fn restore_command_warnings(
         home.filter(|_| root).as_deref(),
     ));
     if root {
-        let mut files: Vec<PathBuf> = std::env::current_exe().ok().into_iter().collect();
+        // The path the recovery settings name, which may be a link the server cannot follow.
+        let mut files: Vec<PathBuf> = vec![PathBuf::from(exe())];
         files.extend(cfg.config_file.clone());
         files.extend(identity_file.cloned());
         files.extend(cfg.s3.as_ref().and_then(|s| s.ca_bundle.clone()));
@@ -1633,9 +1638,14 @@ mod tests {
         std::fs::create_dir_all(&real).unwrap();
         std::fs::create_dir_all(&bin).unwrap();
         let running = real.join("walship");
-        std::fs::write(&running, b"").unwrap();
+        let executable = |p: &Path| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(p, b"").unwrap();
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        executable(&running);
         std::os::unix::fs::symlink(&running, bin.join("walship")).unwrap();
-        std::fs::write(bin.join("other"), b"").unwrap();
+        executable(&bin.join("other"));
         let path = || Some(std::ffi::OsString::from(&bin));
         let invoked = |a0: &Path| invoked_path(a0.as_os_str(), path(), Some(&running));
         // Found on PATH, or named: the link, not what it points to.
@@ -1644,6 +1654,12 @@ mod tests {
         // Not this binary (another program, a PATH that finds another walship): not taken.
         assert_eq!(invoked(Path::new("other")), None);
         assert_eq!(invoked(Path::new("missing")), None);
+        // Not an executable (the shell would go on looking): not taken.
+        std::fs::write(bin.join("plain"), b"").unwrap();
+        assert_eq!(
+            invoked_path("plain".as_ref(), path(), Some(&bin.join("plain"))),
+            None
+        );
         assert_eq!(
             invoked_path("walship".as_ref(), path(), Some(&bin.join("other"))),
             None

@@ -11,7 +11,10 @@
 //!
 //! So in standby mode a failure other than "not in the archive" is recorded, and for a few
 //! minutes a request for the same segment on an older timeline fails as well (exit 3), until the
-//! newer copy is fetched or found missing.
+//! newer copy is fetched or found missing. A newer copy not archived yet (the new primary's
+//! current segment) is "missing", and PostgreSQL then takes the older one as it would from any
+//! archive: holding it back there would stall a standby whose new primary died before archiving
+//! that segment.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,7 +96,8 @@ impl FallbackGuard {
             if let Err(e) = written {
                 tracing::warn!("cannot record the failed fetch of {name}: {e}");
             }
-        } else if self.recorded().is_none_or(|(failed, ..)| failed == *name) {
+        } else if self.record.exists() && self.recorded().is_none_or(|(failed, ..)| failed == *name)
+        {
             // Its own record, or a stale one.
             let _ = std::fs::remove_file(&self.record);
         }
@@ -153,8 +157,10 @@ mod tests {
         )
         .unwrap();
         guard.check(&name("000000010000000000000005")).unwrap();
-        // History files are not segments: never held back.
-        guard.note(&name("000000020000000000000005"), true);
-        guard.check(&name("00000001.history")).unwrap();
+        // History files are not segments: their failures are not recorded.
+        guard.note(&name("00000002.history"), true);
+        assert!(std::fs::read_to_string(dir.path().join(RECORD))
+            .unwrap()
+            .starts_with("000000020000000000000005 "));
     }
 }
