@@ -153,6 +153,25 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("tokio runtime")
 }
 
+/// wal-fetch: from the prefetch spool, else downloaded on a runtime started for it.
+fn fetch_wal(
+    cfg: &walship::config::Config,
+    global: &cli::GlobalArgs,
+    name: &str,
+    path: &std::path::Path,
+    deadline: Option<std::time::Instant>,
+) -> Result<(), walship::wal::WalError> {
+    if cli::wal::fetch_spooled(cfg, global, name, path, deadline)? {
+        return Ok(());
+    }
+    let rt = runtime();
+    let fetched = rt.block_on(cli::wal::fetch(cfg, global, name, path, deadline));
+    // Not waiting for what a deadline abandoned: a read on a network mount that stopped
+    // answering, a DNS lookup. The segment is placed (or not) by now.
+    rt.shutdown_background();
+    fetched
+}
+
 fn fail(command: &str, err: &dyn std::fmt::Display, code: i32) -> i32 {
     eprintln!("walship {command}: error: {err}");
     code
@@ -254,31 +273,11 @@ fn run(cli: Cli, lenient: bool) -> i32 {
         },
         Command::WalFetch { name, path } => {
             let deadline = cli::wal::fetch_deadline(&cfg, lenient);
-            let guard = cli::wal::fallback_guard(&cfg, name, path, lenient);
-            let held = guard.as_ref().map_or(Ok(()), |(g, n)| g.check(n));
-            let fetched = held.and_then(|()| {
-                let fetched = match cli::wal::fetch_spooled(&cfg, &cli.global, name, path, deadline)
-                {
-                    Ok(true) => Ok(()),
-                    Ok(false) => {
-                        let rt = runtime();
-                        let fetched =
-                            rt.block_on(cli::wal::fetch(&cfg, &cli.global, name, path, deadline));
-                        // Not waiting for what a deadline abandoned: a read on a network
-                        // mount that stopped answering, a DNS lookup. The segment is placed
-                        // (or not) by now.
-                        rt.shutdown_background();
-                        fetched
-                    }
-                    Err(e) => Err(e),
-                };
-                if let Some((g, n)) = &guard {
-                    let failed = matches!(&fetched, Err(e)
-                        if !matches!(e, walship::wal::WalError::NotInArchive(_)));
-                    g.note(n, failed);
-                }
-                fetched
-            });
+            let fetch = || fetch_wal(&cfg, &cli.global, name, path, deadline);
+            let fetched = match cli::wal::fallback_guard(&cfg, name, path, lenient) {
+                Some((guard, segment)) => guard.guarded(&segment, fetch),
+                None => fetch(),
+            };
             match fetched {
                 Ok(()) => exit::OK,
                 Err(walship::wal::WalError::NotInArchive(what)) => {

@@ -59,7 +59,7 @@ impl FallbackGuard {
     }
 
     /// Refuse `name` when fetching the same segment on a later timeline failed a moment ago.
-    pub fn check(&self, name: &WalFileName) -> Result<(), WalError> {
+    fn check(&self, name: &WalFileName) -> Result<(), WalError> {
         let Some(asked) = name.segment() else {
             return Ok(());
         };
@@ -79,9 +79,22 @@ impl FallbackGuard {
         }
     }
 
+    /// Fetch `name` with `fetch` unless the guard holds it back, and record how that ended.
+    pub fn guarded(
+        &self,
+        name: &WalFileName,
+        fetch: impl FnOnce() -> Result<(), WalError>,
+    ) -> Result<(), WalError> {
+        self.check(name)?;
+        let fetched = fetch();
+        let failed = matches!(&fetched, Err(e) if !matches!(e, WalError::NotInArchive(_)));
+        self.note(name, failed);
+        fetched
+    }
+
     /// Record how fetching `name` ended: `failed` for any failure but "not in the archive".
     /// Best effort: without a record the guard holds nothing back, as before it existed.
-    pub fn note(&self, name: &WalFileName, failed: bool) {
+    fn note(&self, name: &WalFileName, failed: bool) {
         if name.segment().is_none() {
             return;
         }
@@ -122,7 +135,8 @@ mod tests {
             name("000000010000000000000005"),
         );
         guard.check(&old).unwrap();
-        guard.note(&new, true);
+        let failed = guard.guarded(&new, || Err(WalError::Invalid("damaged".into())));
+        assert!(matches!(failed, Err(WalError::Invalid(_))));
         for held in [&old, &older] {
             let err = guard.check(held).unwrap_err();
             assert!(
@@ -140,7 +154,8 @@ mod tests {
         // newer copy releases them.
         guard.note(&name("000000010000000000000004"), false);
         assert!(guard.check(&old).is_err(), "another segment's outcome");
-        guard.note(&new, false);
+        let missing = guard.guarded(&new, || Err(WalError::NotInArchive(new.to_string())));
+        assert!(matches!(missing, Err(WalError::NotInArchive(_))));
         guard.check(&old).unwrap();
         guard.check(&older).unwrap();
         assert!(!dir.path().join("state").join(RECORD).exists());
